@@ -1,0 +1,804 @@
+//! Configuration: the TOML file, parsed and validated before anything starts.
+//!
+//! Every problem is collected and reported at once, each with its key path
+//! and line, so a bad file is fixed in one round. Relative paths in a file
+//! are taken relative to the file's directory. Depends on `names` only.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The configuration `pullgate serve` runs without `--config`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+
+/// Default cap on a manifest body.
+pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from, for messages.
+    pub source: String,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub storage: StorageConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub policies: Vec<PolicyConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Manifests larger than this are refused, from clients' upstreams alike.
+    pub max_manifest_size: u64,
+    /// How long SIGTERM waits for in-flight requests before closing them.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    /// Blobs beyond this total are evicted, least recently used first.
+    pub max_size: Option<u64>,
+    /// How long a tag's digest is trusted before it is re-checked upstream.
+    pub tag_ttl: Duration,
+}
+
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// The registry host as clients name it (`docker.io`).
+    pub name: String,
+    pub url: reqwest::Url,
+    pub default: bool,
+    pub credentials: Option<Credentials>,
+    /// Extra trusted roots (PEM) for this upstream's TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// An upstream body that sends nothing for this long is abandoned.
+    pub idle_timeout: Duration,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field("url", &self.url.as_str())
+            .field("default", &self.default)
+            .field("credentials", &self.credentials.as_ref().map(|c| &c.username))
+            .field("ca", &self.ca_pem.is_some())
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub name: String,
+    pub patterns: Vec<String>,
+    pub matcher: GlobSet,
+    pub mode: Mode,
+    /// Everything this policy matches is denied.
+    pub deny: bool,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.source,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            match p.line {
+                Some(line) => write!(f, "\n  line {line}: {}: {}", p.key, p.message)?,
+                None => write!(f, "\n  {}: {}", p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---- the file as written --------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    policy: Vec<RawPolicy>,
+    keys: Option<Spanned<toml::Table>>,
+    bases: Option<Spanned<toml::Table>>,
+    audit: Option<Spanned<toml::Table>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    max_manifest_size: Option<Spanned<String>>,
+    shutdown_timeout: Option<Spanned<String>>,
+    tls: Option<Spanned<toml::Table>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    path: Option<Spanned<String>>,
+    max_size: Option<Spanned<String>>,
+    tag_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Spanned<String>,
+    url: Spanned<String>,
+    #[serde(default)]
+    default: bool,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+    ca: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    #[serde(rename = "match")]
+    patterns: Spanned<Vec<Spanned<String>>>,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    deny: bool,
+    signed_by: Option<Spanned<Vec<String>>>,
+    bases: Option<Spanned<Vec<String>>>,
+}
+
+// ---- loading and validation -----------------------------------------------
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: source.clone(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, &source, &base)
+    }
+
+    /// The embedded default: a plain caching mirror of the big public registries.
+    pub fn embedded() -> Config {
+        Config::parse(EMBEDDED_DEFAULT, "(embedded default config)", Path::new("."))
+            .expect("the embedded default config is valid")
+    }
+
+    /// Parses and validates config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, source: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            text,
+            base,
+            problems: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|s| line_of(text, s.start));
+                v.problems.push(Problem {
+                    key: "(syntax)".into(),
+                    line,
+                    message: e.message().trim().to_owned(),
+                });
+                return Err(v.into_error(source));
+            }
+        };
+        let config = v.validate(raw, source);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(v.into_error(source))
+        }
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Whether any policy asks for more than allow/deny (a hint for start-up logs).
+    pub fn verifies_anything(&self) -> bool {
+        self.policies.iter().any(|p| p.deny)
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn into_error(self, source: &str) -> ConfigError {
+        ConfigError {
+            source: source.to_owned(),
+            problems: self.problems,
+        }
+    }
+
+    fn problem<T>(&mut self, key: impl Into<String>, at: &Spanned<T>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            line: Some(line_of(self.text, at.span().start)),
+            message: message.into(),
+        });
+    }
+
+    fn problem_nowhere(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        });
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&mut self, key: &str, s: &Spanned<String>) -> Option<SocketAddr> {
+        match s.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    s,
+                    format!(
+                        "{:?} is not an address:port (e.g. \"127.0.0.1:5000\")",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(
+                    key,
+                    s,
+                    format!(
+                        "{:?} is not a duration ({e}; e.g. \"30s\", \"5m\", \"1h\")",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, key: &str, s: &Spanned<String>) -> Option<u64> {
+        match s.get_ref().parse::<bytesize::ByteSize>() {
+            Ok(b) => Some(b.as_u64()),
+            Err(e) => {
+                self.problem(
+                    key,
+                    s,
+                    format!(
+                        "{:?} is not a size ({e}; e.g. \"512MiB\", \"100GiB\")",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn unsupported<T>(&mut self, key: &str, at: &Option<Spanned<T>>, what: &str) {
+        if let Some(at) = at {
+            self.problem(
+                key,
+                at,
+                format!("{what} is not implemented in this version of pullgate yet"),
+            );
+        }
+    }
+
+    fn validate(&mut self, raw: RawConfig, source: &str) -> Config {
+        self.unsupported("keys", &raw.keys, "signature verification ([keys])");
+        self.unsupported("bases", &raw.bases, "the base-image allow-list ([bases])");
+        self.unsupported("audit", &raw.audit, "the audit log ([audit])");
+        self.unsupported("server.tls", &raw.server.tls, "serving TLS (server.tls)");
+
+        let listen = match &raw.server.listen {
+            Some(s) => self.addr("server.listen", s),
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 5000))),
+        };
+        let max_manifest_size = match &raw.server.max_manifest_size {
+            Some(s) => self.size("server.max_manifest_size", s),
+            None => Some(DEFAULT_MAX_MANIFEST_SIZE),
+        };
+        let shutdown_timeout = match &raw.server.shutdown_timeout {
+            Some(s) => self.duration("server.shutdown_timeout", s),
+            None => Some(Duration::from_secs(30)),
+        };
+        let admin = raw
+            .admin
+            .as_ref()
+            .and_then(|a| self.addr("admin.listen", &a.listen))
+            .map(|listen| AdminConfig { listen });
+
+        let path = match &raw.storage.path {
+            Some(p) if p.get_ref().is_empty() => {
+                self.problem("storage.path", p, "must not be empty");
+                None
+            }
+            Some(p) => Some(self.path(p.get_ref())),
+            None => Some(self.path("pullgate-data")),
+        };
+        let max_size = match &raw.storage.max_size {
+            Some(s) => self.size("storage.max_size", s).map(Some),
+            None => Some(None),
+        };
+        let tag_ttl = match &raw.storage.tag_ttl {
+            Some(s) => self.duration("storage.tag_ttl", s),
+            None => Some(Duration::from_secs(300)),
+        };
+
+        let upstreams = self.upstreams(&raw.upstream);
+        let policies = self.policies(&raw.policy);
+
+        Config {
+            source: source.to_owned(),
+            server: ServerConfig {
+                listen: listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5000))),
+                max_manifest_size: max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),
+                shutdown_timeout: shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+            },
+            admin,
+            storage: StorageConfig {
+                path: path.unwrap_or_default(),
+                max_size: max_size.flatten(),
+                tag_ttl: tag_ttl.unwrap_or(Duration::from_secs(300)),
+            },
+            upstreams,
+            policies,
+        }
+    }
+
+    fn upstreams(&mut self, raw: &[RawUpstream]) -> Vec<UpstreamConfig> {
+        if raw.is_empty() {
+            self.problem_nowhere("upstream", "at least one [[upstream]] is needed");
+        }
+        let mut out = Vec::new();
+        let mut defaults = 0;
+        for (i, u) in raw.iter().enumerate() {
+            let key = |k: &str| format!("upstream[{i}].{k}");
+            let name = u.name.get_ref();
+            let name_ok = !name.is_empty()
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b)
+                });
+            if !name_ok {
+                self.problem(
+                    key("name"),
+                    &u.name,
+                    format!("{name:?} is not a registry host name (lowercase host, optional :port)"),
+                );
+            }
+            if raw[..i].iter().any(|o| o.name.get_ref() == name) {
+                self.problem(key("name"), &u.name, format!("upstream {name:?} is configured twice"));
+            }
+            if u.default {
+                defaults += 1;
+                if defaults > 1 {
+                    self.problem(key("default"), &u.name, "only one upstream can be the default");
+                }
+            }
+            let url = match reqwest::Url::parse(u.url.get_ref()) {
+                Ok(url)
+                    if (url.scheme() == "http" || url.scheme() == "https")
+                        && url.host().is_some()
+                        && (url.path() == "/" || url.path().is_empty())
+                        && url.query().is_none() =>
+                {
+                    Some(url)
+                }
+                Ok(_) => {
+                    self.problem(
+                        key("url"),
+                        &u.url,
+                        format!(
+                            "{:?} must be an http:// or https:// URL with a host and no path",
+                            u.url.get_ref()
+                        ),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.problem(key("url"), &u.url, format!("{:?} is not a URL: {e}", u.url.get_ref()));
+                    None
+                }
+            };
+            let password = match (&u.password_file, &u.password_env) {
+                (Some(f), None) => match std::fs::read_to_string(self.path(f.get_ref())) {
+                    Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_owned()),
+                    Err(e) => {
+                        self.problem(
+                            key("password_file"),
+                            f,
+                            format!("cannot read {:?}: {e}", f.get_ref()),
+                        );
+                        None
+                    }
+                },
+                (None, Some(var)) => match std::env::var(var.get_ref()) {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        self.problem(
+                            key("password_env"),
+                            var,
+                            format!("environment variable {:?} is not set", var.get_ref()),
+                        );
+                        None
+                    }
+                },
+                (Some(f), Some(_)) => {
+                    self.problem(key("password_file"), f, "give password_file or password_env, not both");
+                    None
+                }
+                (None, None) => None,
+            };
+            let credentials = match (&u.username, password) {
+                (Some(user), Some(password)) => Some(Credentials {
+                    username: user.get_ref().clone(),
+                    password,
+                }),
+                (Some(user), None) if u.password_file.is_none() && u.password_env.is_none() => {
+                    self.problem(
+                        key("username"),
+                        user,
+                        "a username needs password_file or password_env (passwords are never written inline)",
+                    );
+                    None
+                }
+                (None, Some(_)) => {
+                    self.problem(key("name"), &u.name, "a password is given without a username");
+                    None
+                }
+                _ => None,
+            };
+            let ca_pem = u.ca.as_ref().and_then(|ca| {
+                match std::fs::read(self.path(ca.get_ref())) {
+                    Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                        Ok(certs) if !certs.is_empty() => Some(pem),
+                        _ => {
+                            self.problem(
+                                key("ca"),
+                                ca,
+                                format!("{:?} holds no PEM certificate", ca.get_ref()),
+                            );
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        self.problem(key("ca"), ca, format!("cannot read {:?}: {e}", ca.get_ref()));
+                        None
+                    }
+                }
+            });
+            let idle_timeout = match &u.idle_timeout {
+                Some(s) => self.duration(&key("idle_timeout"), s),
+                None => Some(Duration::from_secs(60)),
+            };
+            if let (Some(url), Some(idle_timeout)) = (url, idle_timeout) {
+                out.push(UpstreamConfig {
+                    name: name.clone(),
+                    url,
+                    default: u.default,
+                    credentials,
+                    ca_pem,
+                    idle_timeout,
+                });
+            }
+        }
+        out
+    }
+
+    fn policies(&mut self, raw: &[RawPolicy]) -> Vec<PolicyConfig> {
+        if raw.is_empty() {
+            self.problem_nowhere(
+                "policy",
+                "no [[policy]]: every pull would be denied (add one with match = [\"**\"] to allow everything)",
+            );
+        }
+        let mut out = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let key = |k: &str| format!("policy[{i}].{k}");
+            if p.name.get_ref().trim().is_empty() {
+                self.problem(key("name"), &p.name, "must not be empty");
+            }
+            if raw[..i].iter().any(|o| o.name.get_ref() == p.name.get_ref()) {
+                self.problem(
+                    key("name"),
+                    &p.name,
+                    format!("policy {:?} is defined twice", p.name.get_ref()),
+                );
+            }
+            let mode = match p.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
+                None => Mode::Enforce,
+                Some((_, "enforce")) => Mode::Enforce,
+                Some((_, "audit")) => Mode::Audit,
+                Some((m, other)) => {
+                    self.problem(key("mode"), m, format!("{other:?} is not a mode (enforce | audit)"));
+                    Mode::Enforce
+                }
+            };
+            if p.patterns.get_ref().is_empty() {
+                self.problem(key("match"), &p.patterns, "needs at least one pattern");
+            }
+            let mut set = GlobSetBuilder::new();
+            let mut patterns = Vec::new();
+            for (j, pat) in p.patterns.get_ref().iter().enumerate() {
+                match compile_pattern(pat.get_ref()) {
+                    Ok(g) => {
+                        set.add(g);
+                        patterns.push(pat.get_ref().clone());
+                    }
+                    Err(msg) => self.problem(format!("policy[{i}].match[{j}]"), pat, msg),
+                }
+            }
+            if let Some(s) = &p.signed_by {
+                if !s.get_ref().is_empty() {
+                    self.problem(
+                        key("signed_by"),
+                        s,
+                        "signature verification is not implemented in this version of pullgate yet",
+                    );
+                }
+            }
+            if let Some(b) = &p.bases {
+                if !b.get_ref().is_empty() {
+                    self.problem(
+                        key("bases"),
+                        b,
+                        "the base-image allow-list is not implemented in this version of pullgate yet",
+                    );
+                }
+            }
+            match set.build() {
+                Ok(matcher) => out.push(PolicyConfig {
+                    name: p.name.get_ref().clone(),
+                    patterns,
+                    matcher,
+                    mode,
+                    deny: p.deny,
+                }),
+                Err(e) => self.problem(key("match"), &p.patterns, e.to_string()),
+            }
+        }
+        out
+    }
+}
+
+/// Compiles a policy pattern: `*` is one path segment, `**` any number.
+pub fn compile_pattern(pattern: &str) -> Result<globset::Glob, String> {
+    if pattern.is_empty() {
+        return Err("empty pattern".into());
+    }
+    if pattern.starts_with('/') || pattern.ends_with('/') || pattern.contains("//") {
+        return Err(format!("{pattern:?}: patterns are names like \"ghcr.io/acme/**\", without leading, trailing or double `/`"));
+    }
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+        .map_err(|e| format!("{pattern:?} is not a valid pattern: {e}"))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/pullgate"))
+    }
+
+    #[test]
+    fn embedded_default_is_a_plain_mirror() {
+        let c = Config::embedded();
+        assert_eq!(c.server.listen, "127.0.0.1:5000".parse().unwrap());
+        let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io"]
+        );
+        assert!(c.upstream("docker.io").unwrap().default);
+        assert_eq!(c.policies.len(), 1);
+        assert!(!c.policies[0].deny);
+        assert!(c.policies[0].matcher.is_match("docker.io/library/alpine"));
+    }
+
+    #[test]
+    fn all_problems_are_reported_with_key_and_line() {
+        let err = parse(
+            r#"
+[server]
+listen = "nowhere"
+
+[storage]
+tag_ttl = "soon"
+max_size = "lots"
+
+[[upstream]]
+name = "Docker.io"
+url = "ftp://x"
+
+[[policy]]
+name = "p"
+match = ["a//b"]
+mode = "maybe"
+"#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("server.listen", Some(3)),
+                ("storage.max_size", Some(7)),
+                ("storage.tag_ttl", Some(6)),
+                ("upstream[0].name", Some(10)),
+                ("upstream[0].url", Some(11)),
+                ("policy[0].mode", Some(16)),
+                ("policy[0].match[0]", Some(15)),
+            ]
+        );
+        let text = err.to_string();
+        assert!(text.contains("7 problems"), "{text}");
+        assert!(text.contains("line 3: server.listen"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlissten = 1\n").unwrap_err();
+        assert_eq!(err.problems[0].line, Some(3));
+        assert!(err.problems[0].message.contains("lissten"), "{err}");
+    }
+
+    #[test]
+    fn features_of_later_versions_are_refused_not_ignored() {
+        let err = parse(
+            r#"
+[[upstream]]
+name = "ghcr.io"
+url = "https://ghcr.io"
+[[policy]]
+name = "acme"
+match = ["**"]
+signed_by = ["k"]
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "policy[0].signed_by");
+        assert!(err.problems[0].message.contains("not implemented"));
+    }
+
+    #[test]
+    fn patterns_match_segments() {
+        let set = |p: &str| {
+            let mut b = GlobSetBuilder::new();
+            b.add(compile_pattern(p).unwrap());
+            b.build().unwrap()
+        };
+        let acme = set("ghcr.io/acme/**");
+        assert!(acme.is_match("ghcr.io/acme/app"));
+        assert!(acme.is_match("ghcr.io/acme/team/app"));
+        assert!(!acme.is_match("ghcr.io/other/app"));
+        let one = set("docker.io/library/*");
+        assert!(one.is_match("docker.io/library/alpine"));
+        assert!(!one.is_match("docker.io/library/a/b"));
+        assert!(set("**").is_match("quay.io/a/b/c"));
+    }
+
+    #[test]
+    fn credentials_come_from_files_and_never_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        let text = r#"
+[[upstream]]
+name = "r.example"
+url = "https://r.example"
+username = "bot"
+password_file = "pw"
+[[policy]]
+name = "all"
+match = ["**"]
+"#;
+        let c = Config::parse(text, "t", dir.path()).unwrap();
+        let cred = c.upstreams[0].credentials.as_ref().unwrap();
+        assert_eq!((cred.username.as_str(), cred.password.as_str()), ("bot", "s3cret"));
+        let err = parse(&text.replace("password_file = \"pw\"", "password = \"x\"")).unwrap_err();
+        assert!(err.problems[0].message.contains("password"), "{err}");
+    }
+}

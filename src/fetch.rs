@@ -1,0 +1,573 @@
+//! One upstream fetch, many readers.
+//!
+//! The first request for an uncached blob starts a fetch as a task of its
+//! own, so no client's disconnect cancels it. The task streams the upstream
+//! body into a temp file, hashing as it goes, and publishes the length
+//! written after every write on a `watch` channel. Every client, the first
+//! one too, reads that file from its own offset up to the published length
+//! and waits for more. Only when the digest matched and the file was renamed
+//! into place does a reader end cleanly; on a mismatch or an upstream error
+//! every reader's body ends with an error, so clients see a broken transfer,
+//! never a short clean one.
+//!
+//! Manifests are small and go through [`SingleFlight`]: one upstream request
+//! per key however many clients wait. Depends on `store`, `upstream`,
+//! `names`, `error`, `metrics`, `body`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::hash::Hash;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::watch;
+
+use crate::body::Body;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::names::{Digest, Hasher, RepoName};
+use crate::store::{ReadGuard, Store};
+use crate::upstream::{RequestOptions, UpstreamClient};
+
+/// Bytes read from disk per body frame.
+pub const READ_CHUNK: usize = 512 * 1024;
+
+/// Upstream bytes gathered before one write to the temp file.
+const WRITE_BATCH: usize = 1024 * 1024;
+
+/// How far a blob fetch has got.
+#[derive(Clone)]
+pub struct Progress {
+    /// The temp file (after commit, the same inode under its digest).
+    pub file: Option<Arc<File>>,
+    /// Bytes written and readable so far.
+    pub written: u64,
+    /// The upstream's Content-Length, once its headers arrived.
+    pub total: Option<u64>,
+    pub state: FlightState,
+}
+
+#[derive(Clone)]
+pub enum FlightState {
+    /// Waiting for the upstream's headers.
+    Connecting,
+    /// Body bytes are arriving.
+    Streaming,
+    /// Digest matched; the blob is in the store.
+    Committed,
+    /// Nothing was stored; every reader fails with this.
+    Failed(ApiError),
+}
+
+/// A running blob fetch that readers attach to.
+pub struct BlobFlight {
+    rx: watch::Receiver<Progress>,
+}
+
+impl BlobFlight {
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.rx.clone()
+    }
+}
+
+/// The blob fetches running now, by digest.
+pub struct BlobFetches {
+    running: Mutex<HashMap<Digest, Arc<BlobFlight>>>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl BlobFetches {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Arc<BlobFetches> {
+        Arc::new(BlobFetches {
+            running: Mutex::new(HashMap::new()),
+            store,
+            metrics,
+        })
+    }
+
+    /// Joins the fetch of `digest`, starting it if none runs. Returns the
+    /// flight and whether this call started it, or `None` when the blob is
+    /// already in the store (a fetch committed since the caller looked).
+    pub fn join(
+        self: &Arc<Self>,
+        upstream: Arc<UpstreamClient>,
+        repo: RepoName,
+        digest: Digest,
+    ) -> Option<(Arc<BlobFlight>, bool)> {
+        let mut running = self.running.lock().expect("fetch table lock");
+        if let Some(f) = running.get(&digest) {
+            return Some((f.clone(), false));
+        }
+        // A fetch records its blob in the store before leaving this table.
+        if self.store.has_blob(&digest) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(Progress {
+            file: None,
+            written: 0,
+            total: None,
+            state: FlightState::Connecting,
+        });
+        let flight = Arc::new(BlobFlight { rx });
+        running.insert(digest, flight.clone());
+        let this = self.clone();
+        self.metrics.inflight_fetches.inc();
+        tokio::spawn(async move {
+            let upstream_name = upstream.name.clone();
+            let result = this.run(&upstream, &repo, digest, &tx).await;
+            this.running.lock().expect("fetch table lock").remove(&digest);
+            this.metrics.inflight_fetches.dec();
+            match result {
+                Ok(size) => {
+                    tracing::info!(upstream = %upstream_name, repo = %repo, %digest, size, "blob fetched and committed");
+                    tx.send_modify(|p| p.state = FlightState::Committed);
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %upstream_name, repo = %repo, %digest, error = %e.message, "blob fetch failed; nothing stored");
+                    tx.send_modify(|p| p.state = FlightState::Failed(e));
+                }
+            }
+        });
+        Some((flight, true))
+    }
+
+    async fn run(
+        &self,
+        upstream: &UpstreamClient,
+        repo: &RepoName,
+        digest: Digest,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, ApiError> {
+        let resp = upstream
+            .send(Method::GET, repo, &format!("blobs/{digest}"), &RequestOptions::default())
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return Err(ApiError::blob_unknown(format!(
+                    "blob {digest} is not in {}/{repo}",
+                    upstream.name
+                ))
+                .from_upstream())
+            }
+            s => return Err(status_error(upstream, s, resp.headers())),
+        }
+        let total = resp.content_length();
+        let (temp, file) = self
+            .store
+            .temp_file()
+            .map_err(|e| ApiError::internal(format!("cannot create temp file: {e}")))?;
+        let file = Arc::new(file);
+        tx.send_modify(|p| {
+            p.file = Some(file.clone());
+            p.total = total;
+            p.state = FlightState::Streaming;
+        });
+        let outcome = self
+            .stream_to_file(upstream, resp, &file, total, digest, tx)
+            .await;
+        let outcome = match outcome {
+            Ok(size) => {
+                let store = self.store.clone();
+                let f = file.clone();
+                let t = temp.clone();
+                tokio::task::spawn_blocking(move || {
+                    f.sync_data()?;
+                    store.commit_blob(&t, &digest, size)
+                })
+                .await
+                .map_err(io::Error::other)
+                .and_then(|r| r)
+                .map(|()| size)
+                .map_err(|e| ApiError::internal(format!("cannot commit blob {digest}: {e}")))
+            }
+            Err(e) => Err(e),
+        };
+        if outcome.is_err() {
+            remove_quietly(temp);
+        }
+        outcome
+    }
+
+    async fn stream_to_file(
+        &self,
+        upstream: &UpstreamClient,
+        resp: reqwest::Response,
+        file: &Arc<File>,
+        total: Option<u64>,
+        digest: Digest,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, ApiError> {
+        let mut stream = resp.bytes_stream();
+        let mut hasher = Hasher::new();
+        let mut written: u64 = 0;
+        let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+        loop {
+            let next = tokio::time::timeout(upstream.idle_timeout, stream.next())
+                .await
+                .map_err(|_| {
+                    ApiError::unavailable(format!(
+                        "upstream {} stalled for {}s sending blob {digest}",
+                        upstream.name,
+                        upstream.idle_timeout.as_secs()
+                    ))
+                })?;
+            let chunk = match next {
+                None => break,
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    return Err(ApiError::unavailable(format!(
+                        "upstream {} broke off blob {digest} after {written} bytes: {e}",
+                        upstream.name
+                    )))
+                }
+            };
+            batch.extend_from_slice(&chunk);
+            // Gather whatever else is already here, up to a batch, then write.
+            while batch.len() < WRITE_BATCH {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(c))) => batch.extend_from_slice(&c),
+                    Some(Some(Err(e))) => {
+                        return Err(ApiError::unavailable(format!(
+                            "upstream {} broke off blob {digest}: {e}",
+                            upstream.name
+                        )))
+                    }
+                    _ => break,
+                }
+            }
+            let n = batch.len() as u64;
+            if let Some(t) = total {
+                if written + n > t {
+                    return Err(ApiError::bad_upstream(format!(
+                        "upstream {} sent more than its Content-Length ({t}) for blob {digest}",
+                        upstream.name
+                    )));
+                }
+            }
+            let f = file.clone();
+            let buf = std::mem::take(&mut batch);
+            let offset = written;
+            let (h, buf, res) = tokio::task::spawn_blocking(move || {
+                hasher.update(&buf);
+                let res = f.write_all_at(&buf, offset);
+                (hasher, buf, res)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("writer task failed: {e}")))?;
+            hasher = h;
+            res.map_err(|e| ApiError::internal(format!("cannot write blob {digest}: {e}")))?;
+            written += n;
+            tx.send_modify(|p| p.written = written);
+            batch = buf;
+            batch.clear();
+        }
+        if let Some(t) = total {
+            if written != t {
+                return Err(ApiError::bad_upstream(format!(
+                    "upstream {} sent {written} of {t} bytes of blob {digest}",
+                    upstream.name
+                )));
+            }
+        }
+        let got = hasher.finish();
+        if got != digest {
+            self.metrics
+                .digest_mismatches
+                .with_label_values(&[&*upstream.name])
+                .inc();
+            return Err(ApiError::bad_upstream(format!(
+                "upstream {} sent bytes for blob {digest} that hash to {got}; discarded",
+                upstream.name
+            )));
+        }
+        Ok(written)
+    }
+}
+
+/// An upstream status that is neither success nor "not found".
+pub fn status_error(upstream: &UpstreamClient, status: StatusCode, headers: &http::HeaderMap) -> ApiError {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOOMANYREQUESTS",
+            format!("upstream {} is rate limiting pullgate (429)", upstream.name),
+        )
+        .from_upstream();
+        e.retry_after = headers.get(http::header::RETRY_AFTER).cloned();
+        return e;
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return ApiError::name_unknown(format!(
+            "upstream {} refused access ({status}): the repository does not exist or needs credentials",
+            upstream.name
+        ))
+        .from_upstream();
+    }
+    ApiError::unavailable(format!("upstream {} answered {status}", upstream.name))
+}
+
+fn remove_quietly(path: PathBuf) {
+    if let Err(e) = std::fs::remove_file(&path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::error!(path = %path.display(), error = %e, "cannot remove temp file");
+        }
+    }
+}
+
+/// Reads a blob from a file that may still be growing.
+pub struct BlobReader {
+    file: Option<Arc<File>>,
+    pos: u64,
+    /// Where to stop (exclusive); `None` reads until the fetch commits.
+    end: Option<u64>,
+    /// Progress of the fetch, or `None` for a committed file.
+    progress: Option<watch::Receiver<Progress>>,
+    /// Keeps the blob from eviction while this reader lives.
+    _guard: Option<ReadGuard>,
+    metrics: Arc<Metrics>,
+    source: &'static str,
+}
+
+impl BlobReader {
+    /// A reader over a stored, complete file.
+    pub fn stored(file: File, start: u64, end: u64, guard: ReadGuard, metrics: Arc<Metrics>) -> BlobReader {
+        BlobReader {
+            file: Some(Arc::new(file)),
+            pos: start,
+            end: Some(end),
+            progress: None,
+            _guard: Some(guard),
+            metrics,
+            source: "cache",
+        }
+    }
+
+    /// A reader that follows a running fetch.
+    pub fn following(
+        progress: watch::Receiver<Progress>,
+        start: u64,
+        end: Option<u64>,
+        guard: ReadGuard,
+        metrics: Arc<Metrics>,
+    ) -> BlobReader {
+        BlobReader {
+            file: None,
+            pos: start,
+            end,
+            progress: Some(progress),
+            _guard: Some(guard),
+            metrics,
+            source: "upstream",
+        }
+    }
+
+    /// The next chunk, `None` at a clean end, an error if the fetch failed.
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        if self.end.is_some_and(|e| self.pos >= e) {
+            return None;
+        }
+        loop {
+            let available = match &mut self.progress {
+                None => self.end.unwrap_or(self.pos),
+                Some(rx) => {
+                    let p = rx.borrow_and_update().clone();
+                    if self.file.is_none() {
+                        self.file = p.file.clone();
+                    }
+                    match p.state {
+                        FlightState::Failed(e) => return Some(Err(io::Error::other(e.message))),
+                        FlightState::Committed if p.written <= self.pos => {
+                            return match self.end {
+                                Some(end) if self.pos < end => Some(Err(io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    "blob ended before the requested range",
+                                ))),
+                                _ => None,
+                            };
+                        }
+                        _ => p.written,
+                    }
+                }
+            };
+            let limit = self.end.map_or(available, |e| e.min(available));
+            if limit > self.pos {
+                let Some(file) = self.file.clone() else {
+                    return Some(Err(io::Error::other("blob fetch has no file")));
+                };
+                let len = ((limit - self.pos) as usize).min(READ_CHUNK);
+                let pos = self.pos;
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = BytesMut::zeroed(len);
+                    file.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
+                })
+                .await
+                .map_err(io::Error::other)
+                .and_then(|r| r);
+                return Some(read.inspect(|b| {
+                    self.pos += b.len() as u64;
+                    self.metrics
+                        .bytes_served
+                        .with_label_values(&[self.source])
+                        .inc_by(b.len() as u64);
+                }));
+            }
+            match &mut self.progress {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        // The fetch task is gone: only a final state lets us go on.
+                        let finished = matches!(
+                            rx.borrow().state,
+                            FlightState::Committed | FlightState::Failed(_)
+                        );
+                        if !finished {
+                            return Some(Err(io::Error::other("blob fetch ended unexpectedly")));
+                        }
+                    }
+                }
+                None => {
+                    return Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "stored blob is shorter than expected",
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The reader as a response body.
+    pub fn into_body(self) -> Body {
+        let stream = futures_util::stream::unfold(self, |mut r| async move {
+            let item = r.next_chunk().await?;
+            Some((item.map(Frame::data), r))
+        });
+        BodyExt::boxed(StreamBody::new(stream))
+    }
+}
+
+/// The result of a shared manifest (or other small) fetch.
+pub type FlightResult<V> = Result<V, ApiError>;
+
+/// Runs one future per key; concurrent callers with the same key share it.
+/// The future runs as its own task, so a caller's disconnect does not cancel
+/// it for the others.
+pub struct SingleFlight<K, V> {
+    running: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, FlightResult<V>>>>>>,
+}
+
+impl<K, V> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            running: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl<K, V> SingleFlight<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Runs `make()` for `key` unless it is already running; returns its
+    /// result and whether this call started it.
+    pub async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> (FlightResult<V>, bool)
+    where
+        F: std::future::Future<Output = FlightResult<V>> + Send + 'static,
+    {
+        let (fut, leader) = {
+            let mut running = self.running.lock().expect("single flight lock");
+            if let Some(f) = running.get(&key) {
+                (f.clone(), false)
+            } else {
+                let work = make();
+                let table = self.running.clone();
+                let k = key.clone();
+                let handle = tokio::spawn(async move {
+                    let r = work.await;
+                    table.lock().expect("single flight lock").remove(&k);
+                    r
+                });
+                let fut = async move {
+                    handle
+                        .await
+                        .unwrap_or_else(|e| Err(ApiError::internal(format!("fetch task failed: {e}"))))
+                }
+                .boxed()
+                .shared();
+                running.insert(key, fut.clone());
+                (fut, true)
+            }
+        };
+        (fut.await, leader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn single_flight_runs_once_for_concurrent_callers() {
+        let sf: Arc<SingleFlight<&'static str, u32>> = Arc::new(SingleFlight::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let sf = sf.clone();
+            let calls = calls.clone();
+            tasks.push(tokio::spawn(async move {
+                sf.run("k", || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(7)
+                })
+                .await
+            }));
+        }
+        let mut leaders = 0;
+        for t in tasks {
+            let (r, leader) = t.await.unwrap();
+            assert_eq!(r.unwrap(), 7);
+            leaders += usize::from(leader);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(leaders, 1);
+        // Finished work is forgotten: the next call runs again.
+        let (r, leader) = sf.run("k", || async { Ok(8) }).await;
+        assert_eq!((r.unwrap(), leader), (8, true));
+    }
+
+    #[tokio::test]
+    async fn single_flight_survives_the_leader_going_away() {
+        let sf: Arc<SingleFlight<u8, u8>> = Arc::new(SingleFlight::default());
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        let leader = {
+            let sf = sf.clone();
+            tokio::spawn(async move {
+                sf.run(1, || async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    d.fetch_add(1, Ordering::SeqCst);
+                    Ok(1)
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        leader.abort();
+        let (r, started) = sf.run(1, || async { Ok(2) }).await;
+        assert_eq!((r.unwrap(), started), (1, false));
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+    }
+}

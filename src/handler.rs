@@ -1,0 +1,1116 @@
+//! The request pipeline: the one place that spells out the whole flow.
+//!
+//! ```text
+//! parse path ─▶ route ─▶ policy (name) ─▶ manifest: resolve tag ─▶ fetch by digest
+//!                                          (store, else upstream; single flight)
+//!                                       ─▶ policy (manifest) ─▶ 200 | 403 DENIED
+//!                                     ─▶ blob: store hit (Range) or one shared
+//!                                          upstream fetch streamed to every client
+//!                                     ─▶ tags/list, referrers: passed through
+//! ```
+//!
+//! Each step lives in its own module; this one only wires them together and
+//! turns outcomes into responses. Depends on every other module but `server`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use tracing::{field, Instrument};
+
+use crate::body::{self, Body};
+use crate::config::Config;
+use crate::error::{ApiError, Origin};
+use crate::fetch::{status_error, BlobFetches, BlobReader, FlightState, SingleFlight};
+use crate::metrics::Metrics;
+use crate::names::{Digest, Reference, Tag};
+use crate::policy::{Policies, Verdict};
+use crate::route::{parse_path, PathKind, Route, Router, Target};
+use crate::store::{Store, StoredManifest, TagKey, TagRecord};
+use crate::upstream::{RequestOptions, UpstreamClient};
+
+/// Manifest media types asked for when the client sends no `Accept`.
+pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Largest tags/list or referrers answer passed through.
+const MAX_PASSTHROUGH_BODY: u64 = 16 * 1024 * 1024;
+
+/// After an upstream failure, a stale tag is retried upstream after this.
+const STALE_RETRY: Duration = Duration::from_secs(10);
+
+/// Everything that changes together on a config reload.
+pub struct Generation {
+    pub config: Arc<Config>,
+    router: Router,
+    policies: Policies,
+    upstreams: Vec<Arc<UpstreamClient>>,
+}
+
+impl Generation {
+    pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Generation, String> {
+        let router = Router::new(config.upstreams.iter().map(|u| (u.name.as_str(), u.default)));
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamClient::new(u, metrics.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Generation {
+            policies: Policies::new(config.policies.clone()),
+            config: Arc::new(config),
+            router,
+            upstreams,
+        })
+    }
+}
+
+/// The running proxy: store, fetches in flight, and the current config.
+pub struct App {
+    generation: ArcSwap<Generation>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    blobs: Arc<BlobFetches>,
+    manifests: SingleFlight<(Arc<str>, Digest), Arc<StoredManifest>>,
+    tags: SingleFlight<TagKey, Arc<StoredManifest>>,
+}
+
+impl App {
+    /// Opens the store and builds the first generation.
+    pub fn new(config: Config) -> Result<Arc<App>, String> {
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(&config.storage.path, config.storage.max_size, metrics.clone())
+            .map_err(|e| {
+                format!(
+                    "cannot open the store at {}: {e}",
+                    config.storage.path.display()
+                )
+            })?;
+        let store = Arc::new(store);
+        let generation = Generation::build(config, &metrics)?;
+        Ok(Arc::new(App {
+            generation: ArcSwap::from_pointee(generation),
+            blobs: BlobFetches::new(store.clone(), metrics.clone()),
+            store,
+            metrics,
+            manifests: SingleFlight::default(),
+            tags: SingleFlight::default(),
+        }))
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.generation.load().config.clone()
+    }
+
+    /// Swaps in a new config atomically. Listen addresses and the store
+    /// location need a restart; a change to them is reported, not applied.
+    pub fn reload(&self, config: Config) -> Result<Vec<String>, String> {
+        let old = self.config();
+        let mut notes = Vec::new();
+        if old.server.listen != config.server.listen {
+            notes.push("server.listen changed: restart to apply".to_owned());
+        }
+        if old.storage.path != config.storage.path {
+            notes.push("storage.path changed: restart to apply".to_owned());
+        }
+        let generation = Generation::build(config, &self.metrics)?;
+        self.generation.store(Arc::new(generation));
+        Ok(notes)
+    }
+
+    /// Answers one client request. Never fails: errors become spec JSON.
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let head = req.method() == Method::HEAD;
+        let span = tracing::info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            %peer,
+            upstream = field::Empty,
+            repo = field::Empty,
+            reference = field::Empty,
+        );
+        let (kind, result) = self.dispatch(&req).instrument(span.clone()).await;
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _enter = span.enter();
+                match e.origin {
+                    Origin::Client => tracing::debug!(status = e.status.as_u16(), code = e.code, "{}", e.message),
+                    Origin::Upstream => tracing::warn!(status = e.status.as_u16(), code = e.code, "{}", e.message),
+                    Origin::Internal => tracing::error!(status = e.status.as_u16(), code = e.code, "{}", e.message),
+                }
+                e.into_response(head)
+            }
+        };
+        resp.headers_mut().insert(
+            "Docker-Distribution-API-Version",
+            HeaderValue::from_static("registry/2.0"),
+        );
+        let status = resp.status();
+        self.metrics
+            .requests
+            .with_label_values(&[kind, status.as_str()])
+            .inc();
+        if kind == "manifest" {
+            self.metrics
+                .manifest_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let _enter = span.enter();
+        tracing::debug!(status = status.as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered");
+        resp
+    }
+
+    async fn dispatch<B>(
+        self: &Arc<Self>,
+        req: &Request<B>,
+    ) -> (&'static str, Result<Response<Body>, ApiError>) {
+        let method = req.method();
+        let readonly = method == Method::GET || method == Method::HEAD;
+        let head = method == Method::HEAD;
+        let parsed = match parse_path(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => return ("other", Err(e)),
+        };
+        let (name, target) = match parsed {
+            PathKind::Base if readonly => {
+                let b = if head { body::empty() } else { body::full("{}") };
+                let r = Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::CONTENT_LENGTH, 2)
+                    .body(b)
+                    .expect("valid response");
+                return ("base", Ok(r));
+            }
+            PathKind::Base => return ("base", Err(read_only())),
+            PathKind::Push => return ("push", Err(read_only())),
+            PathKind::Repo { name, target } => (name, target),
+        };
+        let kind = target.kind();
+        if !readonly {
+            return (kind, Err(read_only()));
+        }
+        let gen = self.generation.load_full();
+        let query = req.uri().query();
+        let route = match gen.router.route(&name, query_param(query, "ns")) {
+            Ok(r) => r,
+            Err(e) => return (kind, Err(e)),
+        };
+        let span = tracing::Span::current();
+        span.record("upstream", &*route.upstream_name);
+        span.record("repo", route.repo.as_str());
+        let upstream = gen.upstreams[route.upstream].clone();
+        let result = match target {
+            Target::Manifest(reference) => {
+                span.record("reference", reference.to_string());
+                self.manifest(&gen, &upstream, &route, reference, req.headers(), head)
+                    .await
+            }
+            Target::Blob(digest) => {
+                span.record("reference", digest.to_string());
+                self.blob(&gen, &upstream, &route, digest, req.headers(), head)
+                    .await
+            }
+            Target::TagsList => {
+                self.tags_list(&gen, &upstream, &route, query, head).await
+            }
+            Target::Referrers(digest) => {
+                span.record("reference", digest.to_string());
+                self.referrers(&gen, &upstream, &route, digest, query, head)
+                    .await
+            }
+        };
+        (kind, result)
+    }
+
+    // ---- policy ------------------------------------------------------------
+
+    /// Applies a verdict: `Err` with 403 when it blocks, the audit warning
+    /// (if any) otherwise.
+    fn apply(
+        &self,
+        route: &Route,
+        verdict: &Verdict,
+        digest: Option<&Digest>,
+    ) -> Result<Option<HeaderValue>, ApiError> {
+        if verdict.passes() {
+            return Ok(None);
+        }
+        for reason in &verdict.reasons {
+            self.metrics
+                .blocked_pulls
+                .with_label_values(&[&*route.upstream_name, reason, verdict.mode.as_str()])
+                .inc();
+        }
+        if verdict.blocks() {
+            tracing::info!(
+                canonical = %route.canonical,
+                policy = verdict.policy.as_deref().unwrap_or("-"),
+                reasons = ?verdict.reasons,
+                "pull denied"
+            );
+            return Err(verdict.denial(&route.canonical, digest));
+        }
+        tracing::info!(
+            canonical = %route.canonical,
+            policy = verdict.policy.as_deref().unwrap_or("-"),
+            reasons = ?verdict.reasons,
+            "pull would be denied (audit mode): served"
+        );
+        Ok(HeaderValue::from_str(&verdict.warning(&route.canonical)).ok())
+    }
+
+    // ---- manifests ---------------------------------------------------------
+
+    async fn manifest(
+        self: &Arc<Self>,
+        gen: &Arc<Generation>,
+        upstream: &Arc<UpstreamClient>,
+        route: &Route,
+        reference: Reference,
+        headers: &HeaderMap,
+        head: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        // A name its policy denies outright costs no upstream work.
+        let early = gen.policies.evaluate(&route.canonical, None);
+        if early.blocks() {
+            self.apply(route, &early, None)?;
+        }
+        let accept = accept_header(headers);
+        let m = match &reference {
+            Reference::Tag(tag) => self.resolve_tag(gen, upstream, route, tag, accept).await?,
+            Reference::Digest(d) => self.manifest_by_digest(gen, upstream, route, *d, accept).await?,
+        };
+        // The verify step: the manifest is known, nothing has been sent yet.
+        let verdict = gen.policies.evaluate(&route.canonical, Some(&m.digest));
+        let warning = self.apply(route, &verdict, Some(&m.digest))?;
+        let mut r = Response::builder()
+            .header(header::CONTENT_TYPE, m.media_type.as_str())
+            .header(header::CONTENT_LENGTH, m.bytes.len())
+            .header("Docker-Content-Digest", m.digest.to_string())
+            .header(header::ETAG, format!("\"{}\"", m.digest));
+        if let Some(w) = warning {
+            r = r.header(header::WARNING, w);
+        }
+        let b = if head {
+            body::empty()
+        } else {
+            self.metrics
+                .bytes_served
+                .with_label_values(&["cache"])
+                .inc_by(m.bytes.len() as u64);
+            body::full(m.bytes.clone())
+        };
+        Ok(r.body(b).expect("valid response"))
+    }
+
+    async fn resolve_tag(
+        self: &Arc<Self>,
+        gen: &Arc<Generation>,
+        upstream: &Arc<UpstreamClient>,
+        route: &Route,
+        tag: &Tag,
+        accept: HeaderValue,
+    ) -> Result<Arc<StoredManifest>, ApiError> {
+        let key = TagKey {
+            upstream: route.upstream_name.clone(),
+            repo: route.repo.clone(),
+            tag: tag.clone(),
+        };
+        let ttl = gen.config.storage.tag_ttl;
+        if let Some(rec) = self.store.get_tag(&key) {
+            let age = SystemTime::now()
+                .duration_since(rec.checked)
+                .unwrap_or(Duration::MAX);
+            if age < ttl {
+                if let Some(m) = self.stored_manifest(&rec.digest)? {
+                    self.cache_result("manifest", "hit");
+                    return Ok(m);
+                }
+            }
+        }
+        self.cache_result("manifest", "miss");
+        let this = self.clone();
+        let upstream = upstream.clone();
+        let max = gen.config.server.max_manifest_size;
+        let (result, _) = self
+            .tags
+            .run(key.clone(), move || async move {
+                this.refresh_tag(&upstream, key, accept, max, ttl).await
+            })
+            .await;
+        result
+    }
+
+    /// Resolves a tag upstream: HEAD when a digest is known (cheap, and it
+    /// does not count against Docker Hub's pull limit), GET otherwise. When
+    /// the upstream fails, the last known digest is served.
+    async fn refresh_tag(
+        self: &Arc<Self>,
+        upstream: &Arc<UpstreamClient>,
+        key: TagKey,
+        accept: HeaderValue,
+        max: u64,
+        ttl: Duration,
+    ) -> Result<Arc<StoredManifest>, ApiError> {
+        let known = self.store.get_tag(&key);
+        let path = format!("manifests/{}", key.tag);
+        let opts = RequestOptions {
+            accept: Some(accept),
+            ..RequestOptions::default()
+        };
+        if let Some(rec) = known {
+            match upstream.send(Method::HEAD, &key.repo, &path, &opts).await {
+                Ok(resp) if resp.status() == StatusCode::OK => {
+                    let same = header_digest(resp.headers()) == Some(rec.digest);
+                    if same {
+                        if let Some(m) = self.stored_manifest(&rec.digest)? {
+                            self.save_tag(&key, rec.digest).await?;
+                            return Ok(m);
+                        }
+                    }
+                    // Moved, or the upstream did not say: fetch it.
+                }
+                Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                    self.store.remove_tag(&key);
+                    return Err(ApiError::manifest_unknown(format!(
+                        "tag {} is no longer in {}/{}",
+                        key.tag, upstream.name, key.repo
+                    )));
+                }
+                Ok(resp) if is_transient(resp.status()) => {
+                    let why = format!("upstream answered {}", resp.status());
+                    let err = status_error(upstream, resp.status(), resp.headers());
+                    return self.serve_stale(upstream, &key, rec, &why, err, ttl);
+                }
+                Ok(resp) => return Err(status_error(upstream, resp.status(), resp.headers())),
+                Err(e) => {
+                    let why = e.to_string();
+                    return self.serve_stale(upstream, &key, rec, &why, ApiError::unavailable(why.clone()), ttl);
+                }
+            }
+        }
+        match self
+            .fetch_manifest(upstream, &key, &Reference::Tag(key.tag.clone()), &opts, max)
+            .await
+        {
+            Ok(m) => {
+                self.save_tag(&key, m.digest).await?;
+                Ok(m)
+            }
+            Err(e) => match known {
+                Some(rec) if is_transient(e.status) || e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    let why = e.message.clone();
+                    self.serve_stale(upstream, &key, rec, &why, e, ttl)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn serve_stale(
+        &self,
+        upstream: &UpstreamClient,
+        key: &TagKey,
+        rec: TagRecord,
+        why: &str,
+        err: ApiError,
+        ttl: Duration,
+    ) -> Result<Arc<StoredManifest>, ApiError> {
+        let Some(m) = self.stored_manifest(&rec.digest)? else {
+            return Err(err);
+        };
+        self.metrics
+            .stale_serves
+            .with_label_values(&[&*upstream.name])
+            .inc();
+        self.cache_result("manifest", "stale");
+        tracing::warn!(
+            upstream = %upstream.name,
+            repo = %key.repo,
+            tag = %key.tag,
+            digest = %rec.digest,
+            "serving last known digest: {why}"
+        );
+        // Try the upstream again soon, not on every request.
+        let checked = SystemTime::now()
+            .checked_sub(ttl.saturating_sub(STALE_RETRY))
+            .unwrap_or(rec.checked);
+        self.store.defer_tag(key, rec.digest, checked);
+        Ok(m)
+    }
+
+    async fn save_tag(&self, key: &TagKey, digest: Digest) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            store.put_tag(
+                &key,
+                TagRecord {
+                    digest,
+                    checked: SystemTime::now(),
+                },
+            )
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tag writer failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("cannot record tag: {e}")))
+    }
+
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        gen: &Arc<Generation>,
+        upstream: &Arc<UpstreamClient>,
+        route: &Route,
+        digest: Digest,
+        accept: HeaderValue,
+    ) -> Result<Arc<StoredManifest>, ApiError> {
+        if let Some(m) = self.stored_manifest(&digest)? {
+            self.cache_result("manifest", "hit");
+            return Ok(m);
+        }
+        self.cache_result("manifest", "miss");
+        let this = self.clone();
+        let upstream = upstream.clone();
+        let max = gen.config.server.max_manifest_size;
+        let key = TagKey {
+            upstream: route.upstream_name.clone(),
+            repo: route.repo.clone(),
+            tag: "digest".parse().expect("valid tag"),
+        };
+        let (result, _) = self
+            .manifests
+            .run((route.upstream_name.clone(), digest), move || async move {
+                let opts = RequestOptions {
+                    accept: Some(accept),
+                    ..RequestOptions::default()
+                };
+                this.fetch_manifest(&upstream, &key, &Reference::Digest(digest), &opts, max)
+                    .await
+            })
+            .await;
+        result
+    }
+
+    /// GETs a manifest upstream, checks it and stores it.
+    async fn fetch_manifest(
+        &self,
+        upstream: &UpstreamClient,
+        key: &TagKey,
+        reference: &Reference,
+        opts: &RequestOptions,
+        max: u64,
+    ) -> Result<Arc<StoredManifest>, ApiError> {
+        let resp = upstream
+            .send(Method::GET, &key.repo, &format!("manifests/{reference}"), opts)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return Err(ApiError::manifest_unknown(format!(
+                    "manifest {reference} is not in {}/{}",
+                    upstream.name, key.repo
+                )))
+            }
+            s => return Err(status_error(upstream, s, resp.headers())),
+        }
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or("").trim().to_owned());
+        let claimed = header_digest(resp.headers());
+        let bytes = read_capped(upstream, resp, max, "manifest").await?;
+        let digest = Digest::of(&bytes);
+        if let Reference::Digest(want) = reference {
+            if *want != digest {
+                self.metrics
+                    .digest_mismatches
+                    .with_label_values(&[&*upstream.name])
+                    .inc();
+                return Err(ApiError::bad_upstream(format!(
+                    "upstream {} sent a manifest for {want} whose bytes hash to {digest}; discarded",
+                    upstream.name
+                )));
+            }
+        }
+        if let Some(c) = claimed {
+            if c != digest {
+                self.metrics
+                    .digest_mismatches
+                    .with_label_values(&[&*upstream.name])
+                    .inc();
+                return Err(ApiError::bad_upstream(format!(
+                    "upstream {} said manifest {reference} is {c} but its bytes hash to {digest}; discarded",
+                    upstream.name
+                )));
+            }
+        }
+        let media_type = manifest_media_type(content_type.as_deref(), &bytes).map_err(|why| {
+            ApiError::bad_upstream(format!(
+                "upstream {} sent an unusable manifest for {}/{}:{reference}: {why}",
+                upstream.name, key.repo, ""
+            ))
+        })?;
+        let m = Arc::new(StoredManifest {
+            digest,
+            media_type,
+            bytes,
+        });
+        let store = self.store.clone();
+        let to_store = m.clone();
+        tokio::task::spawn_blocking(move || store.put_manifest(to_store))
+            .await
+            .map_err(|e| ApiError::internal(format!("manifest writer failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("cannot store manifest {digest}: {e}")))?;
+        tracing::info!(upstream = %upstream.name, repo = %key.repo, %reference, %digest, "manifest fetched and stored");
+        Ok(m)
+    }
+
+    fn stored_manifest(&self, d: &Digest) -> Result<Option<Arc<StoredManifest>>, ApiError> {
+        self.store
+            .get_manifest(d)
+            .map_err(|e| ApiError::internal(format!("cannot read manifest {d} from the store: {e}")))
+    }
+
+    fn cache_result(&self, kind: &str, result: &str) {
+        self.metrics
+            .cache_requests
+            .with_label_values(&[kind, result])
+            .inc();
+    }
+
+    // ---- blobs -------------------------------------------------------------
+
+    async fn blob(
+        self: &Arc<Self>,
+        gen: &Arc<Generation>,
+        upstream: &Arc<UpstreamClient>,
+        route: &Route,
+        digest: Digest,
+        headers: &HeaderMap,
+        head: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let verdict = gen.policies.evaluate(&route.canonical, None);
+        if verdict.blocks() {
+            self.apply(route, &verdict, None)?;
+        }
+        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        let mut attempts = 0;
+        loop {
+            if let Some(open) = self.open_blob(&digest)? {
+                self.cache_result("blob", "hit");
+                let size = open.size;
+                let (status, start, end) = match parse_range(range, size) {
+                    RangeSpec::Full => (StatusCode::OK, 0, size),
+                    RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
+                    RangeSpec::Unsatisfiable => return Ok(unsatisfiable(size)),
+                };
+                let body = if head {
+                    body::empty()
+                } else {
+                    BlobReader::stored(open.file, start, end, open.guard, self.metrics.clone())
+                        .into_body()
+                };
+                return Ok(blob_response(status, digest, start, end, Some(size), body));
+            }
+            if head {
+                self.cache_result("blob", "miss");
+                return self.head_blob_upstream(upstream, route, digest).await;
+            }
+            match self.blobs.join(upstream.clone(), route.repo.clone(), digest) {
+                Some((flight, _started)) => {
+                    self.cache_result("blob", "miss");
+                    return self.follow(flight.subscribe(), digest, range).await;
+                }
+                // Committed between our look and the join: read the store.
+                None if attempts == 0 => attempts += 1,
+                None => return Err(ApiError::internal(format!("blob {digest} vanished from the store"))),
+            }
+        }
+    }
+
+    fn open_blob(&self, d: &Digest) -> Result<Option<crate::store::OpenBlob>, ApiError> {
+        self.store
+            .open_blob(d)
+            .map_err(|e| ApiError::internal(format!("cannot read blob {d} from the store: {e}")))
+    }
+
+    /// Answers from a running fetch, as bytes arrive.
+    async fn follow(
+        &self,
+        mut rx: tokio::sync::watch::Receiver<crate::fetch::Progress>,
+        digest: Digest,
+        range: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let total = loop {
+            let p = rx.borrow_and_update().clone();
+            match p.state {
+                FlightState::Failed(e) => return Err(e),
+                FlightState::Connecting => {
+                    if rx.changed().await.is_err() {
+                        if let FlightState::Failed(e) = rx.borrow().state.clone() {
+                            return Err(e);
+                        }
+                        return Err(ApiError::internal("blob fetch ended without an outcome"));
+                    }
+                }
+                FlightState::Streaming | FlightState::Committed => break p.total,
+            }
+        };
+        let guard = self.store.pin(&digest);
+        let (status, start, end) = match total {
+            Some(size) => match parse_range(range, size) {
+                RangeSpec::Full => (StatusCode::OK, 0, Some(size)),
+                RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, Some(e)),
+                RangeSpec::Unsatisfiable => return Ok(unsatisfiable(size)),
+            },
+            // Without a length, a range cannot be checked up front: send it all.
+            None => (StatusCode::OK, 0, None),
+        };
+        let body = BlobReader::following(rx, start, end, guard, self.metrics.clone()).into_body();
+        Ok(blob_response(status, digest, start, end.unwrap_or(0), total, body))
+    }
+
+    async fn head_blob_upstream(
+        &self,
+        upstream: &UpstreamClient,
+        route: &Route,
+        digest: Digest,
+    ) -> Result<Response<Body>, ApiError> {
+        let resp = upstream
+            .send(Method::HEAD, &route.repo, &format!("blobs/{digest}"), &RequestOptions::default())
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        match resp.status() {
+            StatusCode::OK => {
+                let size = resp.content_length();
+                Ok(blob_response(StatusCode::OK, digest, 0, size.unwrap_or(0), size, body::empty()))
+            }
+            StatusCode::NOT_FOUND => Err(ApiError::blob_unknown(format!(
+                "blob {digest} is not in {}/{}",
+                upstream.name, route.repo
+            ))),
+            s => Err(status_error(upstream, s, resp.headers())),
+        }
+    }
+
+    // ---- pass-through --------------------------------------------------------
+
+    async fn tags_list(
+        &self,
+        gen: &Arc<Generation>,
+        upstream: &UpstreamClient,
+        route: &Route,
+        query: Option<&str>,
+        head: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let verdict = gen.policies.evaluate(&route.canonical, None);
+        if verdict.blocks() {
+            self.apply(route, &verdict, None)?;
+        }
+        let mut q = Vec::new();
+        if let Some(n) = query_param(query, "n") {
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || n.len() > 9 {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", format!("n={n:?} is not a number")));
+            }
+            q.push(format!("n={n}"));
+        }
+        if let Some(last) = query_param(query, "last") {
+            if !last.is_empty() {
+                last.parse::<Tag>()?;
+                q.push(format!("last={last}"));
+            }
+        }
+        let opts = RequestOptions {
+            query: (!q.is_empty()).then(|| q.join("&")),
+            ..RequestOptions::default()
+        };
+        let resp = upstream
+            .send(Method::GET, &route.repo, "tags/list", &opts)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return Err(ApiError::name_unknown(format!(
+                    "repository {} is not known to upstream {}",
+                    route.repo, upstream.name
+                )))
+            }
+            s => return Err(status_error(upstream, s, resp.headers())),
+        }
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| rewrite_link(l, route));
+        let bytes = read_capped(upstream, resp, MAX_PASSTHROUGH_BODY, "tag list").await?;
+        let mut r = Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, bytes.len());
+        if let Some(l) = link {
+            r = r.header(header::LINK, l);
+        }
+        let b = if head { body::empty() } else { body::full(bytes) };
+        Ok(r.body(b).expect("valid response"))
+    }
+
+    async fn referrers(
+        &self,
+        gen: &Arc<Generation>,
+        upstream: &UpstreamClient,
+        route: &Route,
+        digest: Digest,
+        query: Option<&str>,
+        head: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let verdict = gen.policies.evaluate(&route.canonical, None);
+        if verdict.blocks() {
+            self.apply(route, &verdict, None)?;
+        }
+        let mut opts = RequestOptions::default();
+        if let Some(t) = query_param(query, "artifactType") {
+            let ok = t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/.+-_%".contains(&b));
+            if !ok || t.len() > 255 {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", "artifactType is not a media type"));
+            }
+            opts.query = Some(format!("artifactType={t}"));
+        }
+        let resp = upstream
+            .send(Method::GET, &route.repo, &format!("referrers/{digest}"), &opts)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return Err(ApiError::manifest_unknown(format!(
+                    "upstream {} has no referrers API answer for {digest}",
+                    upstream.name
+                )))
+            }
+            s => return Err(status_error(upstream, s, resp.headers())),
+        }
+        let filters = resp.headers().get("OCI-Filters-Applied").cloned();
+        let bytes = read_capped(upstream, resp, MAX_PASSTHROUGH_BODY, "referrers list").await?;
+        let mut r = Response::builder()
+            .header(header::CONTENT_TYPE, "application/vnd.oci.image.index.v1+json")
+            .header(header::CONTENT_LENGTH, bytes.len());
+        if let Some(f) = filters {
+            r = r.header("OCI-Filters-Applied", f);
+        }
+        let b = if head { body::empty() } else { body::full(bytes) };
+        Ok(r.body(b).expect("valid response"))
+    }
+}
+
+fn read_only() -> ApiError {
+    ApiError::unsupported(
+        "pullgate is a read-only pull-through proxy: pushes and deletes are not supported",
+    )
+}
+
+fn is_transient(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// The client's `Accept` headers joined, or the default list.
+fn accept_header(headers: &HeaderMap) -> HeaderValue {
+    let values: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if values.is_empty() {
+        return HeaderValue::from_static(DEFAULT_ACCEPT);
+    }
+    HeaderValue::from_str(&values.join(", ")).unwrap_or(HeaderValue::from_static(DEFAULT_ACCEPT))
+}
+
+fn header_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("Docker-Content-Digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The value of `name` in a raw query string.
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Reads an upstream body into memory, refusing more than `max` bytes.
+async fn read_capped(
+    upstream: &UpstreamClient,
+    resp: reqwest::Response,
+    max: u64,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    if let Some(len) = resp.content_length() {
+        if len > max {
+            return Err(ApiError::bad_upstream(format!(
+                "upstream {} sent a {what} of {len} bytes, over the {max}-byte limit",
+                upstream.name
+            )));
+        }
+    }
+    let expected = resp.content_length();
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    use futures_util::StreamExt;
+    loop {
+        let next = tokio::time::timeout(upstream.idle_timeout, stream.next())
+            .await
+            .map_err(|_| {
+                ApiError::unavailable(format!(
+                    "upstream {} stalled sending a {what}",
+                    upstream.name
+                ))
+            })?;
+        match next {
+            None => break,
+            Some(Ok(chunk)) => {
+                if (buf.len() + chunk.len()) as u64 > max {
+                    return Err(ApiError::bad_upstream(format!(
+                        "upstream {} sent a {what} over the {max}-byte limit",
+                        upstream.name
+                    )));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Some(Err(e)) => {
+                return Err(ApiError::unavailable(format!(
+                    "upstream {} broke off a {what}: {e}",
+                    upstream.name
+                )))
+            }
+        }
+    }
+    if let Some(len) = expected {
+        if buf.len() as u64 != len {
+            return Err(ApiError::bad_upstream(format!(
+                "upstream {} sent {} bytes of a {what} announced as {len}",
+                upstream.name,
+                buf.len()
+            )));
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Decides a manifest's media type from the upstream's `Content-Type` and
+/// the body, which must be a JSON object.
+pub fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Result<String, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let declared = obj.get("mediaType").and_then(|m| m.as_str());
+    let is_manifest_type = |t: &str| {
+        t.starts_with("application/vnd.oci.image.")
+            || t.starts_with("application/vnd.docker.distribution.manifest.")
+            || t.starts_with("application/vnd.oci.artifact.")
+    };
+    if let Some(ct) = content_type.filter(|t| is_manifest_type(t)) {
+        return Ok(ct.to_owned());
+    }
+    if let Some(d) = declared {
+        return Ok(d.to_owned());
+    }
+    if obj.contains_key("manifests") {
+        return Ok("application/vnd.oci.image.index.v1+json".into());
+    }
+    if obj.contains_key("layers") || obj.contains_key("config") {
+        return Ok("application/vnd.oci.image.manifest.v1+json".into());
+    }
+    Err("no manifest media type in Content-Type or body".into())
+}
+
+/// A `Range` request resolved against a blob size.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeSpec {
+    Full,
+    /// `[start, end)`.
+    Partial(u64, u64),
+    Unsatisfiable,
+}
+
+/// Parses a single `bytes=` range; anything else is ignored (full answer),
+/// as HTTP allows.
+pub fn parse_range(range: Option<&str>, size: u64) -> RangeSpec {
+    let Some(spec) = range.and_then(|r| r.trim().strip_prefix("bytes=")) else {
+        return RangeSpec::Full;
+    };
+    if spec.contains(',') {
+        return RangeSpec::Full;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeSpec::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| s.parse::<u64>().ok();
+    match (a.is_empty(), b.is_empty()) {
+        (true, false) => match num(b) {
+            Some(0) => RangeSpec::Unsatisfiable,
+            Some(n) if size == 0 => {
+                let _ = n;
+                RangeSpec::Unsatisfiable
+            }
+            Some(n) => RangeSpec::Partial(size.saturating_sub(n), size),
+            None => RangeSpec::Full,
+        },
+        (false, _) => {
+            let Some(start) = num(a) else { return RangeSpec::Full };
+            let end = if b.is_empty() {
+                size
+            } else {
+                match num(b) {
+                    Some(e) if e >= start => (e + 1).min(size),
+                    _ => return RangeSpec::Full,
+                }
+            };
+            if start >= size {
+                RangeSpec::Unsatisfiable
+            } else {
+                RangeSpec::Partial(start, end)
+            }
+        }
+        (true, true) => RangeSpec::Full,
+    }
+}
+
+fn unsatisfiable(size: u64) -> Response<Body> {
+    let mut r = ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "SIZE_INVALID",
+        format!("requested range is outside the blob's {size} bytes"),
+    )
+    .into_response(false);
+    r.headers_mut().insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes */{size}")).expect("valid header"),
+    );
+    r
+}
+
+fn blob_response(
+    status: StatusCode,
+    digest: Digest,
+    start: u64,
+    end: u64,
+    total: Option<u64>,
+    body: Body,
+) -> Response<Body> {
+    let mut r = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{digest}\""));
+    if let Some(size) = total {
+        r = r.header(header::CONTENT_LENGTH, end - start);
+        if status == StatusCode::PARTIAL_CONTENT {
+            r = r.header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
+            );
+        }
+    }
+    r.body(body).expect("valid response")
+}
+
+/// Points an upstream `Link: </v2/<repo>/tags/list?...>` at the client's name.
+fn rewrite_link(link: &str, route: &Route) -> Option<String> {
+    let start = link.find('<')? + 1;
+    let end = link[start..].find('>')? + start;
+    let target = &link[start..end];
+    let path_start = target.find("/v2/")?;
+    let path = &target[path_start..];
+    let upstream_prefix = format!("/v2/{}/", route.repo);
+    let rest = path.strip_prefix(&upstream_prefix)?;
+    Some(format!(
+        "</v2/{}/{rest}>{}",
+        route.client_name,
+        &link[end + 1..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve_against_size() {
+        assert_eq!(parse_range(None, 10), RangeSpec::Full);
+        assert_eq!(parse_range(Some("bytes=0-4"), 10), RangeSpec::Partial(0, 5));
+        assert_eq!(parse_range(Some("bytes=5-"), 10), RangeSpec::Partial(5, 10));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), RangeSpec::Partial(7, 10));
+        assert_eq!(parse_range(Some("bytes=8-100"), 10), RangeSpec::Partial(8, 10));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=-0"), 10), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), RangeSpec::Full);
+        assert_eq!(parse_range(Some("bytes=x-1"), 10), RangeSpec::Full);
+        assert_eq!(parse_range(Some("items=0-1"), 10), RangeSpec::Full);
+        assert_eq!(parse_range(Some("bytes=5-2"), 10), RangeSpec::Full);
+    }
+
+    #[test]
+    fn media_type_comes_from_header_or_body() {
+        let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
+        assert_eq!(
+            manifest_media_type(Some("application/vnd.docker.distribution.manifest.v2+json"), oci).unwrap(),
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert_eq!(
+            manifest_media_type(Some("text/plain"), oci).unwrap(),
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+        assert_eq!(
+            manifest_media_type(None, br#"{"schemaVersion":2,"manifests":[]}"#).unwrap(),
+            "application/vnd.oci.image.index.v1+json"
+        );
+        assert!(manifest_media_type(None, b"<html>").is_err());
+        assert!(manifest_media_type(None, b"[1]").is_err());
+        assert!(manifest_media_type(None, br#"{"a":1}"#).is_err());
+    }
+
+    #[test]
+    fn query_params_are_found() {
+        assert_eq!(query_param(Some("ns=docker.io&x=1"), "ns"), Some("docker.io"));
+        assert_eq!(query_param(Some("n=10&last=v1"), "last"), Some("v1"));
+        assert_eq!(query_param(Some("flag"), "flag"), Some(""));
+        assert_eq!(query_param(None, "ns"), None);
+    }
+
+    #[test]
+    fn link_headers_point_at_the_client_name() {
+        let router = Router::new([("docker.io", true), ("ghcr.io", false)]);
+        let route = router
+            .route(&"ghcr.io/acme/app".parse().unwrap(), None)
+            .unwrap();
+        let l = rewrite_link(
+            "</v2/acme/app/tags/list?last=v2&n=2>; rel=\"next\"",
+            &route,
+        )
+        .unwrap();
+        assert_eq!(l, "</v2/ghcr.io/acme/app/tags/list?last=v2&n=2>; rel=\"next\"");
+        let abs = rewrite_link(
+            "<https://ghcr.io/v2/acme/app/tags/list?n=2&last=b>; rel=\"next\"",
+            &route,
+        )
+        .unwrap();
+        assert_eq!(abs, "</v2/ghcr.io/acme/app/tags/list?n=2&last=b>; rel=\"next\"");
+    }
+}

@@ -1,0 +1,34 @@
+//! pullgate: a caching reverse proxy for OCI and Docker registries that
+//! serves only approved content.
+//!
+//! A request moves through these modules, each with one job; dependencies
+//! point down this list, never up:
+//!
+//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`handler`]: the pipeline, the only module that spells out the flow.
+//! - [`route`]: `/v2/<name>/...` to an upstream and a repository.
+//! - [`policy`]: which rule governs a name, and its verdict.
+//! - [`fetch`]: one upstream fetch shared by every waiting client.
+//! - [`upstream`]: HTTP to registries, token auth, redirects.
+//! - [`store`]: content-addressed files, tags, LRU eviction.
+//! - [`config`]: the TOML file, validated before anything starts.
+//! - [`metrics`], [`error`], [`body`], [`names`]: shared vocabulary.
+
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod handler;
+pub mod metrics;
+pub mod names;
+pub mod policy;
+pub mod route;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+pub use config::Config;
+pub use handler::App;
+pub use server::{serve, serve_admin, Shutdown};

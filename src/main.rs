@@ -1,0 +1,209 @@
+//! The `pullgate` command: parses the CLI and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use pullgate::{App, Config, Shutdown};
+
+/// Exit status for a bad config (EX_CONFIG from sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "pullgate",
+    version,
+    about = "A caching reverse proxy for OCI and Docker registries that serves only approved content",
+    long_about = "pullgate sits between container clients (containerd, CRI-O, Docker, skopeo) and \
+registries (Docker Hub, ghcr.io, quay.io, ...). It caches what it serves, fetches each blob \
+upstream once however many clients ask, and applies a policy to every pull.\n\n\
+Quick start: `pullgate serve` runs a plain caching mirror of the big public registries on \
+127.0.0.1:5000. Point containerd at it with deploy/containerd/ (see README.md)."
+)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PULLGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (registry API on [server] listen, /metrics /healthz /readyz on [admin] listen).
+    ///
+    /// Without --config, runs the embedded default: 127.0.0.1:5000, store in ./pullgate-data,
+    /// upstreams docker.io, ghcr.io, quay.io, gcr.io and registry.k8s.io, everything allowed.
+    /// SIGHUP reloads the config file (an invalid one is logged and the old one kept);
+    /// SIGTERM stops accepting and lets transfers in flight finish (server.shutdown_timeout).
+    /// Log verbosity comes from RUST_LOG (default "info"; e.g. RUST_LOG=pullgate=debug).
+    Serve {
+        /// Config file (TOML); see config/ for commented examples.
+        #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and report every problem with its key and line.
+    ///
+    /// Exits 0 when the file is valid, 64 when it is not.
+    CheckConfig {
+        /// Config file (TOML).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} upstream{}, {} polic{})",
+                    file.display(),
+                    c.upstreams.len(),
+                    if c.upstreams.len() == 1 { "" } else { "s" },
+                    c.policies.len(),
+                    if c.policies.len() == 1 { "y" } else { "ies" },
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match &config {
+                Some(path) => match Config::load(path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+                None => Config::embedded(),
+            };
+            init_logging(cli.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("pullgate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let embedded = config.source.starts_with('(');
+    let source_path = (!embedded).then(|| PathBuf::from(&config.source));
+    let listen = config.server.listen;
+    let admin_listen = config.admin.as_ref().map(|a| a.listen);
+    let grace = config.server.shutdown_timeout;
+    if embedded {
+        tracing::warn!(
+            "running the embedded default config: a plain caching mirror of docker.io, ghcr.io, \
+             quay.io, gcr.io and registry.k8s.io; no verification is configured and every pull is \
+             allowed. Example configs: config/ in the source tree (docs/configuration.md)"
+        );
+    }
+    let upstream_names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+    tracing::info!(source = %config.source, upstreams = ?upstream_names, policies = config.policies.len(), "config loaded");
+
+    let app = App::new(config).map_err(anyhow::Error::msg)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    let admin = match admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin.listen)"))?,
+        ),
+        None => None,
+    };
+
+    let (trigger, shutdown) = Shutdown::new();
+    let mut tasks = Vec::new();
+    tracing::info!(listen = %listener.local_addr()?, "serving the registry API");
+    tasks.push(tokio::spawn(pullgate::serve(listener, app.clone(), shutdown.clone(), grace)));
+    if let Some(admin) = admin {
+        tracing::info!(listen = %admin.local_addr()?, "serving /metrics /healthz /readyz");
+        tasks.push(tokio::spawn(pullgate::serve_admin(admin, app.clone(), shutdown.clone())));
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&app, source_path.as_deref()),
+        }
+    }
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections, finishing requests in flight");
+    trigger.trigger();
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn reload(app: &Arc<App>, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: running the embedded config, nothing to reload");
+        return;
+    };
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|c| app.reload(c));
+    match result {
+        Ok(notes) => {
+            app.metrics.config_reloads.with_label_values(&["ok"]).inc();
+            tracing::info!(path = %path.display(), "config reloaded");
+            for n in notes {
+                tracing::warn!("{n}");
+            }
+        }
+        Err(e) => {
+            app.metrics.config_reloads.with_label_values(&["error"]).inc();
+            tracing::error!("config reload failed, keeping the old config: {e}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Prometheus metrics, registered once and shared by every module.
+//!
+//! Label values are bounded: request kinds, status codes, configured upstream
+//! names, reason slugs. Never a path or a client-chosen name. Depends on
+//! nothing else in the crate.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric pullgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests by kind (`manifest`, `blob`, ...) and status code.
+    pub requests: IntCounterVec,
+    /// Pulls answered 403 (or served with a warning in audit mode).
+    pub blocked_pulls: IntCounterVec,
+    /// Cache lookups by kind and result (`hit`, `miss`, `stale`).
+    pub cache_requests: IntCounterVec,
+    /// Requests sent upstream, by upstream and status (`error` when no answer).
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    /// Bytes of blobs and manifests sent to clients, by source (`cache`, `upstream`).
+    pub bytes_served: IntCounterVec,
+    /// Bytes of blobs and manifests held in the store.
+    pub store_size: IntGauge,
+    /// Blobs evicted to stay under `storage.max_size`.
+    pub evictions: IntCounterVec,
+    /// Upstream fetches running now.
+    pub inflight_fetches: IntGauge,
+    /// Tags served from their last known digest because the upstream failed.
+    pub stale_serves: IntCounterVec,
+    /// Upstream bodies whose bytes did not hash to the digest asked for.
+    pub digest_mismatches: IntCounterVec,
+    /// Config reloads by result (`ok`, `error`).
+    pub config_reloads: IntCounterVec,
+    /// Time to answer a manifest request (from cache or upstream).
+    pub manifest_duration: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("metric registered once");
+            c
+        }
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pullgate_upstream_request_duration_seconds",
+                "Time until an upstream answered (headers), by upstream.",
+            )
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(upstream_duration.clone()))
+            .expect("metric registered once");
+        let manifest_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pullgate_manifest_request_duration_seconds",
+                "Time to answer a manifest request.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(manifest_duration.clone()))
+            .expect("metric registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("metric registered once");
+            g
+        };
+        let store_size = gauge("pullgate_store_size_bytes", "Bytes held in the content store.");
+        let inflight_fetches = gauge(
+            "pullgate_inflight_fetches",
+            "Upstream blob fetches running now.",
+        );
+        Metrics {
+            requests: counter(
+                &registry,
+                "pullgate_requests_total",
+                "Client requests by kind and status.",
+                &["kind", "status"],
+            ),
+            blocked_pulls: counter(
+                &registry,
+                "pullgate_blocked_pulls_total",
+                "Pulls blocked (enforce) or that would be blocked (audit), by upstream and reason.",
+                &["upstream", "reason", "mode"],
+            ),
+            cache_requests: counter(
+                &registry,
+                "pullgate_cache_requests_total",
+                "Cache lookups by kind and result (hit, miss, stale).",
+                &["kind", "result"],
+            ),
+            upstream_requests: counter(
+                &registry,
+                "pullgate_upstream_requests_total",
+                "Requests sent to upstreams, by upstream and status.",
+                &["upstream", "status"],
+            ),
+            upstream_duration,
+            bytes_served: counter(
+                &registry,
+                "pullgate_bytes_served_total",
+                "Content bytes sent to clients, by source (cache, upstream).",
+                &["source"],
+            ),
+            store_size,
+            evictions: counter(
+                &registry,
+                "pullgate_evictions_total",
+                "Blobs evicted to stay under storage.max_size.",
+                &["reason"],
+            ),
+            inflight_fetches,
+            stale_serves: counter(
+                &registry,
+                "pullgate_stale_serves_total",
+                "Tags served from their last known digest because the upstream failed.",
+                &["upstream"],
+            ),
+            digest_mismatches: counter(
+                &registry,
+                "pullgate_digest_mismatches_total",
+                "Upstream bodies that did not hash to the requested digest.",
+                &["upstream"],
+            ),
+            config_reloads: counter(
+                &registry,
+                "pullgate_config_reloads_total",
+                "Config reloads (SIGHUP) by result.",
+                &["result"],
+            ),
+            manifest_duration,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding to memory");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_contract_names() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["manifest", "200"]).inc();
+        m.blocked_pulls
+            .with_label_values(&["docker.io", "no-policy", "enforce"])
+            .inc();
+        m.cache_requests.with_label_values(&["blob", "hit"]).inc();
+        m.upstream_requests.with_label_values(&["docker.io", "200"]).inc();
+        m.upstream_duration.with_label_values(&["docker.io"]).observe(0.1);
+        m.bytes_served.with_label_values(&["cache"]).inc_by(3);
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "pullgate_requests_total{kind=\"manifest\",status=\"200\"} 1",
+            "pullgate_blocked_pulls_total{mode=\"enforce\",reason=\"no-policy\",upstream=\"docker.io\"} 1",
+            "pullgate_cache_requests_total{kind=\"blob\",result=\"hit\"} 1",
+            "pullgate_upstream_requests_total{status=\"200\",upstream=\"docker.io\"} 1",
+            "pullgate_upstream_request_duration_seconds_bucket",
+            "pullgate_bytes_served_total{source=\"cache\"} 3",
+            "pullgate_store_size_bytes 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Policy: which rule governs a name, and the verdict it gives.
+//!
+//! First matching `[[policy]]` wins; a name that matches none is denied.
+//! This version knows allow (a policy with no requirements) and `deny = true`;
+//! signature and base checks plug in at [`Policies::evaluate`], which is
+//! called between "manifest fetched" and "response". Depends on `config`,
+//! `names`, `error`.
+
+use serde_json::json;
+
+use crate::config::{Mode, PolicyConfig};
+use crate::error::ApiError;
+use crate::names::Digest;
+
+/// The ordered policy list of one config generation.
+#[derive(Debug, Clone)]
+pub struct Policies {
+    list: Vec<PolicyConfig>,
+}
+
+/// Why something was (or would be) blocked; stable slugs used in responses,
+/// metrics and logs.
+pub mod reason {
+    pub const NO_POLICY: &str = "no-policy";
+    pub const DENIED_BY_POLICY: &str = "denied-by-policy";
+}
+
+/// The outcome of evaluating one name (and, for manifests, one digest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The policy that matched, if any.
+    pub policy: Option<String>,
+    pub mode: Mode,
+    /// Empty when the content passes.
+    pub reasons: Vec<&'static str>,
+}
+
+impl Verdict {
+    pub fn passes(&self) -> bool {
+        self.reasons.is_empty()
+    }
+
+    /// Denied and enforced: the client gets 403.
+    pub fn blocks(&self) -> bool {
+        !self.passes() && self.mode == Mode::Enforce
+    }
+
+    /// Denied in audit mode: served with a warning.
+    pub fn would_block(&self) -> bool {
+        !self.passes() && self.mode == Mode::Audit
+    }
+
+    /// The reason in words, as sent to clients.
+    pub fn message(&self, canonical: &str) -> String {
+        let words: Vec<&str> = self.reasons.iter().map(|r| describe(r)).collect();
+        match &self.policy {
+            Some(p) => format!("blocked by policy {p:?}: {} ({canonical})", words.join("; ")),
+            None => format!("blocked: no policy matches {canonical:?}, and unmatched names are denied"),
+        }
+    }
+
+    /// The `403 DENIED` answer of DESIGN.md.
+    pub fn denial(&self, canonical: &str, digest: Option<&Digest>) -> ApiError {
+        let mut detail = json!({
+            "policy": self.policy,
+            "reasons": self.reasons,
+        });
+        if let Some(d) = digest {
+            detail["digest"] = json!(d.to_string());
+        }
+        ApiError::denied(self.message(canonical)).with_detail(detail)
+    }
+
+    /// The `Warning` header value for audit mode.
+    pub fn warning(&self, canonical: &str) -> String {
+        let msg = self.message(canonical).replace('"', "'");
+        format!("299 - \"pullgate: would block: {msg}\"")
+    }
+}
+
+fn describe(slug: &str) -> &'static str {
+    match slug {
+        reason::NO_POLICY => "no policy matches this name",
+        reason::DENIED_BY_POLICY => "the policy denies everything it matches",
+        _ => "policy requirement not met",
+    }
+}
+
+impl Policies {
+    pub fn new(list: Vec<PolicyConfig>) -> Policies {
+        Policies { list }
+    }
+
+    /// The policy governing a canonical name.
+    pub fn matching(&self, canonical: &str) -> Option<&PolicyConfig> {
+        self.list.iter().find(|p| p.matcher.is_match(canonical))
+    }
+
+    /// Evaluates a name; `digest` is the manifest being served, if any.
+    ///
+    /// This is where signature and base-image checks slot in: they need the
+    /// manifest and its digest, which the handler passes here before it answers.
+    pub fn evaluate(&self, canonical: &str, _digest: Option<&Digest>) -> Verdict {
+        match self.matching(canonical) {
+            None => Verdict {
+                policy: None,
+                mode: Mode::Enforce,
+                reasons: vec![reason::NO_POLICY],
+            },
+            Some(p) if p.deny => Verdict {
+                policy: Some(p.name.clone()),
+                mode: p.mode,
+                reasons: vec![reason::DENIED_BY_POLICY],
+            },
+            Some(p) => Verdict {
+                policy: Some(p.name.clone()),
+                mode: p.mode,
+                reasons: Vec::new(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn policies(text: &str) -> Policies {
+        let c = Config::parse(
+            &format!("[[upstream]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\n{text}"),
+            "t",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        Policies::new(c.policies)
+    }
+
+    #[test]
+    fn first_match_wins_and_unmatched_is_denied() {
+        let p = policies(
+            r#"
+[[policy]]
+name = "blocked"
+match = ["ghcr.io/evil/**"]
+deny = true
+[[policy]]
+name = "acme"
+match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
+"#,
+        );
+        assert!(p.evaluate("ghcr.io/acme/app", None).passes());
+        let v = p.evaluate("ghcr.io/evil/ok", None);
+        assert!(v.blocks());
+        assert_eq!(v.reasons, ["denied-by-policy"]);
+        let v = p.evaluate("ghcr.io/other/app", None);
+        assert_eq!((v.policy.as_deref(), v.reasons.as_slice()), (None, &["no-policy"][..]));
+        assert!(v.blocks());
+    }
+
+    #[test]
+    fn audit_mode_would_block_with_a_warning() {
+        let p = policies("[[policy]]\nname = \"watch\"\nmatch = [\"**\"]\nmode = \"audit\"\ndeny = true\n");
+        let v = p.evaluate("ghcr.io/a/b", None);
+        assert!(!v.blocks());
+        assert!(v.would_block());
+        let w = v.warning("ghcr.io/a/b");
+        assert!(w.starts_with("299 - \"pullgate: would block: blocked by policy 'watch'"), "{w}");
+    }
+
+    #[test]
+    fn denial_body_names_policy_reasons_and_digest() {
+        let p = policies("[[policy]]\nname = \"no\"\nmatch = [\"**\"]\ndeny = true\n");
+        let d = Digest::of(b"m");
+        let e = p.evaluate("ghcr.io/a/b", Some(&d)).denial("ghcr.io/a/b", Some(&d));
+        let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
+        let err = &v["errors"][0];
+        assert_eq!(err["code"], "DENIED");
+        assert_eq!(err["detail"]["policy"], "no");
+        assert_eq!(err["detail"]["reasons"][0], "denied-by-policy");
+        assert_eq!(err["detail"]["digest"], d.to_string());
+        assert!(err["message"].as_str().unwrap().starts_with("blocked by policy \"no\""));
+    }
+}
