@@ -12,7 +12,9 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 pub type Body = BoxBody<Bytes, io::Error>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn empty() -> Body {

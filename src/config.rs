@@ -73,7 +73,10 @@ impl fmt::Debug for UpstreamConfig {
             .field("name", &self.name)
             .field("url", &self.url.as_str())
             .field("default", &self.default)
-            .field("credentials", &self.credentials.as_ref().map(|c| &c.username))
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|c| &c.username),
+            )
             .field("ca", &self.ca_pem.is_some())
             .finish()
     }
@@ -238,8 +241,12 @@ impl Config {
 
     /// The embedded default: a plain caching mirror of the big public registries.
     pub fn embedded() -> Config {
-        Config::parse(EMBEDDED_DEFAULT, "(embedded default config)", Path::new("."))
-            .expect("the embedded default config is valid")
+        Config::parse(
+            EMBEDDED_DEFAULT,
+            "(embedded default config)",
+            Path::new("."),
+        )
+        .expect("the embedded default config is valid")
     }
 
     /// Parses and validates config text; relative paths are resolved against `base`.
@@ -452,23 +459,33 @@ impl Validator<'_> {
             let key = |k: &str| format!("upstream[{i}].{k}");
             let name = u.name.get_ref();
             let name_ok = !name.is_empty()
-                && name.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b)
-                });
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b));
             if !name_ok {
                 self.problem(
                     key("name"),
                     &u.name,
-                    format!("{name:?} is not a registry host name (lowercase host, optional :port)"),
+                    format!(
+                        "{name:?} is not a registry host name (lowercase host, optional :port)"
+                    ),
                 );
             }
             if raw[..i].iter().any(|o| o.name.get_ref() == name) {
-                self.problem(key("name"), &u.name, format!("upstream {name:?} is configured twice"));
+                self.problem(
+                    key("name"),
+                    &u.name,
+                    format!("upstream {name:?} is configured twice"),
+                );
             }
             if u.default {
                 defaults += 1;
                 if defaults > 1 {
-                    self.problem(key("default"), &u.name, "only one upstream can be the default");
+                    self.problem(
+                        key("default"),
+                        &u.name,
+                        "only one upstream can be the default",
+                    );
                 }
             }
             let url = match reqwest::Url::parse(u.url.get_ref()) {
@@ -492,7 +509,11 @@ impl Validator<'_> {
                     None
                 }
                 Err(e) => {
-                    self.problem(key("url"), &u.url, format!("{:?} is not a URL: {e}", u.url.get_ref()));
+                    self.problem(
+                        key("url"),
+                        &u.url,
+                        format!("{:?} is not a URL: {e}", u.url.get_ref()),
+                    );
                     None
                 }
             };
@@ -520,7 +541,11 @@ impl Validator<'_> {
                     }
                 },
                 (Some(f), Some(_)) => {
-                    self.problem(key("password_file"), f, "give password_file or password_env, not both");
+                    self.problem(
+                        key("password_file"),
+                        f,
+                        "give password_file or password_env, not both",
+                    );
                     None
                 }
                 (None, None) => None,
@@ -539,30 +564,38 @@ impl Validator<'_> {
                     None
                 }
                 (None, Some(_)) => {
-                    self.problem(key("name"), &u.name, "a password is given without a username");
+                    self.problem(
+                        key("name"),
+                        &u.name,
+                        "a password is given without a username",
+                    );
                     None
                 }
                 _ => None,
             };
-            let ca_pem = u.ca.as_ref().and_then(|ca| {
-                match std::fs::read(self.path(ca.get_ref())) {
-                    Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
-                        Ok(certs) if !certs.is_empty() => Some(pem),
-                        _ => {
+            let ca_pem =
+                u.ca.as_ref()
+                    .and_then(|ca| match std::fs::read(self.path(ca.get_ref())) {
+                        Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                            Ok(certs) if !certs.is_empty() => Some(pem),
+                            _ => {
+                                self.problem(
+                                    key("ca"),
+                                    ca,
+                                    format!("{:?} holds no PEM certificate", ca.get_ref()),
+                                );
+                                None
+                            }
+                        },
+                        Err(e) => {
                             self.problem(
                                 key("ca"),
                                 ca,
-                                format!("{:?} holds no PEM certificate", ca.get_ref()),
+                                format!("cannot read {:?}: {e}", ca.get_ref()),
                             );
                             None
                         }
-                    },
-                    Err(e) => {
-                        self.problem(key("ca"), ca, format!("cannot read {:?}: {e}", ca.get_ref()));
-                        None
-                    }
-                }
-            });
+                    });
             let idle_timeout = match &u.idle_timeout {
                 Some(s) => self.duration(&key("idle_timeout"), s),
                 None => Some(Duration::from_secs(60)),
@@ -594,7 +627,10 @@ impl Validator<'_> {
             if p.name.get_ref().trim().is_empty() {
                 self.problem(key("name"), &p.name, "must not be empty");
             }
-            if raw[..i].iter().any(|o| o.name.get_ref() == p.name.get_ref()) {
+            if raw[..i]
+                .iter()
+                .any(|o| o.name.get_ref() == p.name.get_ref())
+            {
                 self.problem(
                     key("name"),
                     &p.name,
@@ -606,7 +642,11 @@ impl Validator<'_> {
                 Some((_, "enforce")) => Mode::Enforce,
                 Some((_, "audit")) => Mode::Audit,
                 Some((m, other)) => {
-                    self.problem(key("mode"), m, format!("{other:?} is not a mode (enforce | audit)"));
+                    self.problem(
+                        key("mode"),
+                        m,
+                        format!("{other:?} is not a mode (enforce | audit)"),
+                    );
                     Mode::Enforce
                 }
             };
@@ -673,7 +713,11 @@ pub fn compile_pattern(pattern: &str) -> Result<globset::Glob, String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -691,7 +735,13 @@ mod tests {
         let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(
             names,
-            ["docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io"]
+            [
+                "docker.io",
+                "ghcr.io",
+                "quay.io",
+                "gcr.io",
+                "registry.k8s.io"
+            ]
         );
         assert!(c.upstream("docker.io").unwrap().default);
         assert_eq!(c.policies.len(), 1);
@@ -721,7 +771,11 @@ mode = "maybe"
 "#,
         )
         .unwrap_err();
-        let keys: Vec<_> = err.problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        let keys: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
         assert_eq!(
             keys,
             [
@@ -797,7 +851,10 @@ match = ["**"]
 "#;
         let c = Config::parse(text, "t", dir.path()).unwrap();
         let cred = c.upstreams[0].credentials.as_ref().unwrap();
-        assert_eq!((cred.username.as_str(), cred.password.as_str()), ("bot", "s3cret"));
+        assert_eq!(
+            (cred.username.as_str(), cred.password.as_str()),
+            ("bot", "s3cret")
+        );
         let err = parse(&text.replace("password_file = \"pw\"", "password = \"x\"")).unwrap_err();
         assert!(err.problems[0].message.contains("password"), "{err}");
     }

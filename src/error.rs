@@ -121,14 +121,24 @@ impl ApiError {
         if let Some(ra) = self.retry_after {
             r = r.header(header::RETRY_AFTER, ra);
         }
-        let b = if head { body::empty() } else { body::full(bytes) };
+        let b = if head {
+            body::empty()
+        } else {
+            body::full(bytes)
+        };
         r.body(b).expect("valid response parts")
     }
 }
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -164,8 +174,14 @@ mod tests {
 
     #[test]
     fn name_errors_map_to_spec_codes() {
-        let e: ApiError = "sha256:zz".parse::<crate::names::Digest>().unwrap_err().into();
-        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"));
+        let e: ApiError = "sha256:zz"
+            .parse::<crate::names::Digest>()
+            .unwrap_err()
+            .into();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "DIGEST_INVALID")
+        );
         let e: ApiError = "A".parse::<crate::names::RepoName>().unwrap_err().into();
         assert_eq!(e.code, "NAME_INVALID");
     }

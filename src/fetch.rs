@@ -124,7 +124,10 @@ impl BlobFetches {
         tokio::spawn(async move {
             let upstream_name = upstream.name.clone();
             let result = this.run(&upstream, &repo, digest, &tx).await;
-            this.running.lock().expect("fetch table lock").remove(&digest);
+            this.running
+                .lock()
+                .expect("fetch table lock")
+                .remove(&digest);
             this.metrics.inflight_fetches.dec();
             match result {
                 Ok(size) => {
@@ -148,7 +151,12 @@ impl BlobFetches {
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, ApiError> {
         let resp = upstream
-            .send(Method::GET, repo, &format!("blobs/{digest}"), &RequestOptions::default())
+            .send(
+                Method::GET,
+                repo,
+                &format!("blobs/{digest}"),
+                &RequestOptions::default(),
+            )
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         match resp.status() {
@@ -296,7 +304,11 @@ impl BlobFetches {
 }
 
 /// An upstream status that is neither success nor "not found".
-pub fn status_error(upstream: &UpstreamClient, status: StatusCode, headers: &http::HeaderMap) -> ApiError {
+pub fn status_error(
+    upstream: &UpstreamClient,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+) -> ApiError {
     if status == StatusCode::TOO_MANY_REQUESTS {
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -341,7 +353,13 @@ pub struct BlobReader {
 
 impl BlobReader {
     /// A reader over a stored, complete file.
-    pub fn stored(file: File, start: u64, end: u64, guard: ReadGuard, metrics: Arc<Metrics>) -> BlobReader {
+    pub fn stored(
+        file: File,
+        start: u64,
+        end: u64,
+        guard: ReadGuard,
+        metrics: Arc<Metrics>,
+    ) -> BlobReader {
         BlobReader {
             file: Some(Arc::new(file)),
             pos: start,
@@ -375,7 +393,8 @@ impl BlobReader {
     /// The next chunk, `None` at a clean end, an error if the fetch failed.
     async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
         if self.end.is_some_and(|e| self.pos >= e) {
-            return None;
+            // A follower ends cleanly only once the digest matched.
+            return self.finish().await;
         }
         loop {
             let available = match &mut self.progress {
@@ -396,7 +415,13 @@ impl BlobReader {
                                 _ => None,
                             };
                         }
-                        _ => p.written,
+                        FlightState::Committed => p.written,
+                        // Hold back the last byte until the digest matched, so
+                        // a client that counts Content-Length never sees a
+                        // complete transfer of bad bytes.
+                        _ => p
+                            .written
+                            .min(p.total.map_or(u64::MAX, |t| t.saturating_sub(1))),
                     }
                 }
             };
@@ -445,6 +470,30 @@ impl BlobReader {
         }
     }
 
+    /// At the end of the requested bytes: `None` (clean end) once the fetch
+    /// committed, an error if it failed.
+    async fn finish(&mut self) -> Option<io::Result<Bytes>> {
+        let rx = self.progress.as_mut()?;
+        loop {
+            let state = rx.borrow_and_update().state.clone();
+            match state {
+                FlightState::Committed => return None,
+                FlightState::Failed(e) => return Some(Err(io::Error::other(e.message))),
+                FlightState::Connecting | FlightState::Streaming => {
+                    if rx.changed().await.is_err() {
+                        let finished = matches!(
+                            rx.borrow().state,
+                            FlightState::Committed | FlightState::Failed(_)
+                        );
+                        if !finished {
+                            return Some(Err(io::Error::other("blob fetch ended unexpectedly")));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The reader as a response body.
     pub fn into_body(self) -> Body {
         let stream = futures_util::stream::unfold(self, |mut r| async move {
@@ -458,11 +507,13 @@ impl BlobReader {
 /// The result of a shared manifest (or other small) fetch.
 pub type FlightResult<V> = Result<V, ApiError>;
 
+type SharedFlight<V> = Shared<BoxFuture<'static, FlightResult<V>>>;
+
 /// Runs one future per key; concurrent callers with the same key share it.
 /// The future runs as its own task, so a caller's disconnect does not cancel
 /// it for the others.
 pub struct SingleFlight<K, V> {
-    running: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, FlightResult<V>>>>>>,
+    running: Arc<Mutex<HashMap<K, SharedFlight<V>>>>,
 }
 
 impl<K, V> Default for SingleFlight<K, V> {
@@ -498,9 +549,9 @@ where
                     r
                 });
                 let fut = async move {
-                    handle
-                        .await
-                        .unwrap_or_else(|e| Err(ApiError::internal(format!("fetch task failed: {e}"))))
+                    handle.await.unwrap_or_else(|e| {
+                        Err(ApiError::internal(format!("fetch task failed: {e}")))
+                    })
                 }
                 .boxed()
                 .shared();

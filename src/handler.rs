@@ -41,6 +41,9 @@ application/vnd.docker.distribution.manifest.v2+json";
 /// Largest tags/list or referrers answer passed through.
 const MAX_PASSTHROUGH_BODY: u64 = 16 * 1024 * 1024;
 
+/// Largest total of request header bytes accepted.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 /// After an upstream failure, a stale tag is retried upstream after this.
 const STALE_RETRY: Duration = Duration::from_secs(10);
 
@@ -54,7 +57,12 @@ pub struct Generation {
 
 impl Generation {
     pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Generation, String> {
-        let router = Router::new(config.upstreams.iter().map(|u| (u.name.as_str(), u.default)));
+        let router = Router::new(
+            config
+                .upstreams
+                .iter()
+                .map(|u| (u.name.as_str(), u.default)),
+        );
         let upstreams = config
             .upstreams
             .iter()
@@ -83,13 +91,17 @@ impl App {
     /// Opens the store and builds the first generation.
     pub fn new(config: Config) -> Result<Arc<App>, String> {
         let metrics = Arc::new(Metrics::new());
-        let store = Store::open(&config.storage.path, config.storage.max_size, metrics.clone())
-            .map_err(|e| {
-                format!(
-                    "cannot open the store at {}: {e}",
-                    config.storage.path.display()
-                )
-            })?;
+        let store = Store::open(
+            &config.storage.path,
+            config.storage.max_size,
+            metrics.clone(),
+        )
+        .map_err(|e| {
+            format!(
+                "cannot open the store at {}: {e}",
+                config.storage.path.display()
+            )
+        })?;
         let store = Arc::new(store);
         let generation = Generation::build(config, &metrics)?;
         Ok(Arc::new(App {
@@ -135,15 +147,35 @@ impl App {
             repo = field::Empty,
             reference = field::Empty,
         );
-        let (kind, result) = self.dispatch(&req).instrument(span.clone()).await;
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        let (kind, result) = if header_bytes > MAX_HEADER_BYTES {
+            let e = ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "SIZE_INVALID",
+                format!("request headers are {header_bytes} bytes, over the {MAX_HEADER_BYTES}-byte limit"),
+            );
+            ("other", Err(e))
+        } else {
+            self.dispatch(&req).instrument(span.clone()).await
+        };
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
                 let _enter = span.enter();
                 match e.origin {
-                    Origin::Client => tracing::debug!(status = e.status.as_u16(), code = e.code, "{}", e.message),
-                    Origin::Upstream => tracing::warn!(status = e.status.as_u16(), code = e.code, "{}", e.message),
-                    Origin::Internal => tracing::error!(status = e.status.as_u16(), code = e.code, "{}", e.message),
+                    Origin::Client => {
+                        tracing::debug!(status = e.status.as_u16(), code = e.code, "{}", e.message)
+                    }
+                    Origin::Upstream => {
+                        tracing::warn!(status = e.status.as_u16(), code = e.code, "{}", e.message)
+                    }
+                    Origin::Internal => {
+                        tracing::error!(status = e.status.as_u16(), code = e.code, "{}", e.message)
+                    }
                 }
                 e.into_response(head)
             }
@@ -163,7 +195,11 @@ impl App {
                 .observe(started.elapsed().as_secs_f64());
         }
         let _enter = span.enter();
-        tracing::debug!(status = status.as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered");
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "answered"
+        );
         resp
     }
 
@@ -180,7 +216,11 @@ impl App {
         };
         let (name, target) = match parsed {
             PathKind::Base if readonly => {
-                let b = if head { body::empty() } else { body::full("{}") };
+                let b = if head {
+                    body::empty()
+                } else {
+                    body::full("{}")
+                };
                 let r = Response::builder()
                     .header(header::CONTENT_TYPE, "application/json")
                     .header(header::CONTENT_LENGTH, 2)
@@ -217,9 +257,7 @@ impl App {
                 self.blob(&gen, &upstream, &route, digest, req.headers(), head)
                     .await
             }
-            Target::TagsList => {
-                self.tags_list(&gen, &upstream, &route, query, head).await
-            }
+            Target::TagsList => self.tags_list(&gen, &upstream, &route, query, head).await,
             Target::Referrers(digest) => {
                 span.record("reference", digest.to_string());
                 self.referrers(&gen, &upstream, &route, digest, query, head)
@@ -285,7 +323,10 @@ impl App {
         let accept = accept_header(headers);
         let m = match &reference {
             Reference::Tag(tag) => self.resolve_tag(gen, upstream, route, tag, accept).await?,
-            Reference::Digest(d) => self.manifest_by_digest(gen, upstream, route, *d, accept).await?,
+            Reference::Digest(d) => {
+                self.manifest_by_digest(gen, upstream, route, *d, accept)
+                    .await?
+            }
         };
         // The verify step: the manifest is known, nothing has been sent yet.
         let verdict = gen.policies.evaluate(&route.canonical, Some(&m.digest));
@@ -392,7 +433,14 @@ impl App {
                 Ok(resp) => return Err(status_error(upstream, resp.status(), resp.headers())),
                 Err(e) => {
                     let why = e.to_string();
-                    return self.serve_stale(upstream, &key, rec, &why, ApiError::unavailable(why.clone()), ttl);
+                    return self.serve_stale(
+                        upstream,
+                        &key,
+                        rec,
+                        &why,
+                        ApiError::unavailable(why.clone()),
+                        ttl,
+                    );
                 }
             }
         }
@@ -405,7 +453,9 @@ impl App {
                 Ok(m)
             }
             Err(e) => match known {
-                Some(rec) if is_transient(e.status) || e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                Some(rec)
+                    if is_transient(e.status) || e.status == StatusCode::SERVICE_UNAVAILABLE =>
+                {
                     let why = e.message.clone();
                     self.serve_stale(upstream, &key, rec, &why, e, ttl)
                 }
@@ -508,7 +558,12 @@ impl App {
         max: u64,
     ) -> Result<Arc<StoredManifest>, ApiError> {
         let resp = upstream
-            .send(Method::GET, &key.repo, &format!("manifests/{reference}"), opts)
+            .send(
+                Method::GET,
+                &key.repo,
+                &format!("manifests/{reference}"),
+                opts,
+            )
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         match resp.status() {
@@ -575,9 +630,9 @@ impl App {
     }
 
     fn stored_manifest(&self, d: &Digest) -> Result<Option<Arc<StoredManifest>>, ApiError> {
-        self.store
-            .get_manifest(d)
-            .map_err(|e| ApiError::internal(format!("cannot read manifest {d} from the store: {e}")))
+        self.store.get_manifest(d).map_err(|e| {
+            ApiError::internal(format!("cannot read manifest {d} from the store: {e}"))
+        })
     }
 
     fn cache_result(&self, kind: &str, result: &str) {
@@ -625,14 +680,21 @@ impl App {
                 self.cache_result("blob", "miss");
                 return self.head_blob_upstream(upstream, route, digest).await;
             }
-            match self.blobs.join(upstream.clone(), route.repo.clone(), digest) {
+            match self
+                .blobs
+                .join(upstream.clone(), route.repo.clone(), digest)
+            {
                 Some((flight, _started)) => {
                     self.cache_result("blob", "miss");
                     return self.follow(flight.subscribe(), digest, range).await;
                 }
                 // Committed between our look and the join: read the store.
                 None if attempts == 0 => attempts += 1,
-                None => return Err(ApiError::internal(format!("blob {digest} vanished from the store"))),
+                None => {
+                    return Err(ApiError::internal(format!(
+                        "blob {digest} vanished from the store"
+                    )))
+                }
             }
         }
     }
@@ -676,7 +738,14 @@ impl App {
             None => (StatusCode::OK, 0, None),
         };
         let body = BlobReader::following(rx, start, end, guard, self.metrics.clone()).into_body();
-        Ok(blob_response(status, digest, start, end.unwrap_or(0), total, body))
+        Ok(blob_response(
+            status,
+            digest,
+            start,
+            end.unwrap_or(0),
+            total,
+            body,
+        ))
     }
 
     async fn head_blob_upstream(
@@ -686,13 +755,25 @@ impl App {
         digest: Digest,
     ) -> Result<Response<Body>, ApiError> {
         let resp = upstream
-            .send(Method::HEAD, &route.repo, &format!("blobs/{digest}"), &RequestOptions::default())
+            .send(
+                Method::HEAD,
+                &route.repo,
+                &format!("blobs/{digest}"),
+                &RequestOptions::default(),
+            )
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         match resp.status() {
             StatusCode::OK => {
                 let size = resp.content_length();
-                Ok(blob_response(StatusCode::OK, digest, 0, size.unwrap_or(0), size, body::empty()))
+                Ok(blob_response(
+                    StatusCode::OK,
+                    digest,
+                    0,
+                    size.unwrap_or(0),
+                    size,
+                    body::empty(),
+                ))
             }
             StatusCode::NOT_FOUND => Err(ApiError::blob_unknown(format!(
                 "blob {digest} is not in {}/{}",
@@ -719,7 +800,11 @@ impl App {
         let mut q = Vec::new();
         if let Some(n) = query_param(query, "n") {
             if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || n.len() > 9 {
-                return Err(ApiError::new(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", format!("n={n:?} is not a number")));
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "PAGINATION_NUMBER_INVALID",
+                    format!("n={n:?} is not a number"),
+                ));
             }
             q.push(format!("n={n}"));
         }
@@ -759,7 +844,11 @@ impl App {
         if let Some(l) = link {
             r = r.header(header::LINK, l);
         }
-        let b = if head { body::empty() } else { body::full(bytes) };
+        let b = if head {
+            body::empty()
+        } else {
+            body::full(bytes)
+        };
         Ok(r.body(b).expect("valid response"))
     }
 
@@ -782,12 +871,21 @@ impl App {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"/.+-_%".contains(&b));
             if !ok || t.len() > 255 {
-                return Err(ApiError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", "artifactType is not a media type"));
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "UNSUPPORTED",
+                    "artifactType is not a media type",
+                ));
             }
             opts.query = Some(format!("artifactType={t}"));
         }
         let resp = upstream
-            .send(Method::GET, &route.repo, &format!("referrers/{digest}"), &opts)
+            .send(
+                Method::GET,
+                &route.repo,
+                &format!("referrers/{digest}"),
+                &opts,
+            )
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         match resp.status() {
@@ -803,12 +901,19 @@ impl App {
         let filters = resp.headers().get("OCI-Filters-Applied").cloned();
         let bytes = read_capped(upstream, resp, MAX_PASSTHROUGH_BODY, "referrers list").await?;
         let mut r = Response::builder()
-            .header(header::CONTENT_TYPE, "application/vnd.oci.image.index.v1+json")
+            .header(
+                header::CONTENT_TYPE,
+                "application/vnd.oci.image.index.v1+json",
+            )
             .header(header::CONTENT_LENGTH, bytes.len());
         if let Some(f) = filters {
             r = r.header("OCI-Filters-Applied", f);
         }
-        let b = if head { body::empty() } else { body::full(bytes) };
+        let b = if head {
+            body::empty()
+        } else {
+            body::full(bytes)
+        };
         Ok(r.body(b).expect("valid response"))
     }
 }
@@ -972,7 +1077,9 @@ pub fn parse_range(range: Option<&str>, size: u64) -> RangeSpec {
             None => RangeSpec::Full,
         },
         (false, _) => {
-            let Some(start) = num(a) else { return RangeSpec::Full };
+            let Some(start) = num(a) else {
+                return RangeSpec::Full;
+            };
             let end = if b.is_empty() {
                 size
             } else {
@@ -1057,7 +1164,10 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=0-4"), 10), RangeSpec::Partial(0, 5));
         assert_eq!(parse_range(Some("bytes=5-"), 10), RangeSpec::Partial(5, 10));
         assert_eq!(parse_range(Some("bytes=-3"), 10), RangeSpec::Partial(7, 10));
-        assert_eq!(parse_range(Some("bytes=8-100"), 10), RangeSpec::Partial(8, 10));
+        assert_eq!(
+            parse_range(Some("bytes=8-100"), 10),
+            RangeSpec::Partial(8, 10)
+        );
         assert_eq!(parse_range(Some("bytes=10-"), 10), RangeSpec::Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=-0"), 10), RangeSpec::Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), RangeSpec::Full);
@@ -1070,7 +1180,11 @@ mod tests {
     fn media_type_comes_from_header_or_body() {
         let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
         assert_eq!(
-            manifest_media_type(Some("application/vnd.docker.distribution.manifest.v2+json"), oci).unwrap(),
+            manifest_media_type(
+                Some("application/vnd.docker.distribution.manifest.v2+json"),
+                oci
+            )
+            .unwrap(),
             "application/vnd.docker.distribution.manifest.v2+json"
         );
         assert_eq!(
@@ -1088,7 +1202,10 @@ mod tests {
 
     #[test]
     fn query_params_are_found() {
-        assert_eq!(query_param(Some("ns=docker.io&x=1"), "ns"), Some("docker.io"));
+        assert_eq!(
+            query_param(Some("ns=docker.io&x=1"), "ns"),
+            Some("docker.io")
+        );
         assert_eq!(query_param(Some("n=10&last=v1"), "last"), Some("v1"));
         assert_eq!(query_param(Some("flag"), "flag"), Some(""));
         assert_eq!(query_param(None, "ns"), None);
@@ -1100,17 +1217,19 @@ mod tests {
         let route = router
             .route(&"ghcr.io/acme/app".parse().unwrap(), None)
             .unwrap();
-        let l = rewrite_link(
-            "</v2/acme/app/tags/list?last=v2&n=2>; rel=\"next\"",
-            &route,
-        )
-        .unwrap();
-        assert_eq!(l, "</v2/ghcr.io/acme/app/tags/list?last=v2&n=2>; rel=\"next\"");
+        let l = rewrite_link("</v2/acme/app/tags/list?last=v2&n=2>; rel=\"next\"", &route).unwrap();
+        assert_eq!(
+            l,
+            "</v2/ghcr.io/acme/app/tags/list?last=v2&n=2>; rel=\"next\""
+        );
         let abs = rewrite_link(
             "<https://ghcr.io/v2/acme/app/tags/list?n=2&last=b>; rel=\"next\"",
             &route,
         )
         .unwrap();
-        assert_eq!(abs, "</v2/ghcr.io/acme/app/tags/list?n=2&last=b>; rel=\"next\"");
+        assert_eq!(
+            abs,
+            "</v2/ghcr.io/acme/app/tags/list?n=2&last=b>; rel=\"next\""
+        );
     }
 }

@@ -160,10 +160,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (trigger, shutdown) = Shutdown::new();
     let mut tasks = Vec::new();
     tracing::info!(listen = %listener.local_addr()?, "serving the registry API");
-    tasks.push(tokio::spawn(pullgate::serve(listener, app.clone(), shutdown.clone(), grace)));
+    tasks.push(tokio::spawn(pullgate::serve(
+        listener,
+        app.clone(),
+        shutdown.clone(),
+        grace,
+    )));
     if let Some(admin) = admin {
         tracing::info!(listen = %admin.local_addr()?, "serving /metrics /healthz /readyz");
-        tasks.push(tokio::spawn(pullgate::serve_admin(admin, app.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(pullgate::serve_admin(
+            admin,
+            app.clone(),
+            shutdown.clone(),
+        )));
     }
 
     let mut term = signal(SignalKind::terminate())?;
@@ -176,7 +185,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = hup.recv() => reload(&app, source_path.as_deref()),
         }
     }
-    tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections, finishing requests in flight");
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections, finishing requests in flight"
+    );
     trigger.trigger();
     for t in tasks {
         let _ = t.await;
@@ -202,7 +214,10 @@ fn reload(app: &Arc<App>, path: Option<&std::path::Path>) {
             }
         }
         Err(e) => {
-            app.metrics.config_reloads.with_label_values(&["error"]).inc();
+            app.metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
             tracing::error!("config reload failed, keeping the old config: {e}");
         }
     }

@@ -44,7 +44,8 @@ impl Metrics {
         let registry = Registry::new();
         fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("metric registered once");
+            r.register(Box::new(c.clone()))
+                .expect("metric registered once");
             c
         }
         let upstream_duration = HistogramVec::new(
@@ -52,7 +53,9 @@ impl Metrics {
                 "pullgate_upstream_request_duration_seconds",
                 "Time until an upstream answered (headers), by upstream.",
             )
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             &["upstream"],
         )
         .expect("valid metric");
@@ -74,10 +77,15 @@ impl Metrics {
             .expect("metric registered once");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("metric registered once");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
             g
         };
-        let store_size = gauge("pullgate_store_size_bytes", "Bytes held in the content store.");
+        let store_size = gauge(
+            "pullgate_store_size_bytes",
+            "Bytes held in the content store.",
+        );
         let inflight_fetches = gauge(
             "pullgate_inflight_fetches",
             "Upstream blob fetches running now.",
@@ -173,8 +181,12 @@ mod tests {
             .with_label_values(&["docker.io", "no-policy", "enforce"])
             .inc();
         m.cache_requests.with_label_values(&["blob", "hit"]).inc();
-        m.upstream_requests.with_label_values(&["docker.io", "200"]).inc();
-        m.upstream_duration.with_label_values(&["docker.io"]).observe(0.1);
+        m.upstream_requests
+            .with_label_values(&["docker.io", "200"])
+            .inc();
+        m.upstream_duration
+            .with_label_values(&["docker.io"])
+            .observe(0.1);
         m.bytes_served.with_label_values(&["cache"]).inc_by(3);
         let text = String::from_utf8(m.render()).unwrap();
         for name in [

@@ -316,10 +316,14 @@ mod tests {
 
     #[test]
     fn components_follow_the_spec_grammar() {
-        for ok in ["a", "alpine", "a.b", "a_b", "a__b", "a-b", "a---b", "ghcr.io", "x9"] {
+        for ok in [
+            "a", "alpine", "a.b", "a_b", "a__b", "a-b", "a---b", "ghcr.io", "x9",
+        ] {
             assert!(valid_component(ok), "{ok} should be valid");
         }
-        for bad in ["", "A", "-a", "a-", ".a", "a.", "a..b", "a___b", "a_.b", "..", "a b", "a%2fb"] {
+        for bad in [
+            "", "A", "-a", "a-", ".a", "a.", "a..b", "a___b", "a_.b", "..", "a b", "a%2fb",
+        ] {
             assert!(!valid_component(bad), "{bad} should be invalid");
         }
     }

@@ -54,8 +54,13 @@ impl Verdict {
     pub fn message(&self, canonical: &str) -> String {
         let words: Vec<&str> = self.reasons.iter().map(|r| describe(r)).collect();
         match &self.policy {
-            Some(p) => format!("blocked by policy {p:?}: {} ({canonical})", words.join("; ")),
-            None => format!("blocked: no policy matches {canonical:?}, and unmatched names are denied"),
+            Some(p) => format!(
+                "blocked by policy {p:?}: {} ({canonical})",
+                words.join("; ")
+            ),
+            None => {
+                format!("blocked: no policy matches {canonical:?}, and unmatched names are denied")
+            }
         }
     }
 
@@ -154,31 +159,44 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
         assert!(v.blocks());
         assert_eq!(v.reasons, ["denied-by-policy"]);
         let v = p.evaluate("ghcr.io/other/app", None);
-        assert_eq!((v.policy.as_deref(), v.reasons.as_slice()), (None, &["no-policy"][..]));
+        assert_eq!(
+            (v.policy.as_deref(), v.reasons.as_slice()),
+            (None, &["no-policy"][..])
+        );
         assert!(v.blocks());
     }
 
     #[test]
     fn audit_mode_would_block_with_a_warning() {
-        let p = policies("[[policy]]\nname = \"watch\"\nmatch = [\"**\"]\nmode = \"audit\"\ndeny = true\n");
+        let p = policies(
+            "[[policy]]\nname = \"watch\"\nmatch = [\"**\"]\nmode = \"audit\"\ndeny = true\n",
+        );
         let v = p.evaluate("ghcr.io/a/b", None);
         assert!(!v.blocks());
         assert!(v.would_block());
         let w = v.warning("ghcr.io/a/b");
-        assert!(w.starts_with("299 - \"pullgate: would block: blocked by policy 'watch'"), "{w}");
+        assert!(
+            w.starts_with("299 - \"pullgate: would block: blocked by policy 'watch'"),
+            "{w}"
+        );
     }
 
     #[test]
     fn denial_body_names_policy_reasons_and_digest() {
         let p = policies("[[policy]]\nname = \"no\"\nmatch = [\"**\"]\ndeny = true\n");
         let d = Digest::of(b"m");
-        let e = p.evaluate("ghcr.io/a/b", Some(&d)).denial("ghcr.io/a/b", Some(&d));
+        let e = p
+            .evaluate("ghcr.io/a/b", Some(&d))
+            .denial("ghcr.io/a/b", Some(&d));
         let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
         let err = &v["errors"][0];
         assert_eq!(err["code"], "DENIED");
         assert_eq!(err["detail"]["policy"], "no");
         assert_eq!(err["detail"]["reasons"][0], "denied-by-policy");
         assert_eq!(err["detail"]["digest"], d.to_string());
-        assert!(err["message"].as_str().unwrap().starts_with("blocked by policy \"no\""));
+        assert!(err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("blocked by policy \"no\""));
     }
 }

@@ -54,7 +54,9 @@ pub fn parse_path(path: &str) -> Result<PathKind, ApiError> {
         return Ok(PathKind::Base);
     }
     let Some(rest) = rest.strip_prefix('/') else {
-        return Err(ApiError::name_unknown("not a registry API path (expected /v2/...)"));
+        return Err(ApiError::name_unknown(
+            "not a registry API path (expected /v2/...)",
+        ));
     };
     let segs: Vec<&str> = rest.split('/').collect();
     let n = segs.len();
@@ -143,7 +145,10 @@ impl Router {
             (i, name.clone())
         } else {
             let s = name.as_str();
-            match s.split_once('/').and_then(|(first, rest)| Some((self.find(first)?, rest))) {
+            match s
+                .split_once('/')
+                .and_then(|(first, rest)| Some((self.find(first)?, rest)))
+            {
                 Some((i, rest)) => (i, rest.parse()?),
                 None => match self.default {
                     Some(i) => (i, name.clone()),
@@ -242,9 +247,15 @@ mod tests {
     fn unknown_upstream_is_name_unknown_listing_upstreams() {
         let e = route("/v2/x/manifests/latest", Some("example.com")).unwrap_err();
         assert_eq!(e.code, "NAME_UNKNOWN");
-        assert!(e.message.contains("docker.io, ghcr.io, quay.io"), "{}", e.message);
+        assert!(
+            e.message.contains("docker.io, ghcr.io, quay.io"),
+            "{}",
+            e.message
+        );
         let no_default = Router::new([("ghcr.io", false)]);
-        let e = no_default.route(&"foo/bar".parse().unwrap(), None).unwrap_err();
+        let e = no_default
+            .route(&"foo/bar".parse().unwrap(), None)
+            .unwrap_err();
         assert_eq!(e.code, "NAME_UNKNOWN");
     }
 
@@ -253,12 +264,30 @@ mod tests {
         assert_eq!(parse_path("/v2/").unwrap(), PathKind::Base);
         assert_eq!(parse_path("/v2").unwrap(), PathKind::Base);
         assert_eq!(parse_path("/v2/a/blobs/uploads/").unwrap(), PathKind::Push);
-        assert_eq!(parse_path("/v2/a/blobs/uploads/123").unwrap(), PathKind::Push);
-        assert_eq!(parse_path("/v2/../etc/manifests/x").unwrap_err().code, "NAME_INVALID");
-        assert_eq!(parse_path("/v2/a%2fb/manifests/x").unwrap_err().code, "NAME_INVALID");
-        assert_eq!(parse_path("/v2/a/blobs/sha256:xyz").unwrap_err().code, "DIGEST_INVALID");
-        assert_eq!(parse_path("/v2/a/manifests/-bad").unwrap_err().code, "MANIFEST_UNKNOWN");
-        assert_eq!(parse_path("/v2/a/whatever/x").unwrap_err().code, "NAME_UNKNOWN");
+        assert_eq!(
+            parse_path("/v2/a/blobs/uploads/123").unwrap(),
+            PathKind::Push
+        );
+        assert_eq!(
+            parse_path("/v2/../etc/manifests/x").unwrap_err().code,
+            "NAME_INVALID"
+        );
+        assert_eq!(
+            parse_path("/v2/a%2fb/manifests/x").unwrap_err().code,
+            "NAME_INVALID"
+        );
+        assert_eq!(
+            parse_path("/v2/a/blobs/sha256:xyz").unwrap_err().code,
+            "DIGEST_INVALID"
+        );
+        assert_eq!(
+            parse_path("/v2/a/manifests/-bad").unwrap_err().code,
+            "MANIFEST_UNKNOWN"
+        );
+        assert_eq!(
+            parse_path("/v2/a/whatever/x").unwrap_err().code,
+            "NAME_UNKNOWN"
+        );
         let long = format!("/v2/{}/manifests/x", vec!["abcdefgh"; 40].join("/"));
         assert_eq!(parse_path(&long).unwrap_err().code, "NAME_INVALID");
     }
@@ -267,6 +296,8 @@ mod tests {
     fn encoded_colon_in_digest_is_accepted() {
         let d = crate::names::Digest::of(b"x");
         let p = format!("/v2/a/blobs/sha256%3A{}", d.hex());
-        assert!(matches!(parse_path(&p).unwrap(), PathKind::Repo { target: Target::Blob(x), .. } if x == d));
+        assert!(
+            matches!(parse_path(&p).unwrap(), PathKind::Repo { target: Target::Blob(x), .. } if x == d)
+        );
     }
 }

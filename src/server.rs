@@ -84,7 +84,10 @@ fn admin(app: &App, req: Request<Incoming>) -> Response<Body> {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(e) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("store at {} is not writable: {e}\n", app.store.root().display()),
+                format!(
+                    "store at {} is not writable: {e}\n",
+                    app.store.root().display()
+                ),
             ),
         },
         "/metrics" => Response::builder()

@@ -205,7 +205,11 @@ impl Store {
 
     /// Whether a blob is in the store.
     pub fn has_blob(&self, d: &Digest) -> bool {
-        self.index.lock().expect("store index lock").blobs.contains_key(d)
+        self.index
+            .lock()
+            .expect("store index lock")
+            .blobs
+            .contains_key(d)
     }
 
     /// Opens a stored blob for reading and pins it against eviction.
@@ -455,7 +459,10 @@ impl Store {
             idx.blobs.remove(&d);
             idx.total -= size;
             self.metrics.store_size.set(idx.total as i64);
-            self.metrics.evictions.with_label_values(&["max_size"]).inc();
+            self.metrics
+                .evictions
+                .with_label_values(&["max_size"])
+                .inc();
             tracing::info!(digest = %d, size, "evicted blob (store over max_size)");
         }
     }
@@ -554,13 +561,26 @@ mod tests {
                 bytes: bytes.clone(),
             }))
             .unwrap();
-            s.put_tag(&key, TagRecord { digest: d, checked: when }).unwrap();
+            s.put_tag(
+                &key,
+                TagRecord {
+                    digest: d,
+                    checked: when,
+                },
+            )
+            .unwrap();
         }
         let s = store(dir.path(), None);
         let m = s.get_manifest(&d).unwrap().unwrap();
         assert_eq!(m.bytes, bytes);
         assert_eq!(m.media_type, "application/vnd.oci.image.manifest.v1+json");
-        assert_eq!(s.get_tag(&key), Some(TagRecord { digest: d, checked: when }));
+        assert_eq!(
+            s.get_tag(&key),
+            Some(TagRecord {
+                digest: d,
+                checked: when
+            })
+        );
     }
 
     #[test]
@@ -589,9 +609,21 @@ mod tests {
         let a = put_blob(&s, &[b'a'; 10]);
         let reader = s.open_blob(&a).unwrap().unwrap();
         // Make `a` the oldest.
-        s.index.lock().unwrap().blobs.get_mut(&a).unwrap().last_access = 1;
+        s.index
+            .lock()
+            .unwrap()
+            .blobs
+            .get_mut(&a)
+            .unwrap()
+            .last_access = 1;
         let b = put_blob(&s, &[b'b'; 10]);
-        s.index.lock().unwrap().blobs.get_mut(&b).unwrap().last_access = 2;
+        s.index
+            .lock()
+            .unwrap()
+            .blobs
+            .get_mut(&b)
+            .unwrap()
+            .last_access = 2;
         let c = put_blob(&s, &[b'c'; 10]);
         // 30 > 25: `a` is the LRU but is being read, so `b` goes.
         assert!(s.has_blob(&a));

@@ -126,7 +126,9 @@ impl UpstreamClient {
         let mut auth = self.auth_for(&scope).await?;
         let mut retried = false;
         loop {
-            let resp = self.send_following(&method, url.clone(), opts, auth.as_ref()).await?;
+            let resp = self
+                .send_following(&method, url.clone(), opts, auth.as_ref())
+                .await?;
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }
@@ -506,7 +508,10 @@ mod tests {
                 scope: Some("repository:library/alpine:pull".into()),
             }
         );
-        assert_eq!(parse_challenge("Basic realm=\"Registry\""), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge("Basic realm=\"Registry\""),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate"), None);
         assert_eq!(parse_challenge("Bearer service=\"x\""), None);
     }
@@ -548,8 +553,17 @@ mod tests {
     #[test]
     fn origin_check_includes_port_and_scheme() {
         let a = Url::parse("https://r.example").unwrap();
-        assert!(same_origin(&a, &Url::parse("https://r.example:443/v2/x").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("http://r.example/v2/x").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("https://cdn.example/blob").unwrap()));
+        assert!(same_origin(
+            &a,
+            &Url::parse("https://r.example:443/v2/x").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("http://r.example/v2/x").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://cdn.example/blob").unwrap()
+        ));
     }
 }
