@@ -587,8 +587,13 @@ idle_timeout = "{idle}"
             more = opts.more_upstreams,
             policies = opts.policies,
         );
+        Proxy::with_config(dir, &text).await
+    }
+
+    /// Starts with a whole config text (its `server.listen` is ignored).
+    pub async fn with_config(dir: Arc<tempfile::TempDir>, text: &str) -> Proxy {
         let config =
-            Config::parse(&text, "test config", dir.path()).unwrap_or_else(|e| panic!("{e}"));
+            Config::parse(text, "test config", dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let app = App::new(config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
