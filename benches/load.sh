@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Load comparison: pullgate, the CNCF distribution registry in proxy mode, and
+# nginx (one worker, sendfile) serving the same bytes as static files, all on
+# this machine, in one run, against the same upstream (a plain distribution
+# registry holding images this script writes).
+#
+#   benches/load.sh                 # full run (1 GiB blob, 10 s per wrk run)
+#   BLOB_MIB=256 DURATION=5 benches/load.sh
+#
+# Prints a table and the ratios that BENCHMARKS.md records. Needs the Debian
+# packages docker-registry, skopeo, nginx-light, wrk, curl (installed when
+# missing) and a release build of pullgate (built here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-32}
+BLOB_MIB=${BLOB_MIB:-1024}
+COLD_MIB=${COLD_MIB:-256}
+COLD_CLIENTS=${COLD_CLIENTS:-32}
+
+need=()
+for tool in docker-registry:docker-registry skopeo:skopeo nginx:nginx-light wrk:wrk curl:curl python3:python3; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
+done
+if ((${#need[@]})); then
+  echo "load.sh: installing ${need[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+echo "load.sh: building pullgate (release)"
+cargo build --release --quiet
+PULLGATE=$PWD/target/release/pullgate
+
+WORK=$(mktemp -d /tmp/pullgate-load.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+start_registry() { # name port [remoteurl]
+  local name=$1 p=$2 remote=${3:-}
+  mkdir -p "$WORK/$name"
+  cat > "$WORK/$name/config.yml" <<YML
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $WORK/$name/storage
+http:
+  addr: 127.0.0.1:$p
+  secret: load-test-only
+YML
+  if [ -n "$remote" ]; then printf 'proxy:\n  remoteurl: %s\n' "$remote" >> "$WORK/$name/config.yml"; fi
+  docker-registry serve "$WORK/$name/config.yml" > "$WORK/$name/log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/v2/" >/dev/null && return; sleep 0.1; done
+  echo "registry $name did not start"; cat "$WORK/$name/log"; exit 1
+}
+
+cpu_ticks() { # pid... -> utime+stime of the processes, in clock ticks
+  local total=0
+  for p in "$@"; do
+    read -r -a f < "/proc/$p/stat"
+    total=$((total + f[13] + f[14]))
+  done
+  echo "$total"
+}
+
+echo "load.sh: writing test images (${BLOB_MIB} MiB and ${COLD_MIB} MiB layers)"
+python3 - "$WORK/layout" "$BLOB_MIB" "$COLD_MIB" <<'PY'
+import hashlib, json, os, sys
+root, blob_mib, cold_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.makedirs(f"{root}/blobs/sha256", exist_ok=True)
+open(f"{root}/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
+def put(data):
+    d = hashlib.sha256(data).hexdigest()
+    open(f"{root}/blobs/sha256/{d}", "wb").write(data)
+    return "sha256:" + d, len(data)
+def put_random(mib, seed):
+    h, tmp = hashlib.sha256(), f"{root}/tmp-{seed}"
+    with open(tmp, "wb") as f:
+        for _ in range(mib):
+            chunk = os.urandom(1 << 20)
+            h.update(chunk); f.write(chunk)
+    d = h.hexdigest()
+    os.rename(tmp, f"{root}/blobs/sha256/{d}")
+    return "sha256:" + d, mib << 20
+entries = []
+def image(tag, layer):
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer[0]]}}).encode()
+    c = put(cfg)
+    m = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c[0], "size": c[1]},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer[0], "size": layer[1]}]}).encode()
+    md = put(m)
+    entries.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md[0], "size": md[1],
+                    "annotations": {"org.opencontainers.image.ref.name": tag}})
+    return md[0], layer[0]
+out = {}
+out["small"] = image("small", put(os.urandom(1024)))
+out["big"] = image("big", put_random(blob_mib, 1))
+out["cold"] = image("cold", put_random(cold_mib, 2))
+json.dump({"schemaVersion": 2, "manifests": entries}, open(f"{root}/index.json", "w"))
+for k, (m, l) in out.items():
+    print(f"{k} {m} {l}")
+PY
+python3 - "$WORK/layout" > "$WORK/digests" <<'PY'
+import json, sys
+idx = json.load(open(sys.argv[1] + "/index.json"))
+for e in idx["manifests"]:
+    m = json.load(open(sys.argv[1] + "/blobs/sha256/" + e["digest"][7:]))
+    print(e["annotations"]["org.opencontainers.image.ref.name"], e["digest"], m["layers"][0]["digest"])
+PY
+read -r _ SMALL_M _ < <(grep '^small ' "$WORK/digests")
+read -r _ _ BIG_L < <(grep '^big ' "$WORK/digests")
+read -r _ _ COLD_L < <(grep '^cold ' "$WORK/digests")
+
+UP=$(port); DIST=$(port); PG=$(port); PGADMIN=$(port); NG=$(port)
+start_registry upstream "$UP"
+echo '{"default":[{"type":"insecureAcceptAnything"}]}' > "$WORK/policy.json"
+for tag in small big cold; do
+  skopeo --policy "$WORK/policy.json" copy --quiet --preserve-digests --dest-tls-verify=false \
+    "oci:$WORK/layout:$tag" "docker://127.0.0.1:$UP/bench/app:$tag"
+done
+start_registry distribution "$DIST" "http://127.0.0.1:$UP"
+DIST_PID=${PIDS[-1]}
+
+cat > "$WORK/pullgate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PG"
+[admin]
+listen = "127.0.0.1:$PGADMIN"
+[storage]
+path = "$WORK/pullgate-data"
+tag_ttl = "5m"
+[[upstream]]
+name = "docker.io"
+url = "http://127.0.0.1:$UP"
+default = true
+[[policy]]
+name = "all"
+match = ["**"]
+TOML
+RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate.toml" > "$WORK/pullgate.log" 2>&1 &
+PG_PID=$!; PIDS+=($PG_PID)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PG/v2/" >/dev/null && break; sleep 0.1; done
+
+# nginx: one worker, sendfile, the same manifest and blob bytes as files.
+mkdir -p "$WORK/static/v2/bench/app/manifests" "$WORK/static/v2/bench/app/blobs" "$WORK/nginx"
+cp "$WORK/layout/blobs/sha256/${SMALL_M#sha256:}" "$WORK/static/v2/bench/app/manifests/small"
+ln "$WORK/layout/blobs/sha256/${BIG_L#sha256:}" "$WORK/static/v2/bench/app/blobs/$BIG_L" 2>/dev/null \
+  || cp "$WORK/layout/blobs/sha256/${BIG_L#sha256:}" "$WORK/static/v2/bench/app/blobs/$BIG_L"
+cat > "$WORK/nginx/nginx.conf" <<NGX
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  default_type application/vnd.oci.image.manifest.v1+json;
+  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx; fastcgi_temp_path $WORK/nginx;
+  uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
+  server { listen 127.0.0.1:$NG; root $WORK/static; }
+}
+NGX
+nginx -c "$WORK/nginx/nginx.conf" &
+NG_PID=$!; PIDS+=($NG_PID)
+sleep 0.5
+NG_WORKERS=$(pgrep -P "$NG_PID" | tr '\n' ' ')
+
+ACCEPT="Accept: application/vnd.oci.image.manifest.v1+json"
+D_URL="http://127.0.0.1:$DIST/v2/bench/app"
+P_URL="http://127.0.0.1:$PG/v2/bench/app"
+N_URL="http://127.0.0.1:$NG/v2/bench/app"
+
+echo "load.sh: warming the caches"
+for u in "$D_URL" "$P_URL"; do
+  curl -sf -H "$ACCEPT" "$u/manifests/small" -o /dev/null
+  curl -sf -H "$ACCEPT" "$u/manifests/big" -o /dev/null
+  curl -sf "$u/blobs/$BIG_L" -o /dev/null
+done
+curl -sf "$N_URL/manifests/small" -o /dev/null
+
+wrk_run() { # url -> "req/s p99"
+  local out
+  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "$ACCEPT" "$1")
+  local rps p99
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  echo "$rps $p99"
+}
+
+echo "load.sh: manifests (wrk, $CONNS connections, ${DURATION}s each)"
+read -r N_TAG N_TAG99 < <(wrk_run "$N_URL/manifests/small")
+read -r P_TAG P_TAG99 < <(wrk_run "$P_URL/manifests/small")
+read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
+read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
+read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
+
+blob_run() { # url pids... -> "bytes/s cpu_s_per_gib"
+  local url=$1; shift
+  local t0 t1 speed
+  t0=$(cpu_ticks "$@")
+  speed=$(curl -sf -o /dev/null -w '%{speed_download}' "$url")
+  t1=$(cpu_ticks "$@")
+  python3 -c "import os; hz=os.sysconf('SC_CLK_TCK'); print($speed, ($t1-$t0)/hz/($BLOB_MIB/1024))"
+}
+echo "load.sh: cached blob, one client (${BLOB_MIB} MiB)"
+read -r N_BLOB N_CPU < <(blob_run "$N_URL/blobs/$BIG_L" $NG_PID $NG_WORKERS)
+read -r P_BLOB P_CPU < <(blob_run "$P_URL/blobs/$BIG_L" "$PG_PID")
+read -r D_BLOB D_CPU < <(blob_run "$D_URL/blobs/$BIG_L" "$DIST_PID")
+
+echo "load.sh: $COLD_CLIENTS concurrent cold pulls of one ${COLD_MIB} MiB blob through pullgate"
+for i in $(seq "$COLD_CLIENTS"); do
+  curl -sf -o /dev/null -w '%{time_starttransfer} %{size_download}\n' "$P_URL/blobs/$COLD_L" > "$WORK/cold.$i" &
+done
+wait_for_curls() { while pgrep -f "curl -sf -o /dev/null -w %{time_starttransfer}" >/dev/null; do sleep 0.2; done; }
+wait_for_curls
+COLD_FETCHES=$(grep -c "GET /v2/bench/app/blobs/$COLD_L" "$WORK/upstream/log" || true)
+COLD_OK=$(awk -v want=$((COLD_MIB << 20)) '$2==want' "$WORK"/cold.* | wc -l)
+COLD_SPREAD=$(cat "$WORK"/cold.* | awk 'NR==1{min=$1;max=$1} {if($1<min)min=$1; if($1>max)max=$1} END {printf "%.1f", (max-min)*1000}')
+COLD_FIRST=$(cat "$WORK"/cold.* | awk 'NR==1{max=$1} {if($1>max)max=$1} END {printf "%.1f", max*1000}')
+
+echo "load.sh: $COLD_CLIENTS warm clients of the ${BLOB_MIB} MiB blob through pullgate"
+for i in $(seq "$COLD_CLIENTS"); do
+  curl -sf -o /dev/null "$P_URL/blobs/$BIG_L" &
+done
+wait
+PG_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$PG_PID/status")
+
+ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+cat <<EOF
+
+== results ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores) ==
+manifest by tag     req/s   p99
+  nginx (static)    $N_TAG  $N_TAG99
+  pullgate          $P_TAG  $P_TAG99
+  distribution      $D_TAG  $D_TAG99
+manifest by digest
+  pullgate          $P_DIG  $P_DIG99
+  distribution      $D_DIG  $D_DIG99
+cached blob, 1 client ($BLOB_MIB MiB)   MB/s    CPU s/GiB
+  nginx (sendfile)  $(python3 -c "print(round($N_BLOB/1e6))")   $N_CPU
+  pullgate          $(python3 -c "print(round($P_BLOB/1e6))")   $P_CPU
+  distribution      $(python3 -c "print(round($D_BLOB/1e6))")   $D_CPU
+cold blob, $COLD_CLIENTS clients ($COLD_MIB MiB): upstream fetches $COLD_FETCHES, complete transfers $COLD_OK/$COLD_CLIENTS,
+  first-byte spread across clients ${COLD_SPREAD} ms (latest first byte ${COLD_FIRST} ms after start)
+pullgate peak RSS (VmHWM) after all runs: $((PG_RSS / 1024)) MiB
+
+ratios
+  pullgate / nginx, manifest by tag:          $(ratio "$P_TAG" "$N_TAG")
+  pullgate / distribution, manifest by tag:   $(ratio "$P_TAG" "$D_TAG")
+  pullgate / distribution, manifest by digest: $(ratio "$P_DIG" "$D_DIG")
+  pullgate / nginx, blob throughput:          $(ratio "$P_BLOB" "$N_BLOB")
+  pullgate / distribution, CPU per GiB:       $(ratio "$P_CPU" "$D_CPU")
+  pullgate / nginx, CPU per GiB:              $(ratio "$P_CPU" "$N_CPU")
+EOF

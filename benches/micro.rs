@@ -1,0 +1,122 @@
+//! Criterion micro-benchmarks of pullgate's hot paths: route parsing, digest
+//! hashing, store lookups, and a whole cached manifest request through the
+//! handler (no network).
+//!
+//! Run: `cargo bench --bench micro`
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http::Request;
+use http_body_util::Empty;
+
+use pullgate::names::{Digest, Hasher};
+use pullgate::route::{parse_path, PathKind, Router};
+use pullgate::store::{StoredManifest, TagKey, TagRecord};
+use pullgate::{App, Config};
+
+fn routing(c: &mut Criterion) {
+    let router = Router::new([
+        ("docker.io", true),
+        ("ghcr.io", false),
+        ("quay.io", false),
+        ("gcr.io", false),
+        ("registry.k8s.io", false),
+    ]);
+    c.bench_function("route: parse + route a manifest path", |b| {
+        b.iter(|| {
+            let PathKind::Repo { name, .. } =
+                parse_path(black_box("/v2/ghcr.io/acme/team/app/manifests/v1.2.3")).unwrap()
+            else {
+                unreachable!()
+            };
+            black_box(router.route(&name, None).unwrap())
+        })
+    });
+}
+
+fn hashing(c: &mut Criterion) {
+    let data = vec![7u8; 1 << 20];
+    let mut g = c.benchmark_group("digest");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("sha256 of 1 MiB", |b| {
+        b.iter(|| {
+            let mut h = Hasher::new();
+            h.update(black_box(&data));
+            black_box(h.finish())
+        })
+    });
+    g.finish();
+}
+
+/// An app with one cached manifest and a fresh tag pointing at it.
+fn app_with_cached_manifest(dir: &std::path::Path) -> (Arc<App>, Digest) {
+    let text = format!(
+        "[storage]\npath = \"{}\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+        dir.display()
+    );
+    let app = App::new(Config::parse(&text, "bench", dir).unwrap()).unwrap();
+    let bytes = Bytes::from(vec![b' '; 1500]);
+    let digest = Digest::of(&bytes);
+    app.store
+        .put_manifest(Arc::new(StoredManifest {
+            digest,
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes,
+        }))
+        .unwrap();
+    let key = TagKey {
+        upstream: Arc::from("docker.io"),
+        repo: "library/alpine".parse().unwrap(),
+        tag: "3.20".parse().unwrap(),
+    };
+    app.store
+        .put_tag(
+            &key,
+            TagRecord {
+                digest,
+                checked: SystemTime::now(),
+            },
+        )
+        .unwrap();
+    (app, digest)
+}
+
+fn store_and_handler(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, digest) = app_with_cached_manifest(dir.path());
+    let key = TagKey {
+        upstream: Arc::from("docker.io"),
+        repo: "library/alpine".parse().unwrap(),
+        tag: "3.20".parse().unwrap(),
+    };
+    c.bench_function("store: tag + manifest lookup (cached)", |b| {
+        b.iter(|| {
+            let rec = app.store.get_tag(black_box(&key)).unwrap();
+            black_box(app.store.get_manifest(&rec.digest).unwrap().unwrap())
+        })
+    });
+    let _ = digest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    c.bench_function("handler: cached manifest by tag", |b| {
+        b.iter(|| {
+            let req = Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = rt.block_on(app.clone().handle(req, peer));
+            assert_eq!(resp.status(), 200);
+            black_box(resp)
+        })
+    });
+}
+
+criterion_group!(benches, routing, hashing, store_and_handler);
+criterion_main!(benches);

@@ -1,0 +1,231 @@
+//! The `pullgate` binary: config checking, serving, reload and shutdown.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{noise, Fake, FaultKind};
+use http::Method;
+use tokio::sync::Semaphore;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn every_example_config_passes_check_config() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "config/ should hold the example configs");
+}
+
+#[test]
+fn a_bad_config_lists_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"nope\"\n\n[storage]\ntag_ttl = \"forever\"\n\n[[upstream]]\nname = \"docker.io\"\nurl = \"ftp://x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "line 2: server.listen",
+        "line 5: storage.tag_ttl",
+        "line 9: upstream[0].url",
+        "policy",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    // `serve` refuses it the same way, before binding anything.
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("serve") && text.contains("check-config"), "{text}");
+    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("embedded default"), "{text}");
+    assert!(text.contains("SIGHUP"), "{text}");
+}
+
+/// A `pullgate serve` child process, killed on drop.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(config: &Path, admin: u16) -> Server {
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Server { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+            assert!(Instant::now() < deadline, "pullgate did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits (bounded) for the process to exit; returns its status code.
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, port: u16, admin: u16, upstream: &str, policy: &str) -> std::path::PathBuf {
+    let path = dir.join("pullgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"10s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[storage]\npath = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\ndefault = true\n{policy}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
+    let fake = Fake::start().await;
+    fake.put_image("library/app", "v1", &[noise(100, 1)]);
+    let blob = noise(2 << 20, 2);
+    let digest = fake.put_blob(blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let allow = "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n";
+    let config = write_config(dir.path(), port, admin, &fake.url(), allow);
+    let mut server = Server::start(&config, admin);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: String| {
+        let client = client.clone();
+        async move { client.get(format!("http://127.0.0.1:{port}{path}")).send().await.unwrap() }
+    };
+    let admin_get = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let r = client.get(format!("http://127.0.0.1:{admin}{path}")).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(admin_get("/healthz").await.0, 200);
+    assert_eq!(admin_get("/readyz").await.0, 200);
+    assert_eq!(get("/v2/library/app/manifests/v1".into()).await.status(), 200);
+    let (_, metrics) = admin_get("/metrics").await;
+    assert!(metrics.contains("pullgate_requests_total{kind=\"manifest\",status=\"200\"} 1"), "{metrics}");
+
+    // Reload with a deny-all policy: it takes effect without a restart.
+    write_config(dir.path(), port, admin, &fake.url(), "[[policy]]\nname = \"closed\"\nmatch = [\"**\"]\ndeny = true\n");
+    server.signal("HUP");
+    let mut denied = false;
+    for _ in 0..100 {
+        if get("/v2/library/app/manifests/v1".into()).await.status() == 403 {
+            denied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(denied, "the reloaded policy was not applied");
+
+    // An invalid file is refused; the last good config stays in force.
+    std::fs::write(&config, "this is not toml = [").unwrap();
+    server.signal("HUP");
+    let mut counted = false;
+    for _ in 0..100 {
+        if admin_get("/metrics").await.1.contains("pullgate_config_reloads_total{result=\"error\"} 1") {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted);
+    assert_eq!(get("/v2/library/app/manifests/v1".into()).await.status(), 403);
+
+    // Back to allow, then SIGTERM during a transfer: the transfer completes.
+    write_config(dir.path(), port, admin, &fake.url(), allow);
+    server.signal("HUP");
+    for _ in 0..100 {
+        if get("/v2/library/app/manifests/v1".into()).await.status() == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    fake.fault(Some(Method::GET), &digest, FaultKind::GateAfter(1000, gate.clone()), Some(1));
+    let mut r = get(format!("/v2/library/app/blobs/{digest}")).await;
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().unwrap();
+    server.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "no new connections after SIGTERM"
+    );
+    gate.add_permits(1);
+    let mut got = first.to_vec();
+    while let Some(c) = r.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    assert!(got == blob, "the transfer in flight completed");
+    let code = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
