@@ -35,10 +35,11 @@ cargo build --release --quiet
 PULLGATE=$PWD/target/release/pullgate
 
 WORK=$(mktemp -d /tmp/pullgate-load.XXXXXX)
+chmod 755 "$WORK"   # nginx workers run as an unprivileged user
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -189,12 +190,18 @@ P_URL="http://127.0.0.1:$PG/v2/bench/app"
 N_URL="http://127.0.0.1:$NG/v2/bench/app"
 
 echo "load.sh: warming the caches"
+warm() {
+  curl -sS -f -H "$ACCEPT" -o /dev/null "$1" && return
+  echo "load.sh: warming $1 failed:"; curl -sS -H "$ACCEPT" "$1" | head -c 600; echo
+  for log in "$WORK/pullgate.log" "$WORK/distribution/log"; do echo "== $log"; tail -n 20 "$log"; done
+  exit 1
+}
 for u in "$D_URL" "$P_URL"; do
-  curl -sf -H "$ACCEPT" "$u/manifests/small" -o /dev/null
-  curl -sf -H "$ACCEPT" "$u/manifests/big" -o /dev/null
-  curl -sf "$u/blobs/$BIG_L" -o /dev/null
+  warm "$u/manifests/small"
+  warm "$u/manifests/big"
+  warm "$u/blobs/$BIG_L"
 done
-curl -sf "$N_URL/manifests/small" -o /dev/null
+warm "$N_URL/manifests/small"
 
 wrk_run() { # url -> "req/s p99"
   local out
@@ -226,21 +233,24 @@ read -r P_BLOB P_CPU < <(blob_run "$P_URL/blobs/$BIG_L" "$PG_PID")
 read -r D_BLOB D_CPU < <(blob_run "$D_URL/blobs/$BIG_L" "$DIST_PID")
 
 echo "load.sh: $COLD_CLIENTS concurrent cold pulls of one ${COLD_MIB} MiB blob through pullgate"
+clients=()
 for i in $(seq "$COLD_CLIENTS"); do
   curl -sf -o /dev/null -w '%{time_starttransfer} %{size_download}\n' "$P_URL/blobs/$COLD_L" > "$WORK/cold.$i" &
+  clients+=($!)
 done
-wait_for_curls() { while pgrep -f "curl -sf -o /dev/null -w %{time_starttransfer}" >/dev/null; do sleep 0.2; done; }
-wait_for_curls
+wait "${clients[@]}"
 COLD_FETCHES=$(grep -c "GET /v2/bench/app/blobs/$COLD_L" "$WORK/upstream/log" || true)
 COLD_OK=$(awk -v want=$((COLD_MIB << 20)) '$2==want' "$WORK"/cold.* | wc -l)
 COLD_SPREAD=$(cat "$WORK"/cold.* | awk 'NR==1{min=$1;max=$1} {if($1<min)min=$1; if($1>max)max=$1} END {printf "%.1f", (max-min)*1000}')
 COLD_FIRST=$(cat "$WORK"/cold.* | awk 'NR==1{max=$1} {if($1>max)max=$1} END {printf "%.1f", max*1000}')
 
 echo "load.sh: $COLD_CLIENTS warm clients of the ${BLOB_MIB} MiB blob through pullgate"
+clients=()
 for i in $(seq "$COLD_CLIENTS"); do
   curl -sf -o /dev/null "$P_URL/blobs/$BIG_L" &
+  clients+=($!)
 done
-wait
+wait "${clients[@]}"
 PG_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$PG_PID/status")
 
 ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }

@@ -280,11 +280,6 @@ impl Config {
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
-
-    /// Whether any policy asks for more than allow/deny (a hint for start-up logs).
-    pub fn verifies_anything(&self) -> bool {
-        self.policies.iter().any(|p| p.deny)
-    }
 }
 
 struct Validator<'a> {

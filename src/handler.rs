@@ -129,6 +129,15 @@ impl App {
         if old.storage.path != config.storage.path {
             notes.push("storage.path changed: restart to apply".to_owned());
         }
+        if old.storage.max_size != config.storage.max_size {
+            notes.push("storage.max_size changed: restart to apply".to_owned());
+        }
+        if old.admin.as_ref().map(|a| a.listen) != config.admin.as_ref().map(|a| a.listen) {
+            notes.push("admin.listen changed: restart to apply".to_owned());
+        }
+        if old.server.shutdown_timeout != config.server.shutdown_timeout {
+            notes.push("server.shutdown_timeout changed: restart to apply".to_owned());
+        }
         let generation = Generation::build(config, &self.metrics)?;
         self.generation.store(Arc::new(generation));
         Ok(notes)
@@ -271,16 +280,19 @@ impl App {
 
     /// Applies a verdict: `Err` with 403 when it blocks, the audit warning
     /// (if any) otherwise.
+    /// Only manifest verdicts are counted as blocked pulls: a pull starts
+    /// with its manifest, and its blobs would count it again.
     fn apply(
         &self,
         route: &Route,
         verdict: &Verdict,
         digest: Option<&Digest>,
+        count: bool,
     ) -> Result<Option<HeaderValue>, ApiError> {
         if verdict.passes() {
             return Ok(None);
         }
-        for reason in &verdict.reasons {
+        for reason in verdict.reasons.iter().filter(|_| count) {
             self.metrics
                 .blocked_pulls
                 .with_label_values(&[&*route.upstream_name, reason, verdict.mode.as_str()])
@@ -318,7 +330,7 @@ impl App {
         // A name its policy denies outright costs no upstream work.
         let early = gen.policies.evaluate(&route.canonical, None);
         if early.blocks() {
-            self.apply(route, &early, None)?;
+            self.apply(route, &early, None, true)?;
         }
         let accept = accept_header(headers);
         let m = match &reference {
@@ -330,7 +342,7 @@ impl App {
         };
         // The verify step: the manifest is known, nothing has been sent yet.
         let verdict = gen.policies.evaluate(&route.canonical, Some(&m.digest));
-        let warning = self.apply(route, &verdict, Some(&m.digest))?;
+        let warning = self.apply(route, &verdict, Some(&m.digest), true)?;
         let mut r = Response::builder()
             .header(header::CONTENT_TYPE, m.media_type.as_str())
             .header(header::CONTENT_LENGTH, m.bytes.len())
@@ -655,7 +667,7 @@ impl App {
     ) -> Result<Response<Body>, ApiError> {
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
-            self.apply(route, &verdict, None)?;
+            self.apply(route, &verdict, None, false)?;
         }
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
         let mut attempts = 0;
@@ -795,7 +807,7 @@ impl App {
     ) -> Result<Response<Body>, ApiError> {
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
-            self.apply(route, &verdict, None)?;
+            self.apply(route, &verdict, None, false)?;
         }
         let mut q = Vec::new();
         if let Some(n) = query_param(query, "n") {
@@ -863,7 +875,7 @@ impl App {
     ) -> Result<Response<Body>, ApiError> {
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
-            self.apply(route, &verdict, None)?;
+            self.apply(route, &verdict, None, false)?;
         }
         let mut opts = RequestOptions::default();
         if let Some(t) = query_param(query, "artifactType") {

@@ -100,6 +100,8 @@ pub struct OpenBlob {
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
+    /// Held (flock) for the life of the store.
+    _lock: File,
     root: PathBuf,
     max_size: Option<u64>,
     index: Arc<Mutex<Index>>,
@@ -120,6 +122,23 @@ impl Store {
     pub fn open(root: &Path, max_size: Option<u64>, metrics: Arc<Metrics>) -> io::Result<Store> {
         for dir in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
             fs::create_dir_all(root.join(dir))?;
+        }
+        // One pullgate per store: a second one would delete the first one's
+        // temp files below and race it on evictions.
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    ErrorKind::WouldBlock,
+                    "another pullgate process is using this store (its lock file is held)",
+                ))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
         }
         let mut removed = 0;
         for entry in fs::read_dir(root.join("tmp"))? {
@@ -173,6 +192,7 @@ impl Store {
             "store opened"
         );
         let store = Store {
+            _lock: lock,
             root: root.to_path_buf(),
             max_size,
             index: Arc::new(Mutex::new(index)),
@@ -540,6 +560,16 @@ mod tests {
         assert_eq!(s.size(), 5);
         let open = s.open_blob(&d).unwrap().unwrap();
         assert_eq!(open.size, 5);
+    }
+
+    #[test]
+    fn a_store_is_used_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = store(dir.path(), None);
+        let second = Store::open(dir.path(), None, Arc::new(Metrics::new()));
+        assert_eq!(second.err().map(|e| e.kind()), Some(ErrorKind::WouldBlock));
+        drop(first);
+        assert!(Store::open(dir.path(), None, Arc::new(Metrics::new())).is_ok());
     }
 
     #[test]

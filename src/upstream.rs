@@ -106,8 +106,9 @@ impl UpstreamClient {
     }
 
     /// Sends `method /v2/<repo>/<path>` with auth and redirect handling.
-    /// Any status comes back as a response except a 401 that survives one
-    /// round of authentication, which is an [`UpstreamError::Auth`].
+    /// Any status comes back as a response, except a 401 that survives one
+    /// round of authentication with configured credentials, which is an
+    /// [`UpstreamError::Auth`].
     pub async fn send(
         &self,
         method: Method,
@@ -132,16 +133,16 @@ impl UpstreamClient {
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }
+            if retried && self.credentials.is_none() {
+                // Anonymous and still refused: to clients this is a
+                // repository that does not exist (Docker Hub answers so).
+                return Ok(resp);
+            }
             if retried {
                 return Err(UpstreamError::Auth {
                     upstream: self.name.to_string(),
                     message: format!(
-                        "401 Unauthorized for {repo} after authenticating{}",
-                        if self.credentials.is_some() {
-                            " (check the configured credentials)"
-                        } else {
-                            " anonymously (the repository may be private or not exist)"
-                        }
+                        "401 Unauthorized for {repo} with the configured credentials (check username and password)"
                     ),
                 });
             }

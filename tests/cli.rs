@@ -27,7 +27,11 @@ fn every_example_config_passes_check_config() {
     for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+            let out = Command::new(BIN)
+                .arg("check-config")
+                .arg(&path)
+                .output()
+                .unwrap();
             assert!(
                 out.status.success(),
                 "{}: {}",
@@ -49,7 +53,11 @@ fn a_bad_config_lists_every_problem_and_exits_64() {
         "[server]\nlisten = \"nope\"\n\n[storage]\ntag_ttl = \"forever\"\n\n[[upstream]]\nname = \"docker.io\"\nurl = \"ftp://x\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
@@ -61,7 +69,11 @@ fn a_bad_config_lists_every_problem_and_exits_64() {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
     // `serve` refuses it the same way, before binding anything.
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
 
@@ -69,8 +81,14 @@ fn a_bad_config_lists_every_problem_and_exits_64() {
 fn help_explains_the_commands() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("serve") && text.contains("check-config"), "{text}");
-    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    assert!(
+        text.contains("serve") && text.contains("check-config"),
+        "{text}"
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("embedded default"), "{text}");
     assert!(text.contains("SIGHUP"), "{text}");
@@ -130,7 +148,13 @@ impl Drop for Server {
     }
 }
 
-fn write_config(dir: &Path, port: u16, admin: u16, upstream: &str, policy: &str) -> std::path::PathBuf {
+fn write_config(
+    dir: &Path,
+    port: u16,
+    admin: u16,
+    upstream: &str,
+    policy: &str,
+) -> std::path::PathBuf {
     let path = dir.join("pullgate.toml");
     std::fs::write(
         &path,
@@ -156,23 +180,45 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let get = |path: String| {
         let client = client.clone();
-        async move { client.get(format!("http://127.0.0.1:{port}{path}")).send().await.unwrap() }
+        async move {
+            client
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .unwrap()
+        }
     };
     let admin_get = |path: &'static str| {
         let client = client.clone();
         async move {
-            let r = client.get(format!("http://127.0.0.1:{admin}{path}")).send().await.unwrap();
+            let r = client
+                .get(format!("http://127.0.0.1:{admin}{path}"))
+                .send()
+                .await
+                .unwrap();
             (r.status().as_u16(), r.text().await.unwrap())
         }
     };
     assert_eq!(admin_get("/healthz").await.0, 200);
     assert_eq!(admin_get("/readyz").await.0, 200);
-    assert_eq!(get("/v2/library/app/manifests/v1".into()).await.status(), 200);
+    assert_eq!(
+        get("/v2/library/app/manifests/v1".into()).await.status(),
+        200
+    );
     let (_, metrics) = admin_get("/metrics").await;
-    assert!(metrics.contains("pullgate_requests_total{kind=\"manifest\",status=\"200\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("pullgate_requests_total{kind=\"manifest\",status=\"200\"} 1"),
+        "{metrics}"
+    );
 
     // Reload with a deny-all policy: it takes effect without a restart.
-    write_config(dir.path(), port, admin, &fake.url(), "[[policy]]\nname = \"closed\"\nmatch = [\"**\"]\ndeny = true\n");
+    write_config(
+        dir.path(),
+        port,
+        admin,
+        &fake.url(),
+        "[[policy]]\nname = \"closed\"\nmatch = [\"**\"]\ndeny = true\n",
+    );
     server.signal("HUP");
     let mut denied = false;
     for _ in 0..100 {
@@ -189,14 +235,21 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     server.signal("HUP");
     let mut counted = false;
     for _ in 0..100 {
-        if admin_get("/metrics").await.1.contains("pullgate_config_reloads_total{result=\"error\"} 1") {
+        if admin_get("/metrics")
+            .await
+            .1
+            .contains("pullgate_config_reloads_total{result=\"error\"} 1")
+        {
             counted = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(counted);
-    assert_eq!(get("/v2/library/app/manifests/v1".into()).await.status(), 403);
+    assert_eq!(
+        get("/v2/library/app/manifests/v1".into()).await.status(),
+        403
+    );
 
     // Back to allow, then SIGTERM during a transfer: the transfer completes.
     write_config(dir.path(), port, admin, &fake.url(), allow);
@@ -208,7 +261,12 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let gate = Arc::new(Semaphore::new(0));
-    fake.fault(Some(Method::GET), &digest, FaultKind::GateAfter(1000, gate.clone()), Some(1));
+    fake.fault(
+        Some(Method::GET),
+        &digest,
+        FaultKind::GateAfter(1000, gate.clone()),
+        Some(1),
+    );
     let mut r = get(format!("/v2/library/app/blobs/{digest}")).await;
     assert_eq!(r.status(), 200);
     let first = r.chunk().await.unwrap().unwrap();

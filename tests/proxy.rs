@@ -730,7 +730,7 @@ match = ["docker.io/library/*"]
     assert_eq!(v["errors"][0]["detail"]["reasons"][0], "no-policy");
     assert_eq!(proxy.get("/v2/library/ok/manifests/1").await.status(), 200);
     let m = proxy.metrics();
-    assert!(m.contains("pullgate_blocked_pulls_total{mode=\"enforce\",reason=\"denied-by-policy\",upstream=\"docker.io\"} 3"), "{m}");
+    assert!(m.contains("pullgate_blocked_pulls_total{mode=\"enforce\",reason=\"denied-by-policy\",upstream=\"docker.io\"} 2"), "{m}");
     assert!(m.contains("pullgate_blocked_pulls_total{mode=\"audit\",reason=\"denied-by-policy\",upstream=\"docker.io\"} 1"), "{m}");
 }
 

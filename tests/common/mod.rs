@@ -594,7 +594,18 @@ idle_timeout = "{idle}"
     pub async fn with_config(dir: Arc<tempfile::TempDir>, text: &str) -> Proxy {
         let config =
             Config::parse(text, "test config", dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        let app = App::new(config).unwrap();
+        // A stopped proxy's store is released when its last task ends.
+        let mut tries = 0;
+        let app = loop {
+            match App::new(config.clone()) {
+                Ok(app) => break app,
+                Err(e) if e.contains("another pullgate") && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (trigger, shutdown) = Shutdown::new();
