@@ -20,6 +20,7 @@ use std::hash::Hash;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -37,8 +38,30 @@ use crate::names::{Digest, Hasher, RepoName};
 use crate::store::{ReadGuard, Store};
 use crate::upstream::{RequestOptions, UpstreamClient};
 
-/// Bytes read from disk per body frame.
-pub const READ_CHUNK: usize = 512 * 1024;
+/// Largest body frame read from disk: big frames mean fewer syscalls and
+/// thread hand-offs per GiB.
+pub const READ_CHUNK_MAX: usize = 1024 * 1024;
+
+/// Smallest body frame, whatever the number of readers.
+const READ_CHUNK_MIN: usize = 64 * 1024;
+
+/// Frame bytes that all blob readers together aim to hold at once: with
+/// many concurrent readers each reads smaller frames, bounding memory.
+const READ_BUDGET: usize = 8 * 1024 * 1024;
+
+/// Frame buffers each reader keeps for reuse. The HTTP layer holds about one
+/// frame while it writes, so a few buffers let a reader recycle instead of
+/// allocating (and page-faulting) a fresh one per frame.
+const POOL_BUFFERS: usize = 3;
+
+/// Blob readers alive now, for frame sizing.
+static ACTIVE_READERS: AtomicUsize = AtomicUsize::new(0);
+
+/// The frame size for the next read, given how many readers share the budget.
+fn chunk_size() -> usize {
+    let readers = ACTIVE_READERS.load(Ordering::Relaxed).max(1);
+    (READ_BUDGET / readers).clamp(READ_CHUNK_MIN, READ_CHUNK_MAX) / READ_CHUNK_MIN * READ_CHUNK_MIN
+}
 
 /// Upstream bytes gathered before one write to the temp file.
 const WRITE_BATCH: usize = 1024 * 1024;
@@ -349,9 +372,49 @@ pub struct BlobReader {
     _guard: Option<ReadGuard>,
     metrics: Arc<Metrics>,
     source: &'static str,
+    /// Frame buffers to recycle once the HTTP layer has let go of them.
+    pool: Vec<BytesMut>,
+}
+
+impl Drop for BlobReader {
+    fn drop(&mut self) {
+        ACTIVE_READERS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl BlobReader {
+    fn new(
+        file: Option<Arc<File>>,
+        pos: u64,
+        end: Option<u64>,
+        progress: Option<watch::Receiver<Progress>>,
+        guard: ReadGuard,
+        metrics: Arc<Metrics>,
+        source: &'static str,
+    ) -> BlobReader {
+        ACTIVE_READERS.fetch_add(1, Ordering::Relaxed);
+        BlobReader {
+            file,
+            pos,
+            end,
+            progress,
+            _guard: Some(guard),
+            metrics,
+            source,
+            pool: Vec::with_capacity(POOL_BUFFERS),
+        }
+    }
+
+    /// A buffer of `len` bytes, recycled from the pool when one is free.
+    fn buffer(&mut self, len: usize) -> BytesMut {
+        let reusable = self.pool.iter_mut().position(|b| b.try_reclaim(len));
+        let mut buf = match reusable {
+            Some(i) => self.pool.swap_remove(i),
+            None => BytesMut::with_capacity(len.max(chunk_size())),
+        };
+        buf.resize(len, 0);
+        buf
+    }
     /// A reader over a stored, complete file.
     pub fn stored(
         file: File,
@@ -360,15 +423,15 @@ impl BlobReader {
         guard: ReadGuard,
         metrics: Arc<Metrics>,
     ) -> BlobReader {
-        BlobReader {
-            file: Some(Arc::new(file)),
-            pos: start,
-            end: Some(end),
-            progress: None,
-            _guard: Some(guard),
+        BlobReader::new(
+            Some(Arc::new(file)),
+            start,
+            Some(end),
+            None,
+            guard,
             metrics,
-            source: "cache",
-        }
+            "cache",
+        )
     }
 
     /// A reader that follows a running fetch.
@@ -379,15 +442,7 @@ impl BlobReader {
         guard: ReadGuard,
         metrics: Arc<Metrics>,
     ) -> BlobReader {
-        BlobReader {
-            file: None,
-            pos: start,
-            end,
-            progress: Some(progress),
-            _guard: Some(guard),
-            metrics,
-            source: "upstream",
-        }
+        BlobReader::new(None, start, end, Some(progress), guard, metrics, "upstream")
     }
 
     /// The next chunk, `None` at a clean end, an error if the fetch failed.
@@ -430,15 +485,23 @@ impl BlobReader {
                 let Some(file) = self.file.clone() else {
                     return Some(Err(io::Error::other("blob fetch has no file")));
                 };
-                let len = ((limit - self.pos) as usize).min(READ_CHUNK);
+                let len = ((limit - self.pos) as usize).min(chunk_size());
                 let pos = self.pos;
+                let mut buf = self.buffer(len);
                 let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = BytesMut::zeroed(len);
-                    file.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
+                    let r = file.read_exact_at(&mut buf, pos);
+                    (buf, r)
                 })
                 .await
                 .map_err(io::Error::other)
-                .and_then(|r| r);
+                .and_then(|(mut buf, r)| {
+                    r?;
+                    let frame = buf.split().freeze();
+                    if self.pool.len() < POOL_BUFFERS {
+                        self.pool.push(buf);
+                    }
+                    Ok(frame)
+                });
                 return Some(read.inspect(|b| {
                     self.pos += b.len() as u64;
                     self.metrics
