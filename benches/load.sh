@@ -233,16 +233,38 @@ read -r P_BLOB P_CPU < <(blob_run "$P_URL/blobs/$BIG_L" "$PG_PID")
 read -r D_BLOB D_CPU < <(blob_run "$D_URL/blobs/$BIG_L" "$DIST_PID")
 
 echo "load.sh: $COLD_CLIENTS concurrent cold pulls of one ${COLD_MIB} MiB blob through pullgate"
-clients=()
-for i in $(seq "$COLD_CLIENTS"); do
-  curl -sf -o /dev/null -w '%{time_starttransfer} %{size_download}\n' "$P_URL/blobs/$COLD_L" > "$WORK/cold.$i" &
-  clients+=($!)
-done
-wait "${clients[@]}"
+# Clients connect first, then all send at once; each notes when its first
+# body byte arrived. The earliest of those is as close as a client can see
+# to the upstream's first byte, so the spread is how long the others lagged.
+python3 - "$PG" "/v2/bench/app/blobs/$COLD_L" "$COLD_CLIENTS" > "$WORK/cold" <<'PY'
+import http.client, sys, threading, time
+port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+barrier, out = threading.Barrier(n), [None] * n
+def client(i):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.connect()
+    barrier.wait()
+    sent = time.monotonic()
+    c.request("GET", path)
+    r = c.getresponse()
+    got = len(r.read(1))
+    first = time.monotonic()
+    while True:
+        b = r.read(1 << 20)
+        if not b:
+            break
+        got += len(b)
+    out[i] = (sent, first, got, r.status)
+threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+firsts = [o[1] for o in out]
+print(f"{(max(firsts) - min(firsts)) * 1000:.1f} {(min(firsts) - min(o[0] for o in out)) * 1000:.1f}")
+for o in out: print(o[2], o[3])
+PY
 COLD_FETCHES=$(grep -c "GET /v2/bench/app/blobs/$COLD_L" "$WORK/upstream/log" || true)
-COLD_OK=$(awk -v want=$((COLD_MIB << 20)) '$2==want' "$WORK"/cold.* | wc -l)
-COLD_SPREAD=$(cat "$WORK"/cold.* | awk 'NR==1{min=$1;max=$1} {if($1<min)min=$1; if($1>max)max=$1} END {printf "%.1f", (max-min)*1000}')
-COLD_FIRST=$(cat "$WORK"/cold.* | awk 'NR==1{max=$1} {if($1>max)max=$1} END {printf "%.1f", max*1000}')
+COLD_OK=$(awk -v want=$((COLD_MIB << 20)) 'NR>1 && $1==want && $2==200' "$WORK/cold" | wc -l)
+read -r COLD_SPREAD COLD_FIRST < "$WORK/cold"
 
 echo "load.sh: $COLD_CLIENTS warm clients of the ${BLOB_MIB} MiB blob through pullgate"
 clients=()
@@ -269,7 +291,7 @@ cached blob, 1 client ($BLOB_MIB MiB)   MB/s    CPU s/GiB
   pullgate          $(python3 -c "print(round($P_BLOB/1e6))")   $P_CPU
   distribution      $(python3 -c "print(round($D_BLOB/1e6))")   $D_CPU
 cold blob, $COLD_CLIENTS clients ($COLD_MIB MiB): upstream fetches $COLD_FETCHES, complete transfers $COLD_OK/$COLD_CLIENTS,
-  first-byte spread across clients ${COLD_SPREAD} ms (latest first byte ${COLD_FIRST} ms after start)
+  first byte: earliest client ${COLD_FIRST} ms after sending, the last one ${COLD_SPREAD} ms after the earliest
 pullgate peak RSS (VmHWM) after all runs: $((PG_RSS / 1024)) MiB
 
 ratios

@@ -31,6 +31,7 @@ use crate::policy::{Policies, Verdict};
 use crate::route::{parse_path, PathKind, Route, Router, Target};
 use crate::store::{Store, StoredManifest, TagKey, TagRecord};
 use crate::upstream::{RequestOptions, UpstreamClient};
+use crate::zerocopy;
 
 /// Manifest media types asked for when the client sends no `Accept`.
 pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -263,8 +264,7 @@ impl App {
             }
             Target::Blob(digest) => {
                 span.record("reference", digest.to_string());
-                self.blob(&gen, &upstream, &route, digest, req.headers(), head)
-                    .await
+                self.blob(&gen, &upstream, &route, digest, req).await
             }
             Target::TagsList => self.tags_list(&gen, &upstream, &route, query, head).await,
             Target::Referrers(digest) => {
@@ -656,15 +656,18 @@ impl App {
 
     // ---- blobs -------------------------------------------------------------
 
-    async fn blob(
+    async fn blob<B>(
         self: &Arc<Self>,
         gen: &Arc<Generation>,
         upstream: &Arc<UpstreamClient>,
         route: &Route,
         digest: Digest,
-        headers: &HeaderMap,
-        head: bool,
+        req: &Request<B>,
     ) -> Result<Response<Body>, ApiError> {
+        let head = req.method() == Method::HEAD;
+        let headers = req.headers();
+        // Set by the server on real connections: cached bytes go out with sendfile.
+        let zero_copy = req.extensions().get::<zerocopy::Queue>().cloned();
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
             self.apply(route, &verdict, None, false)?;
@@ -680,11 +683,15 @@ impl App {
                     RangeSpec::Partial(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
                     RangeSpec::Unsatisfiable => return Ok(unsatisfiable(size)),
                 };
-                let body = if head {
-                    body::empty()
-                } else {
-                    BlobReader::stored(open.file, start, end, open.guard, self.metrics.clone())
-                        .into_body()
+                let metrics = self.metrics.clone();
+                let body = match (head, zero_copy.clone()) {
+                    (true, _) => body::empty(),
+                    (false, Some(queue)) => {
+                        zerocopy::body(queue, open.file, start, end, open.guard, metrics)
+                    }
+                    (false, None) => {
+                        BlobReader::stored(open.file, start, end, open.guard, metrics).into_body()
+                    }
                 };
                 return Ok(blob_response(status, digest, start, end, Some(size), body));
             }

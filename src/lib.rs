@@ -5,6 +5,7 @@
 //! point down this list, never up:
 //!
 //! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`zerocopy`]: cached blobs sent with `sendfile` under hyper.
 //! - [`handler`]: the pipeline, the only module that spells out the flow.
 //! - [`route`]: `/v2/<name>/...` to an upstream and a repository.
 //! - [`policy`]: which rule governs a name, and its verdict.
@@ -28,6 +29,7 @@ pub mod route;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod zerocopy;
 
 pub use config::Config;
 pub use handler::App;

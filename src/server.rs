@@ -3,8 +3,9 @@
 //!
 //! [`serve`] takes an already bound listener, so tests bind `127.0.0.1:0`.
 //! On shutdown it stops accepting, lets requests in flight finish for up to
-//! the configured grace period, then closes what is left. Depends on
-//! `handler`, `body`.
+//! the configured grace period, then closes what is left. Connections are
+//! wrapped so that cached blobs can be sent with `sendfile` (see
+//! `zerocopy`). Depends on `handler`, `zerocopy`, `body`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::body::{self, Body};
 use crate::handler::App;
+use crate::zerocopy::{self, Queue};
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -54,8 +56,10 @@ impl ShutdownTrigger {
 
 /// Serves the registry API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Shutdown, grace: Duration) {
-    let handler = move |req: Request<Incoming>, peer: SocketAddr| {
+    let handler = move |mut req: Request<Incoming>, peer: SocketAddr, queue: Queue| {
         let app = app.clone();
+        // Cached blobs go out with sendfile through this connection's queue.
+        req.extensions_mut().insert(queue);
         async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
     };
     accept_loop(listener, handler, shutdown, grace).await;
@@ -63,7 +67,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Shutdown, gra
 
 /// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
 pub async fn serve_admin(listener: TcpListener, app: Arc<App>, shutdown: Shutdown) {
-    let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
+    let handler = move |req: Request<Incoming>, _peer: SocketAddr, _queue: Queue| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(admin(&app, req)) }
     };
@@ -103,7 +107,7 @@ fn admin(app: &App, req: Request<Incoming>) -> Response<Body> {
 
 async fn accept_loop<H, F>(listener: TcpListener, handler: H, shutdown: Shutdown, grace: Duration)
 where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr, Queue) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -123,8 +127,9 @@ where
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
+        let (stream, queue) = zerocopy::Stream::new(stream);
         let handler = handler.clone();
-        let service = service_fn(move |req| handler(req, peer));
+        let service = service_fn(move |req| handler(req, peer, queue.clone()));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))

@@ -802,3 +802,48 @@ async fn tags_list_and_referrers_pass_through() {
     assert_eq!(s, 404);
     assert_eq!(fake.total_hits("/referrers/"), 1);
 }
+
+#[tokio::test]
+async fn cached_blobs_sent_by_sendfile_keep_each_connection_in_step() {
+    let fake = Fake::start().await;
+    let a = noise(3 * 1024 * 1024 + 1, 21);
+    let b = noise(100_000, 22);
+    let (da, db) = (fake.put_blob(a.clone()), fake.put_blob(b.clone()));
+    fake.put_image("library/app", "v1", &[noise(10, 23)]);
+    let proxy = Proxy::start(&fake, Options::default()).await;
+    let (pa, pb) = (
+        format!("/v2/library/x/blobs/{da}"),
+        format!("/v2/library/x/blobs/{db}"),
+    );
+    // Warm the store; from here on both blobs are store hits.
+    assert_eq!(proxy.get(&pa).await.bytes().await.unwrap(), a);
+    assert_eq!(proxy.get(&pb).await.bytes().await.unwrap(), b);
+
+    // One keep-alive connection carries blob, manifest, range and HEAD
+    // answers in turn; every byte must land where it belongs.
+    for _ in 0..3 {
+        assert_eq!(proxy.get(&pa).await.bytes().await.unwrap(), a);
+        let m = proxy.get("/v2/library/app/manifests/v1").await;
+        assert_eq!(m.status(), 200);
+        serde_json::from_slice::<serde_json::Value>(&m.bytes().await.unwrap()).unwrap();
+        let r = proxy
+            .client
+            .get(proxy.url(&pb))
+            .header("Range", "bytes=10-99")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert_eq!(r.bytes().await.unwrap(), b.slice(10..100));
+        let h = proxy.client.head(proxy.url(&pa)).send().await.unwrap();
+        assert_eq!(h.headers()["content-length"], a.len().to_string().as_str());
+        assert_eq!(proxy.get(&pb).await.bytes().await.unwrap(), b);
+    }
+    // A client that hangs up mid-blob disturbs nobody.
+    let mut r = proxy.get(&pa).await;
+    let _ = r.chunk().await.unwrap();
+    drop(r);
+    assert_eq!(proxy.get(&pb).await.bytes().await.unwrap(), b);
+    assert_eq!(proxy.get(&pa).await.bytes().await.unwrap(), a);
+    assert_eq!(fake.hits("GET", &pa), 1);
+}
