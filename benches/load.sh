@@ -219,15 +219,17 @@ read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
 read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
 read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
 
-blob_run() { # url pids... -> "bytes/s cpu_s_per_gib"
+blob_run() { # url pids... -> "bytes/s cpu_s_per_gib", over 3 downloads
   local url=$1; shift
-  local t0 t1 speed
+  local t0 t1 speeds=()
   t0=$(cpu_ticks "$@")
-  speed=$(curl -sf -o /dev/null -w '%{speed_download}' "$url")
+  for _ in 1 2 3; do
+    speeds+=("$(curl -sf -o /dev/null -w '%{speed_download}' "$url")")
+  done
   t1=$(cpu_ticks "$@")
-  python3 -c "import os; hz=os.sysconf('SC_CLK_TCK'); print($speed, ($t1-$t0)/hz/($BLOB_MIB/1024))"
+  python3 -c "import os; hz=os.sysconf('SC_CLK_TCK'); s=[${speeds[0]},${speeds[1]},${speeds[2]}]; print(sum(s)/3, ($t1-$t0)/hz/(3*$BLOB_MIB/1024))"
 }
-echo "load.sh: cached blob, one client (${BLOB_MIB} MiB)"
+echo "load.sh: cached blob, one client (${BLOB_MIB} MiB, 3 downloads each; nginx pids $NG_PID $NG_WORKERS)"
 read -r N_BLOB N_CPU < <(blob_run "$N_URL/blobs/$BIG_L" $NG_PID $NG_WORKERS)
 read -r P_BLOB P_CPU < <(blob_run "$P_URL/blobs/$BIG_L" "$PG_PID")
 read -r D_BLOB D_CPU < <(blob_run "$D_URL/blobs/$BIG_L" "$DIST_PID")
