@@ -128,12 +128,13 @@ impl Server {
         assert!(ok);
     }
 
-    /// Waits (bounded) for the process to exit; returns its status code.
-    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+    /// Waits (bounded) for the process to exit: `None` if it is still
+    /// running, else its exit code (`None` inside when killed by a signal).
+    fn wait_exit(&mut self, within: Duration) -> Option<Option<i32>> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
+                return Some(status.code());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -285,5 +286,81 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     let code = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(15)))
         .await
         .unwrap();
-    assert_eq!(code, Some(0));
+    assert_eq!(code, Some(Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fetch_leaves_a_consistent_store() {
+    let fake = Fake::start().await;
+    let (manifest, _) = fake.put_image("library/app", "v1", &[noise(100, 1)]);
+    let blob = noise(2 << 20, 9);
+    let digest = fake.put_blob(blob.clone());
+    let gate = Arc::new(Semaphore::new(0));
+    fake.fault(
+        Some(Method::GET),
+        &digest,
+        FaultKind::GateAfter(1000, gate.clone()),
+        Some(1),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let allow = "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n";
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(dir.path(), port, admin, &fake.url(), allow);
+    let mut server = Server::start(&config, admin);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    let r = client
+        .get(url(port, "/v2/library/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut r = client
+        .get(url(port, &format!("/v2/library/app/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.chunk().await.unwrap().unwrap();
+
+    // Killed mid-fetch: only a temp file holds the partial blob.
+    server.signal("KILL");
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(10)),
+        Some(None),
+        "killed by the signal"
+    );
+    let data = dir.path().join("data");
+    assert_eq!(std::fs::read_dir(data.join("tmp")).unwrap().count(), 1);
+    let final_path = data
+        .join("blobs/sha256")
+        .join(&digest[7..9])
+        .join(&digest[7..]);
+    assert!(
+        !final_path.exists(),
+        "a partial blob never appears under its digest"
+    );
+    drop(server);
+    gate.add_permits(1);
+
+    // Restarted: temp files are gone, what was committed is served even
+    // with the upstream failing, and the blob is fetched again whole.
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(dir.path(), port, admin, &fake.url(), allow);
+    let _server = Server::start(&config, admin);
+    assert_eq!(std::fs::read_dir(data.join("tmp")).unwrap().count(), 0);
+    fake.fault(None, "/manifests/", FaultKind::Status(503), None);
+    let r = client
+        .get(url(port, "/v2/library/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], manifest.as_str());
+    let r = client
+        .get(url(port, &format!("/v2/library/app/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.bytes().await.unwrap() == blob);
+    assert!(final_path.exists());
 }
