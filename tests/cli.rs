@@ -101,10 +101,15 @@ struct Server {
 
 impl Server {
     fn start(config: &Path, admin: u16) -> Server {
+        Server::start_with_env(config, admin, &[])
+    }
+
+    fn start_with_env(config: &Path, admin: u16, env: &[(&str, &str)]) -> Server {
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -363,4 +368,48 @@ async fn kill_9_mid_fetch_leaves_a_consistent_store() {
         .unwrap();
     assert!(r.bytes().await.unwrap() == blob);
     assert!(final_path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_traffic_uses_the_environment_proxy_unless_no_proxy_says_otherwise() {
+    // The fake answers absolute-form proxy requests as the registry would,
+    // so it stands for both the proxy and the registry behind it.
+    let proxy = Fake::start().await;
+    proxy.put_image("library/app", "v1", &[noise(100, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let allow = "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n";
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let proxy_url = proxy.url();
+    for (no_proxy, want) in [("", 200), ("registry.invalid", 503)] {
+        let (port, admin) = (free_port(), free_port());
+        let config = write_config(
+            dir.path(),
+            port,
+            admin,
+            "http://registry.invalid:5000",
+            allow,
+        );
+        let env = [
+            ("HTTP_PROXY", proxy_url.as_str()),
+            ("HTTPS_PROXY", proxy_url.as_str()),
+            ("NO_PROXY", no_proxy),
+        ];
+        let _server = Server::start_with_env(&config, admin, &env);
+        let before = proxy.total_hits("/manifests/");
+        let r = client
+            .get(format!(
+                "http://127.0.0.1:{port}/v2/library/app/manifests/v1"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "NO_PROXY={no_proxy:?}");
+        let through_proxy = proxy.total_hits("/manifests/") - before;
+        assert_eq!(
+            through_proxy,
+            usize::from(want == 200),
+            "NO_PROXY={no_proxy:?}"
+        );
+        std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    }
 }
