@@ -13,15 +13,19 @@
 //! - [`upstream`]: HTTP to registries, token auth, redirects.
 //! - [`store`]: content-addressed files, tags, LRU eviction.
 //! - [`config`]: the TOML file, validated before anything starts.
+//! - [`keys`]: trusted public keys and signature checks.
+//! - [`cosign`]: the cosign signature wire format.
 //! - [`metrics`], [`error`], [`body`], [`names`]: shared vocabulary.
 
 #![forbid(unsafe_code)]
 
 pub mod body;
 pub mod config;
+pub mod cosign;
 pub mod error;
 pub mod fetch;
 pub mod handler;
+pub mod keys;
 pub mod metrics;
 pub mod names;
 pub mod policy;

@@ -1,0 +1,165 @@
+//! Public keys that signatures are checked against.
+//!
+//! Keys are PEM `PUBLIC KEY` blocks (PKIX SubjectPublicKeyInfo), exactly as
+//! `cosign generate-key-pair` and `cosign public-key` write them: ECDSA P-256
+//! or Ed25519. Depends on nothing else in the crate.
+
+use std::fmt;
+
+use ed25519_dalek::Sha512;
+use p256::pkcs8::DecodePublicKey;
+use sha2::Digest as _;
+use signature::Verifier as _;
+
+/// A trusted public key.
+#[derive(Clone)]
+pub enum PublicKey {
+    /// ECDSA over P-256 with SHA-256.
+    EcdsaP256(p256::ecdsa::VerifyingKey),
+    /// Ed25519, pure or pre-hashed (Ed25519ph, SHA-512).
+    Ed25519(ed25519_dalek::VerifyingKey),
+}
+
+/// Why a signature did not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("the signature is not an ECDSA signature in DER or r||s form")]
+    MalformedEcdsa,
+    #[error("the signature is not 64 bytes, as Ed25519 signatures are")]
+    MalformedEd25519,
+    #[error("the signature does not match the payload under this key")]
+    Mismatch,
+}
+
+impl PublicKey {
+    /// Parses a PEM `PUBLIC KEY` block.
+    pub fn from_pem(pem: &str) -> Result<PublicKey, String> {
+        if !pem.contains("-----BEGIN PUBLIC KEY-----") {
+            return Err(
+                "not a PEM \"PUBLIC KEY\" block (PKIX), as cosign writes public keys".into(),
+            );
+        }
+        if let Ok(k) = p256::ecdsa::VerifyingKey::from_public_key_pem(pem.trim()) {
+            return Ok(PublicKey::EcdsaP256(k));
+        }
+        if let Ok(k) = ed25519_dalek::VerifyingKey::from_public_key_pem(pem.trim()) {
+            return Ok(PublicKey::Ed25519(k));
+        }
+        Err("unsupported or malformed public key (supported: ECDSA P-256, Ed25519)".into())
+    }
+
+    /// `ecdsa-p256` or `ed25519`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            PublicKey::EcdsaP256(_) => "ecdsa-p256",
+            PublicKey::Ed25519(_) => "ed25519",
+        }
+    }
+
+    /// Checks `sig` over the exact `payload` bytes.
+    pub fn verify(&self, payload: &[u8], sig: &[u8]) -> Result<(), SignatureError> {
+        match self {
+            PublicKey::EcdsaP256(key) => {
+                let sig = p256::ecdsa::Signature::from_der(sig)
+                    .or_else(|_| p256::ecdsa::Signature::from_slice(sig))
+                    .map_err(|_| SignatureError::MalformedEcdsa)?;
+                key.verify(payload, &sig)
+                    .map_err(|_| SignatureError::Mismatch)
+            }
+            PublicKey::Ed25519(key) => {
+                let sig = ed25519_dalek::Signature::from_slice(sig)
+                    .map_err(|_| SignatureError::MalformedEd25519)?;
+                if key.verify_strict(payload, &sig).is_ok() {
+                    return Ok(());
+                }
+                let prehash = Sha512::new_with_prefix(payload);
+                key.verify_prehashed_strict(prehash, None, &sig)
+                    .map_err(|_| SignatureError::Mismatch)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.scheme())
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use ed25519_dalek::pkcs8::EncodePublicKey as _;
+    use p256::pkcs8::LineEnding;
+    use signature::Signer as _;
+
+    /// Fixed test keys: the same bytes every run.
+    pub fn ecdsa_key(seed: u8) -> p256::ecdsa::SigningKey {
+        p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap()
+    }
+
+    pub fn ed25519_key(seed: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+    }
+
+    pub fn ecdsa_pem(k: &p256::ecdsa::SigningKey) -> String {
+        k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap()
+    }
+
+    pub fn ed25519_pem(k: &ed25519_dalek::SigningKey) -> String {
+        k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap()
+    }
+
+    #[test]
+    fn ecdsa_signatures_verify_in_der_and_fixed_form() {
+        let k = ecdsa_key(1);
+        let public = PublicKey::from_pem(&ecdsa_pem(&k)).unwrap();
+        assert_eq!(public.scheme(), "ecdsa-p256");
+        let sig: p256::ecdsa::Signature = k.sign(b"payload");
+        assert_eq!(public.verify(b"payload", sig.to_der().as_bytes()), Ok(()));
+        assert_eq!(public.verify(b"payload", &sig.to_bytes()), Ok(()));
+        assert_eq!(
+            public.verify(b"payloaD", &sig.to_bytes()),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            public.verify(b"payload", b"junk"),
+            Err(SignatureError::MalformedEcdsa)
+        );
+        let other = PublicKey::from_pem(&ecdsa_pem(&ecdsa_key(2))).unwrap();
+        assert_eq!(
+            other.verify(b"payload", &sig.to_bytes()),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn ed25519_pure_and_prehashed_signatures_verify() {
+        let k = ed25519_key(3);
+        let public = PublicKey::from_pem(&ed25519_pem(&k)).unwrap();
+        assert_eq!(public.scheme(), "ed25519");
+        let pure = k.sign(b"payload");
+        assert_eq!(public.verify(b"payload", &pure.to_bytes()), Ok(()));
+        let ph = k
+            .sign_prehashed(Sha512::new_with_prefix(b"payload"), None)
+            .unwrap();
+        assert_eq!(public.verify(b"payload", &ph.to_bytes()), Ok(()));
+        assert_eq!(
+            public.verify(b"other", &ph.to_bytes()),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            public.verify(b"payload", &[0; 10]),
+            Err(SignatureError::MalformedEd25519)
+        );
+    }
+
+    #[test]
+    fn unsupported_and_malformed_keys_are_refused() {
+        assert!(PublicKey::from_pem("hello").is_err());
+        let bad = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        assert!(PublicKey::from_pem(bad)
+            .unwrap_err()
+            .contains("unsupported"));
+    }
+}
