@@ -111,6 +111,15 @@ pub struct PolicyConfig {
     pub mode: Mode,
     /// Everything this policy matches is denied.
     pub deny: bool,
+    /// A valid signature by any one of these keys is required.
+    pub signed_by: Vec<TrustedKey>,
+}
+
+/// A key named in `[keys]`.
+#[derive(Debug, Clone)]
+pub struct TrustedKey {
+    pub name: String,
+    pub key: crate::keys::PublicKey,
 }
 
 /// One problem in a config file.
@@ -269,6 +278,8 @@ impl Config {
             }
         };
         let config = v.validate(raw, source);
+        // In file order; problems without a line last.
+        v.problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
         if v.problems.is_empty() {
             Ok(config)
         } else {
@@ -383,7 +394,6 @@ impl Validator<'_> {
     }
 
     fn validate(&mut self, raw: RawConfig, source: &str) -> Config {
-        self.unsupported("keys", &raw.keys, "signature verification ([keys])");
         self.unsupported("bases", &raw.bases, "the base-image allow-list ([bases])");
         self.unsupported("audit", &raw.audit, "the audit log ([audit])");
         self.unsupported("server.tls", &raw.server.tls, "serving TLS (server.tls)");
@@ -423,8 +433,24 @@ impl Validator<'_> {
             None => Some(Duration::from_secs(300)),
         };
 
+        if let (Some(l), Some(a)) = (listen, admin.as_ref()) {
+            if l == a.listen {
+                let at = &raw.admin.as_ref().expect("admin parsed").listen;
+                self.problem("admin.listen", at, "must differ from server.listen");
+            }
+        }
+        if let (Some(0), Some(s)) = (max_manifest_size, &raw.server.max_manifest_size) {
+            self.problem("server.max_manifest_size", s, "must be more than 0 bytes");
+        }
+
         let upstreams = self.upstreams(&raw.upstream);
-        let policies = self.policies(&raw.policy);
+        let keys = self.keys(raw.keys.as_ref());
+        let upstream_names: Vec<&str> = raw
+            .upstream
+            .iter()
+            .map(|u| u.name.get_ref().as_str())
+            .collect();
+        let policies = self.policies(&raw.policy, &keys, &upstream_names);
 
         Config {
             source: source.to_owned(),
@@ -609,7 +635,39 @@ impl Validator<'_> {
         out
     }
 
-    fn policies(&mut self, raw: &[RawPolicy]) -> Vec<PolicyConfig> {
+    fn keys(&mut self, raw: Option<&Spanned<toml::Table>>) -> Vec<TrustedKey> {
+        let Some(table) = raw else { return Vec::new() };
+        let mut out = Vec::new();
+        for (name, value) in table.get_ref() {
+            let key = format!("keys.{name}");
+            let Some(path) = value.as_str() else {
+                self.problem(key, table, "must be the path of a PEM public key file");
+                continue;
+            };
+            let text = match std::fs::read_to_string(self.path(path)) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.problem(key, table, format!("cannot read {path:?}: {e}"));
+                    continue;
+                }
+            };
+            match crate::keys::PublicKey::from_pem(&text) {
+                Ok(k) => out.push(TrustedKey {
+                    name: name.clone(),
+                    key: k,
+                }),
+                Err(e) => self.problem(key, table, format!("{path:?}: {e}")),
+            }
+        }
+        out
+    }
+
+    fn policies(
+        &mut self,
+        raw: &[RawPolicy],
+        keys: &[TrustedKey],
+        upstreams: &[&str],
+    ) -> Vec<PolicyConfig> {
         if raw.is_empty() {
             self.problem_nowhere(
                 "policy",
@@ -651,6 +709,25 @@ impl Validator<'_> {
             let mut set = GlobSetBuilder::new();
             let mut patterns = Vec::new();
             for (j, pat) in p.patterns.get_ref().iter().enumerate() {
+                // Names are `<upstream>/<repository>`: a pattern whose first
+                // segment is a plain word that names no upstream can never
+                // match, and a deny rule written so would silently do nothing.
+                let first = pat.get_ref().split('/').next().unwrap_or("");
+                let literal = !first.contains(['*', '?', '[', '{']);
+                if literal && !upstreams.contains(&first) {
+                    self.problem(
+                        format!("policy[{i}].match[{j}]"),
+                        pat,
+                        format!(
+                            "{:?} can never match: names start with the upstream ({}), e.g. \"{}/{}\"",
+                            pat.get_ref(),
+                            upstreams.join(", "),
+                            upstreams.first().copied().unwrap_or("docker.io"),
+                            pat.get_ref()
+                        ),
+                    );
+                    continue;
+                }
                 match compile_pattern(pat.get_ref()) {
                     Ok(g) => {
                         set.add(g);
@@ -659,13 +736,27 @@ impl Validator<'_> {
                     Err(msg) => self.problem(format!("policy[{i}].match[{j}]"), pat, msg),
                 }
             }
+            let mut signed_by = Vec::new();
             if let Some(s) = &p.signed_by {
-                if !s.get_ref().is_empty() {
-                    self.problem(
-                        key("signed_by"),
-                        s,
-                        "signature verification is not implemented in this version of pullgate yet",
-                    );
+                for name in s.get_ref() {
+                    match keys.iter().find(|k| &k.name == name) {
+                        Some(k) => signed_by.push(k.clone()),
+                        None => self.problem(
+                            key("signed_by"),
+                            s,
+                            format!(
+                                "key {name:?} is not defined in [keys] (defined: {})",
+                                if keys.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    keys.iter()
+                                        .map(|k| k.name.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                }
+                            ),
+                        ),
+                    }
                 }
             }
             if let Some(b) = &p.bases {
@@ -684,6 +775,7 @@ impl Validator<'_> {
                     matcher,
                     mode,
                     deny: p.deny,
+                    signed_by,
                 }),
                 Err(e) => self.problem(key("match"), &p.patterns, e.to_string()),
             }
@@ -761,7 +853,7 @@ url = "ftp://x"
 
 [[policy]]
 name = "p"
-match = ["a//b"]
+match = ["Docker.io//b"]
 mode = "maybe"
 "#,
         )
@@ -775,17 +867,38 @@ mode = "maybe"
             keys,
             [
                 ("server.listen", Some(3)),
-                ("storage.max_size", Some(7)),
                 ("storage.tag_ttl", Some(6)),
+                ("storage.max_size", Some(7)),
                 ("upstream[0].name", Some(10)),
                 ("upstream[0].url", Some(11)),
-                ("policy[0].mode", Some(16)),
                 ("policy[0].match[0]", Some(15)),
+                ("policy[0].mode", Some(16)),
             ]
         );
         let text = err.to_string();
         assert!(text.contains("7 problems"), "{text}");
         assert!(text.contains("line 3: server.listen"), "{text}");
+    }
+
+    #[test]
+    fn patterns_that_can_never_match_are_refused() {
+        let err = parse(
+            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"library/centos\", \"docker.io/**\", \"*/x\"]\ndeny = true\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "policy[0].match[0]");
+        assert!(
+            err.problems[0].message.contains("docker.io/library/centos"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listeners_must_differ_and_manifest_cap_must_be_positive() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nmax_manifest_size = \"0\"\n[admin]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n").unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["server.max_manifest_size", "admin.listen"], "{err}");
     }
 
     #[test]
@@ -805,12 +918,64 @@ url = "https://ghcr.io"
 [[policy]]
 name = "acme"
 match = ["**"]
-signed_by = ["k"]
+bases = ["distroless"]
 "#,
         )
         .unwrap_err();
-        assert_eq!(err.problems[0].key, "policy[0].signed_by");
+        assert_eq!(err.problems[0].key, "policy[0].bases");
         assert!(err.problems[0].message.contains("not implemented"));
+    }
+
+    #[test]
+    fn keys_are_loaded_and_policies_name_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = crate::keys::tests::ecdsa_key(9);
+        std::fs::write(
+            dir.path().join("release.pub"),
+            crate::keys::tests::ecdsa_pem(&k),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("junk.pub"),
+            "-----BEGIN PUBLIC KEY-----\nAA==\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let text = r#"
+[keys]
+release = "release.pub"
+
+[[upstream]]
+name = "ghcr.io"
+url = "https://ghcr.io"
+[[policy]]
+name = "acme"
+match = ["**"]
+signed_by = ["release"]
+"#;
+        let c = Config::parse(text, "t", dir.path()).unwrap();
+        assert_eq!(c.policies[0].signed_by[0].name, "release");
+        assert_eq!(c.policies[0].signed_by[0].key.scheme(), "ecdsa-p256");
+        let bad = text
+            .replace(
+                "release = \"release.pub\"",
+                "release = \"release.pub\"\njunk = \"junk.pub\"\nmissing = \"nope.pub\"",
+            )
+            .replace(
+                "signed_by = [\"release\"]",
+                "signed_by = [\"release\", \"other\"]",
+            );
+        let err = Config::parse(&bad, "t", dir.path()).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["keys.junk", "keys.missing", "policy[0].signed_by"],
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("\"other\" is not defined in [keys]"),
+            "{err}"
+        );
     }
 
     #[test]

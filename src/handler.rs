@@ -31,6 +31,7 @@ use crate::policy::{Policies, Verdict};
 use crate::route::{parse_path, PathKind, Route, Router, Target};
 use crate::store::{Store, StoredManifest, TagKey, TagRecord};
 use crate::upstream::{RequestOptions, UpstreamClient};
+use crate::verify::Verifier;
 use crate::zerocopy;
 
 /// Manifest media types asked for when the client sends no `Accept`.
@@ -48,8 +49,13 @@ const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// After an upstream failure, a stale tag is retried upstream after this.
 const STALE_RETRY: Duration = Duration::from_secs(10);
 
+/// Numbers config generations; verdicts are cached per generation.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Everything that changes together on a config reload.
 pub struct Generation {
+    /// Unique per load of the config.
+    pub id: u64,
     pub config: Arc<Config>,
     router: Router,
     policies: Policies,
@@ -70,6 +76,7 @@ impl Generation {
             .map(|u| UpstreamClient::new(u, metrics.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Generation {
+            id: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             policies: Policies::new(config.policies.clone()),
             config: Arc::new(config),
             router,
@@ -86,6 +93,7 @@ pub struct App {
     blobs: Arc<BlobFetches>,
     manifests: SingleFlight<(Arc<str>, Digest), Arc<StoredManifest>>,
     tags: SingleFlight<TagKey, Arc<StoredManifest>>,
+    verifier: Verifier,
 }
 
 impl App {
@@ -108,6 +116,7 @@ impl App {
         Ok(Arc::new(App {
             generation: ArcSwap::from_pointee(generation),
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
+            verifier: Verifier::new(metrics.clone()),
             store,
             metrics,
             manifests: SingleFlight::default(),
@@ -341,7 +350,19 @@ impl App {
             }
         };
         // The verify step: the manifest is known, nothing has been sent yet.
-        let verdict = gen.policies.evaluate(&route.canonical, Some(&m.digest));
+        let verdict = match gen.policies.matching(&route.canonical) {
+            // A signature artifact cannot be signed itself; it is served
+            // whenever the name is allowed, so clients can verify through us.
+            Some(_) if matches!(&reference, Reference::Tag(t) if is_signature_tag(t)) => {
+                gen.policies.evaluate(&route.canonical, Some(&m.digest))
+            }
+            Some(policy) if !policy.deny => {
+                self.verifier
+                    .verdict(gen.id, policy, upstream, &route.repo, &route.canonical, &m)
+                    .await
+            }
+            _ => gen.policies.evaluate(&route.canonical, Some(&m.digest)),
+        };
         let warning = self.apply(route, &verdict, Some(&m.digest), true)?;
         let mut r = Response::builder()
             .header(header::CONTENT_TYPE, m.media_type.as_str())
@@ -703,8 +724,10 @@ impl App {
                 .blobs
                 .join(upstream.clone(), route.repo.clone(), digest)
             {
-                Some((flight, _started)) => {
-                    self.cache_result("blob", "miss");
+                Some((flight, started)) => {
+                    // `miss`: this request made the upstream fetch; `joined`:
+                    // it follows a fetch another request started.
+                    self.cache_result("blob", if started { "miss" } else { "joined" });
                     return self.follow(flight.subscribe(), digest, range).await;
                 }
                 // Committed between our look and the join: read the store.
@@ -937,6 +960,15 @@ impl App {
     }
 }
 
+/// `sha256-<64 hex>.sig`: a legacy cosign signature tag.
+fn is_signature_tag(tag: &Tag) -> bool {
+    let t = tag.as_str();
+    t.len() == 7 + 64 + 4
+        && t.starts_with("sha256-")
+        && t.ends_with(".sig")
+        && t[7..71].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn read_only() -> ApiError {
     ApiError::unsupported(
         "pullgate is a read-only pull-through proxy: pushes and deletes are not supported",
@@ -954,7 +986,13 @@ fn accept_header(headers: &HeaderMap) -> HeaderValue {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    if values.is_empty() {
+    // `*/*` (curl's default) or no manifest type at all: registries answer
+    // OCI content only to clients that name it, so ask for every type.
+    let names_a_manifest = values.iter().any(|v| {
+        v.contains("application/vnd.oci.image.")
+            || v.contains("application/vnd.docker.distribution.manifest.")
+    });
+    if !names_a_manifest {
         return HeaderValue::from_static(DEFAULT_ACCEPT);
     }
     HeaderValue::from_str(&values.join(", ")).unwrap_or(HeaderValue::from_static(DEFAULT_ACCEPT))

@@ -9,6 +9,7 @@
 //! - [`handler`]: the pipeline, the only module that spells out the flow.
 //! - [`route`]: `/v2/<name>/...` to an upstream and a repository.
 //! - [`policy`]: which rule governs a name, and its verdict.
+//! - [`verify`]: the signature requirement, with cached verdicts.
 //! - [`fetch`]: one upstream fetch shared by every waiting client.
 //! - [`upstream`]: HTTP to registries, token auth, redirects.
 //! - [`store`]: content-addressed files, tags, LRU eviction.
@@ -33,6 +34,7 @@ pub mod route;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod verify;
 pub mod zerocopy;
 
 pub use config::Config;

@@ -53,8 +53,17 @@ enum Command {
     /// Exits 0 when the file is valid, 64 when it is not.
     CheckConfig {
         /// Config file (TOML).
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
+        #[arg(value_name = "FILE", required_unless_present = "config")]
+        file: Option<PathBuf>,
+        /// The same, given as for `serve`.
+        #[arg(
+            short,
+            long,
+            value_name = "FILE",
+            env = "PULLGATE_CONFIG",
+            conflicts_with = "file"
+        )]
+        config: Option<PathBuf>,
     },
 }
 
@@ -67,23 +76,11 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} upstream{}, {} polic{})",
-                    file.display(),
-                    c.upstreams.len(),
-                    if c.upstreams.len() == 1 { "" } else { "s" },
-                    c.policies.len(),
-                    if c.policies.len() == 1 { "y" } else { "ies" },
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::CheckConfig { file, config } => {
+            let file = file.or(config).expect("clap requires one of them");
+            check_config(&file)
+        }
+
         Command::Serve { config } => {
             let config = match &config {
                 Some(path) => match Config::load(path) {
@@ -222,6 +219,26 @@ fn reload(app: &Arc<App>, path: Option<&std::path::Path>) {
                 .with_label_values(&["error"])
                 .inc();
             tracing::error!("config reload failed, keeping the old config: {e}");
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} upstream{}, {} polic{})",
+                file.display(),
+                c.upstreams.len(),
+                if c.upstreams.len() == 1 { "" } else { "s" },
+                c.policies.len(),
+                if c.policies.len() == 1 { "y" } else { "ies" },
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Time to answer a manifest request (from cache or upstream).
     pub manifest_duration: Histogram,
+    /// Signature verdicts by result (`pass`, `fail`, `cached`, `unavailable`).
+    pub verifications: IntCounterVec,
+    /// Time to reach a fresh verdict (signature fetch and checks).
+    pub verify_duration: Histogram,
 }
 
 impl Metrics {
@@ -74,6 +78,19 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(manifest_duration.clone()))
+            .expect("metric registered once");
+        let verify_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pullgate_verify_duration_seconds",
+                "Time to reach a fresh signature verdict, fetches included.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(verify_duration.clone()))
             .expect("metric registered once");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
@@ -149,6 +166,13 @@ impl Metrics {
                 &["result"],
             ),
             manifest_duration,
+            verifications: counter(
+                &registry,
+                "pullgate_verifications_total",
+                "Signature verdicts by result (pass, fail, cached, unavailable).",
+                &["result"],
+            ),
+            verify_duration,
             registry,
         }
     }

@@ -23,6 +23,9 @@ pub struct Policies {
 pub mod reason {
     pub const NO_POLICY: &str = "no-policy";
     pub const DENIED_BY_POLICY: &str = "denied-by-policy";
+    pub const UNSIGNED: &str = "unsigned";
+    pub const BAD_SIGNATURE: &str = "bad-signature";
+    pub const VERIFICATION_UNAVAILABLE: &str = "verification-unavailable";
 }
 
 /// The outcome of evaluating one name (and, for manifests, one digest).
@@ -87,6 +90,11 @@ fn describe(slug: &str) -> &'static str {
     match slug {
         reason::NO_POLICY => "no policy matches this name",
         reason::DENIED_BY_POLICY => "the policy denies everything it matches",
+        reason::UNSIGNED => "no signature by a trusted key was found",
+        reason::BAD_SIGNATURE => "signatures were found but none verifies with a trusted key",
+        reason::VERIFICATION_UNAVAILABLE => {
+            "signatures could not be fetched from the upstream, and no earlier verdict is known"
+        }
         _ => "policy requirement not met",
     }
 }
@@ -101,10 +109,9 @@ impl Policies {
         self.list.iter().find(|p| p.matcher.is_match(canonical))
     }
 
-    /// Evaluates a name; `digest` is the manifest being served, if any.
-    ///
-    /// This is where signature and base-image checks slot in: they need the
-    /// manifest and its digest, which the handler passes here before it answers.
+    /// Evaluates what the name alone decides: no policy, or `deny = true`.
+    /// Signature requirements are checked by `verify`, which starts from
+    /// this verdict.
     pub fn evaluate(&self, canonical: &str, _digest: Option<&Digest>) -> Verdict {
         match self.matching(canonical) {
             None => Verdict {

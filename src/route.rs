@@ -150,6 +150,13 @@ impl Router {
                 .and_then(|(first, rest)| Some((self.find(first)?, rest)))
             {
                 Some((i, rest)) => (i, rest.parse()?),
+                // A first component that looks like a registry host (Docker's
+                // rule: it has a `.` or `:`, or is `localhost`) names a
+                // registry, which must be configured; it is never a
+                // repository on the default upstream.
+                None if looks_like_host(s.split('/').next().unwrap_or(s)) && s.contains('/') => {
+                    return Err(self.unknown(s.split('/').next().unwrap_or(s)));
+                }
                 None => match self.default {
                     Some(i) => (i, name.clone()),
                     None => {
@@ -187,6 +194,10 @@ impl Router {
             list.join(", ")
         ))
     }
+}
+
+fn looks_like_host(component: &str) -> bool {
+    component.contains('.') || component.contains(':') || component == "localhost"
 }
 
 fn shorten(s: &str) -> &str {
@@ -252,6 +263,12 @@ mod tests {
             "{}",
             e.message
         );
+        // An unconfigured registry as a prefix is not a Docker Hub repository.
+        let e = router()
+            .route(&"gcr.io/distroless/static".parse().unwrap(), None)
+            .unwrap_err();
+        assert_eq!(e.code, "NAME_UNKNOWN");
+        assert!(e.message.contains("\"gcr.io\""), "{}", e.message);
         let no_default = Router::new([("ghcr.io", false)]);
         let e = no_default
             .route(&"foo/bar".parse().unwrap(), None)

@@ -68,6 +68,13 @@ fn a_bad_config_lists_every_problem_and_exits_64() {
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
+    // Given as for `serve`, the same answer.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
     // `serve` refuses it the same way, before binding anything.
     let out = Command::new(BIN)
         .args(["serve", "--config"])

@@ -68,6 +68,22 @@ async fn manifest_by_tag_and_digest_is_fetched_once_then_served_from_cache() {
 }
 
 #[tokio::test]
+async fn a_client_accepting_anything_gets_the_manifest() {
+    let fake = Fake::start().await;
+    fake.put_image("library/app", "v1", &[noise(10, 1)]);
+    let proxy = Proxy::start(&fake, Options::default()).await;
+    let r = proxy
+        .client
+        .get(proxy.url("/v2/library/app/manifests/v1"))
+        .header("Accept", "*/*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
+}
+
+#[tokio::test]
 async fn routing_styles_reach_the_right_upstream_repository() {
     let fake = Fake::start().await;
     let ghcr = Fake::start().await;
@@ -96,6 +112,12 @@ async fn routing_styles_reach_the_right_upstream_repository() {
     assert_eq!(ghcr.hits("GET", "/v2/acme/app/manifests/1"), 1);
     let (status, code, v) = error_code(proxy.get("/v2/x/manifests/1?ns=quay.io").await).await;
     assert_eq!((status, code.as_str()), (404, "NAME_UNKNOWN"));
+    let (status, code, _) = error_code(proxy.get("/v2/quay.io/acme/app/manifests/1").await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "NAME_UNKNOWN"),
+        "an unconfigured registry prefix"
+    );
     assert!(v["errors"][0]["message"]
         .as_str()
         .unwrap()

@@ -411,6 +411,17 @@ impl FakeState {
             }
             _ => None,
         };
+        // Like distribution: an OCI manifest only for clients that name its type.
+        if kind == "manifests" {
+            if let (Some((ctype, _)), Some(accept)) = (&found, req.headers().get(header::ACCEPT)) {
+                if !accept.to_str().unwrap_or("").contains(ctype.as_str()) {
+                    return full(
+                        StatusCode::NOT_FOUND,
+                        "{\"errors\":[{\"code\":\"MANIFEST_UNKNOWN\",\"message\":\"accept header does not support this manifest\"}]}",
+                    );
+                }
+            }
+        }
         let Some((ctype, bytes)) = found else {
             return full(
                 StatusCode::NOT_FOUND,

@@ -1,0 +1,337 @@
+//! The verify step: does a fetched manifest meet its policy's signature
+//! requirement?
+//!
+//! Runs between "manifest fetched" and "response". Signatures are read from
+//! the legacy cosign tag `sha256-<hex>.sig` in the same upstream repository
+//! on every fresh verdict. Verdicts are cached per (digest, name, config
+//! generation), so a cached pull costs no signature work; denials are looked
+//! at again after [`DENIAL_RECHECK`], since a signature may be added
+//! upstream later. When signatures cannot be fetched, the last verdict for
+//! the same digest and generation is used, else the pull is denied with
+//! `verification-unavailable` (fail closed).
+//!
+//! Multi-arch: an index passes when it is signed, or when every manifest it
+//! lists is signed; the manifests of a passed index then pass too.
+//! Depends on `cosign`, `policy`, `upstream`, `store`, `names`, `metrics`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode};
+
+use crate::config::PolicyConfig;
+use crate::cosign::{self, Rejected};
+use crate::keys::PublicKey;
+use crate::metrics::Metrics;
+use crate::names::{Digest, RepoName};
+use crate::policy::{reason, Verdict};
+use crate::store::StoredManifest;
+use crate::upstream::{RequestOptions, UpstreamClient};
+
+/// A denial is re-evaluated after this long.
+pub const DENIAL_RECHECK: Duration = Duration::from_secs(60);
+
+/// At most this many manifests of an index are checked one by one.
+const MAX_INDEX_CHILDREN: usize = 64;
+
+/// Largest signature manifest read.
+const MAX_SIGNATURE_MANIFEST: usize = 1024 * 1024;
+
+#[derive(Clone)]
+struct Cached {
+    verdict: Verdict,
+    at: Instant,
+}
+
+/// What one signature check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// Signed by the named key.
+    Signed(String),
+    /// No signature manifest, or no signature layers in it.
+    Unsigned,
+    /// Signature layers exist; none counts. The reasons, one per layer.
+    BadSignatures(Vec<String>),
+}
+
+/// Verdict cache and signature checks.
+pub struct Verifier {
+    verdicts: moka::sync::Cache<(Digest, String, u64), Cached>,
+    /// Manifests listed by an index that passed: (digest, name, generation).
+    via_index: moka::sync::Cache<(Digest, String, u64), ()>,
+    metrics: Arc<Metrics>,
+}
+
+impl Verifier {
+    pub fn new(metrics: Arc<Metrics>) -> Verifier {
+        Verifier {
+            verdicts: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            via_index: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            metrics,
+        }
+    }
+
+    /// The verdict for `manifest` under `policy` (already known to match and
+    /// not to deny by name).
+    pub async fn verdict(
+        &self,
+        generation: u64,
+        policy: &PolicyConfig,
+        upstream: &UpstreamClient,
+        repo: &RepoName,
+        canonical: &str,
+        manifest: &StoredManifest,
+    ) -> Verdict {
+        let pass = Verdict {
+            policy: Some(policy.name.clone()),
+            mode: policy.mode,
+            reasons: Vec::new(),
+        };
+        if policy.signed_by.is_empty() {
+            return pass;
+        }
+        let key = (manifest.digest, canonical.to_owned(), generation);
+        // Listed by an index that passed: passes, even if it was denied
+        // when asked for alone before.
+        if self.via_index.contains_key(&key) {
+            return pass;
+        }
+        let known = self.verdicts.get(&key);
+        if let Some(c) = &known {
+            if c.verdict.passes() || c.at.elapsed() < DENIAL_RECHECK {
+                self.metrics
+                    .verifications
+                    .with_label_values(&["cached"])
+                    .inc();
+                return c.verdict.clone();
+            }
+        }
+        let started = Instant::now();
+        let keys: Vec<&PublicKey> = policy.signed_by.iter().map(|k| &k.key).collect();
+        let names: Vec<&str> = policy.signed_by.iter().map(|k| k.name.as_str()).collect();
+        let result = self.evaluate(upstream, repo, manifest, &keys, &names).await;
+        self.metrics
+            .verify_duration
+            .observe(started.elapsed().as_secs_f64());
+        let verdict = match result {
+            Ok((reasons, children)) => {
+                if reasons.is_empty() {
+                    for child in children {
+                        self.via_index
+                            .insert((child, canonical.to_owned(), generation), ());
+                    }
+                }
+                Verdict { reasons, ..pass }
+            }
+            Err(why) => {
+                self.metrics
+                    .verifications
+                    .with_label_values(&["unavailable"])
+                    .inc();
+                tracing::warn!(%canonical, digest = %manifest.digest, "cannot fetch signatures: {why}");
+                if let Some(c) = known {
+                    // Fail closed, unless this digest already has a verdict.
+                    return c.verdict;
+                }
+                return Verdict {
+                    reasons: vec![reason::VERIFICATION_UNAVAILABLE],
+                    ..pass
+                };
+            }
+        };
+        let label = if verdict.passes() { "pass" } else { "fail" };
+        self.metrics.verifications.with_label_values(&[label]).inc();
+        self.verdicts.insert(
+            key,
+            Cached {
+                verdict: verdict.clone(),
+                at: Instant::now(),
+            },
+        );
+        verdict
+    }
+
+    /// Reasons the manifest fails (empty: it passes), and the manifests it
+    /// approves when it is an index that passed.
+    async fn evaluate(
+        &self,
+        upstream: &UpstreamClient,
+        repo: &RepoName,
+        manifest: &StoredManifest,
+        keys: &[&PublicKey],
+        names: &[&str],
+    ) -> Result<(Vec<&'static str>, Vec<Digest>), String> {
+        let children = index_children(manifest);
+        let own = check_signatures(upstream, repo, &manifest.digest, keys, names).await?;
+        log_finding(repo, &manifest.digest, &own);
+        if let Finding::Signed(_) = own {
+            return Ok((Vec::new(), children.unwrap_or_default()));
+        }
+        // An unsigned index passes when every manifest it lists is signed.
+        if let Some(children) = children.filter(|c| !c.is_empty() && c.len() <= MAX_INDEX_CHILDREN)
+        {
+            let mut all = true;
+            for child in &children {
+                let f = check_signatures(upstream, repo, child, keys, names).await?;
+                log_finding(repo, child, &f);
+                if !matches!(f, Finding::Signed(_)) {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                return Ok((Vec::new(), children));
+            }
+        }
+        let why = match own {
+            Finding::BadSignatures(_) => reason::BAD_SIGNATURE,
+            _ => reason::UNSIGNED,
+        };
+        Ok((vec![why], Vec::new()))
+    }
+}
+
+fn log_finding(repo: &RepoName, digest: &Digest, f: &Finding) {
+    match f {
+        Finding::Signed(key) => tracing::debug!(%repo, %digest, key, "signature verified"),
+        Finding::Unsigned => tracing::debug!(%repo, %digest, "no signatures"),
+        Finding::BadSignatures(why) => {
+            tracing::info!(%repo, %digest, ?why, "signatures found, none valid")
+        }
+    }
+}
+
+/// The manifests an index lists, or `None` when `m` is not an index.
+fn index_children(m: &StoredManifest) -> Option<Vec<Digest>> {
+    let v: serde_json::Value = serde_json::from_slice(&m.bytes).ok()?;
+    let list = v["manifests"].as_array()?;
+    Some(
+        list.iter()
+            .filter_map(|d| d["digest"].as_str()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// Reads the `.sig` tag of `digest` and checks each signature layer.
+/// `Err` when the upstream could not be asked (network, 5xx, 429).
+pub async fn check_signatures(
+    upstream: &UpstreamClient,
+    repo: &RepoName,
+    digest: &Digest,
+    keys: &[&PublicKey],
+    names: &[&str],
+) -> Result<Finding, String> {
+    let opts = RequestOptions {
+        accept: Some(HeaderValue::from_static(
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        )),
+        ..RequestOptions::default()
+    };
+    let tag = cosign::signature_tag(digest);
+    let resp = upstream
+        .send(Method::GET, repo, &format!("manifests/{tag}"), &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Ok(Finding::Unsigned),
+        s => return Err(format!("upstream {} answered {s} for {tag}", upstream.name)),
+    }
+    if resp
+        .content_length()
+        .is_some_and(|l| l > MAX_SIGNATURE_MANIFEST as u64)
+    {
+        return Ok(Finding::BadSignatures(vec![
+            "signature manifest too large".into()
+        ]));
+    }
+    let bytes = read_limited(upstream, resp, MAX_SIGNATURE_MANIFEST).await?;
+    let Some(bytes) = bytes else {
+        return Ok(Finding::BadSignatures(vec![
+            "signature manifest too large".into()
+        ]));
+    };
+    let layers = match cosign::parse_signature_manifest(&bytes) {
+        Ok(l) => l,
+        Err(e) => return Ok(Finding::BadSignatures(vec![e])),
+    };
+    if layers.is_empty() {
+        return Ok(Finding::Unsigned);
+    }
+    let mut problems = Vec::new();
+    for layer in &layers {
+        if layer.size > cosign::MAX_PAYLOAD_SIZE {
+            problems.push(Rejected::PayloadTooLarge(layer.size).to_string());
+            continue;
+        }
+        let payload = fetch_payload(upstream, repo, &layer.payload).await?;
+        let Some(payload) = payload else {
+            problems.push(format!("payload {} is missing upstream", layer.payload));
+            continue;
+        };
+        match cosign::check(layer, &payload, digest, keys) {
+            Ok(i) => return Ok(Finding::Signed(names[i].to_owned())),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    Ok(Finding::BadSignatures(problems))
+}
+
+async fn fetch_payload(
+    upstream: &UpstreamClient,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<Option<Bytes>, String> {
+    let resp = upstream
+        .send(
+            Method::GET,
+            repo,
+            &format!("blobs/{digest}"),
+            &RequestOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Ok(None),
+        s => {
+            return Err(format!(
+                "upstream {} answered {s} for payload {digest}",
+                upstream.name
+            ))
+        }
+    }
+    // An oversized payload cannot match its (small) descriptor: treat as absent.
+    Ok(
+        read_limited(upstream, resp, cosign::MAX_PAYLOAD_SIZE as usize)
+            .await?
+            .or(Some(Bytes::new())),
+    )
+}
+
+/// Reads at most `max` bytes; `None` when the body is longer.
+async fn read_limited(
+    upstream: &UpstreamClient,
+    resp: reqwest::Response,
+    max: usize,
+) -> Result<Option<Bytes>, String> {
+    use futures_util::StreamExt;
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    loop {
+        let next = tokio::time::timeout(upstream.idle_timeout, stream.next())
+            .await
+            .map_err(|_| format!("upstream {} stalled", upstream.name))?;
+        match next {
+            None => return Ok(Some(Bytes::from(buf))),
+            Some(Ok(chunk)) => {
+                if buf.len() + chunk.len() > max {
+                    return Ok(None);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Some(Err(e)) => return Err(format!("upstream {}: {e}", upstream.name)),
+        }
+    }
+}
