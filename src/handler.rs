@@ -94,6 +94,10 @@ pub struct App {
     manifests: SingleFlight<(Arc<str>, Digest), Arc<StoredManifest>>,
     tags: SingleFlight<TagKey, Arc<StoredManifest>>,
     verifier: Verifier,
+    /// (name, blob) pairs that approved manifests reference.
+    approved_blobs: moka::sync::Cache<(String, Digest), ()>,
+    /// (name, manifest) pairs whose blobs are in `approved_blobs`.
+    approved_manifests: moka::sync::Cache<(String, Digest), ()>,
 }
 
 impl App {
@@ -117,6 +121,8 @@ impl App {
             generation: ArcSwap::from_pointee(generation),
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
             verifier: Verifier::new(metrics.clone()),
+            approved_blobs: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
+            approved_manifests: moka::sync::Cache::builder().max_capacity(100_000).build(),
             store,
             metrics,
             manifests: SingleFlight::default(),
@@ -364,6 +370,9 @@ impl App {
             _ => gen.policies.evaluate(&route.canonical, Some(&m.digest)),
         };
         let warning = self.apply(route, &verdict, Some(&m.digest), true)?;
+        if verdict.passes() {
+            self.record_approved_blobs(gen, route, &m);
+        }
         let mut r = Response::builder()
             .header(header::CONTENT_TYPE, m.media_type.as_str())
             .header(header::CONTENT_LENGTH, m.bytes.len())
@@ -662,6 +671,23 @@ impl App {
         Ok(m)
     }
 
+    /// Notes the blobs an approved manifest references (config and layers;
+    /// for a signature manifest, its payloads), once per manifest and name.
+    fn record_approved_blobs(&self, gen: &Generation, route: &Route, m: &StoredManifest) {
+        let gated = gen
+            .policies
+            .matching(&route.canonical)
+            .is_some_and(|p| !p.signed_by.is_empty());
+        let key = (route.canonical.clone(), m.digest);
+        if !gated || self.approved_manifests.contains_key(&key) {
+            return;
+        }
+        for blob in referenced_blobs(&m.bytes) {
+            self.approved_blobs.insert((route.canonical.clone(), blob), ());
+        }
+        self.approved_manifests.insert(key, ());
+    }
+
     fn stored_manifest(&self, d: &Digest) -> Result<Option<Arc<StoredManifest>>, ApiError> {
         self.store.get_manifest(d).map_err(|e| {
             ApiError::internal(format!("cannot read manifest {d} from the store: {e}"))
@@ -692,6 +718,23 @@ impl App {
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
             self.apply(route, &verdict, None, false)?;
+        }
+        // Under a policy with requirements, only blobs of approved manifests
+        // of this repository: a denied image's layers cannot be fetched by
+        // digest. Clients fetch the manifest first, so this costs them nothing.
+        if let Some(policy) = gen.policies.matching(&route.canonical) {
+            let gated = !policy.signed_by.is_empty() && policy.mode == crate::config::Mode::Enforce;
+            if gated && !self.approved_blobs.contains_key(&(route.canonical.clone(), digest)) {
+                return Err(ApiError::denied(format!(
+                    "blocked by policy {:?}: blob {digest} is not part of an approved manifest of {} (pull its manifest first)",
+                    policy.name, route.canonical
+                ))
+                .with_detail(serde_json::json!({
+                    "policy": policy.name,
+                    "reasons": [crate::policy::reason::NOT_APPROVED],
+                    "digest": digest.to_string(),
+                })));
+            }
         }
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
         let mut attempts = 0;
@@ -958,6 +1001,24 @@ impl App {
         };
         Ok(r.body(b).expect("valid response"))
     }
+}
+
+/// The config and layer digests an image manifest references.
+pub fn referenced_blobs(manifest: &[u8]) -> Vec<Digest> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+        return Vec::new();
+    };
+    let config = v["config"]["digest"].as_str();
+    let layers = v["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["digest"].as_str());
+    config
+        .into_iter()
+        .chain(layers)
+        .filter_map(|d| d.parse().ok())
+        .collect()
 }
 
 /// `sha256-<64 hex>.sig`: a legacy cosign signature tag.

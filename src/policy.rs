@@ -26,6 +26,7 @@ pub mod reason {
     pub const UNSIGNED: &str = "unsigned";
     pub const BAD_SIGNATURE: &str = "bad-signature";
     pub const VERIFICATION_UNAVAILABLE: &str = "verification-unavailable";
+    pub const NOT_APPROVED: &str = "not-approved";
 }
 
 /// The outcome of evaluating one name (and, for manifests, one digest).
