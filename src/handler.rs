@@ -683,7 +683,8 @@ impl App {
             return;
         }
         for blob in referenced_blobs(&m.bytes) {
-            self.approved_blobs.insert((route.canonical.clone(), blob), ());
+            self.approved_blobs
+                .insert((route.canonical.clone(), blob), ());
         }
         self.approved_manifests.insert(key, ());
     }
@@ -724,7 +725,11 @@ impl App {
         // digest. Clients fetch the manifest first, so this costs them nothing.
         if let Some(policy) = gen.policies.matching(&route.canonical) {
             let gated = !policy.signed_by.is_empty() && policy.mode == crate::config::Mode::Enforce;
-            if gated && !self.approved_blobs.contains_key(&(route.canonical.clone(), digest)) {
+            if gated
+                && !self
+                    .approved_blobs
+                    .contains_key(&(route.canonical.clone(), digest))
+            {
                 return Err(ApiError::denied(format!(
                     "blocked by policy {:?}: blob {digest} is not part of an approved manifest of {} (pull its manifest first)",
                     policy.name, route.canonical

@@ -273,3 +273,126 @@ async fn skopeo_shows_the_denial_reason() {
     assert!(err.contains("denied"), "{err}");
     assert!(err.contains("no policy matches"), "{err}");
 }
+
+/// A cosign-format signature of `image` by `key`, added to `layout` under
+/// the tag `sha256-<hex>.sig`.
+fn sign_into(
+    layout: &mut Layout,
+    repo: &str,
+    image: &str,
+    key: &p256::ecdsa::SigningKey,
+) -> String {
+    use signature::Signer;
+    let d: pullgate::names::Digest = image.parse().unwrap();
+    let payload = pullgate::cosign::payload(repo, &d);
+    let sig: p256::ecdsa::Signature = key.sign(&payload);
+    let (manifest, config) = pullgate::cosign::signature_manifest(&[(
+        payload.clone(),
+        sig.to_der().as_bytes().to_vec(),
+    )]);
+    let w = layout.raw_manifest(&manifest, &[&payload, &config]);
+    let tag = pullgate::cosign::signature_tag(&d);
+    layout.tag(&tag, &w);
+    tag
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containerd() {
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let registry = Registry::start(&w.join("registry"), None, RegistryAuth::None, None);
+    let key = p256::ecdsa::SigningKey::from_slice(&[21; 32]).unwrap();
+    let stranger = p256::ecdsa::SigningKey::from_slice(&[22; 32]).unwrap();
+
+    let mut layout = Layout::new(&w.join("src"));
+    let amd = layout.image(
+        "amd64",
+        &[
+            ("etc/arch", b"amd64\n".to_vec()),
+            ("data", noise(1 << 20, 1)),
+        ],
+    );
+    let arm = layout.image("arm64", &[("etc/arch", b"arm64\n".to_vec())]);
+    let multi = layout.index(&[("amd64", &amd), ("arm64", &arm)]);
+    layout.tag("signed", &multi);
+    let sig_tag = sign_into(&mut layout, "docker.io/library/app", &multi.digest, &key);
+    let unsigned = layout.image("amd64", &[("etc/os", b"unsigned\n".to_vec())]);
+    layout.tag("unsigned", &unsigned);
+    let wrong = layout.image("amd64", &[("etc/os", b"wrong key\n".to_vec())]);
+    layout.tag("wrong", &wrong);
+    let wrong_sig = sign_into(
+        &mut layout,
+        "docker.io/library/app",
+        &wrong.digest,
+        &stranger,
+    );
+    for tag in [
+        "signed",
+        sig_tag.as_str(),
+        "unsigned",
+        "wrong",
+        wrong_sig.as_str(),
+    ] {
+        push(
+            w,
+            &layout.dir,
+            tag,
+            &format!("{}/library/app:{tag}", registry.addr),
+            &["--dest-tls-verify=false"],
+        );
+    }
+
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::write(
+        dir.path().join("release.pub"),
+        key.verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap(),
+    )
+    .unwrap();
+    let upstreams = format!(
+        "[keys]\nrelease = \"release.pub\"\n\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
+        registry.url()
+    );
+    let policies = "[[policy]]\nname = \"release-signed\"\nmatch = [\"docker.io/library/**\"]\nsigned_by = [\"release\"]\n";
+    let proxy = Proxy::with_config(dir, &config(&upstreams, policies)).await;
+    let p = proxy.addr;
+
+    // skopeo: the signed index and both platforms come through intact.
+    let out = w.join("signed");
+    pull(w, &format!("{p}/library/app:signed"), &out, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_same_blobs(
+        &layout,
+        &out,
+        &[multi.digest.clone(), amd.digest.clone(), arm.digest.clone()],
+    );
+    assert_same_blobs(&layout, &out, &amd.layers);
+    // Unsigned and wrongly signed: denied, and skopeo shows why.
+    let err = pull(w, &format!("{p}/library/app:unsigned"), &w.join("u"), &[]).unwrap_err();
+    assert!(
+        err.contains("denied") && err.contains("no signature by a trusted key"),
+        "{err}"
+    );
+    let err = pull(w, &format!("{p}/library/app:wrong"), &w.join("x"), &[]).unwrap_err();
+    assert!(err.contains("none verifies with a trusted key"), "{err}");
+    // A denied image's layer, asked for by digest: refused.
+    let r = proxy
+        .get(&format!("/v2/library/app/blobs/{}", unsigned.layers[0]))
+        .await;
+    assert_eq!(r.status(), 403);
+
+    // containerd: pulls the signed multi-arch image (index, then one child by digest).
+    let ctrd = Containerd::start(&w.join("ctrd"));
+    let hosts = ctrd.hosts_dir("docker.io", &format!("http://{p}"));
+    let ctr_pull = |image: &str| {
+        let mut c = ctrd.ctr("sig");
+        c.args(["image", "pull", "--snapshotter", "native", "--hosts-dir"])
+            .arg(&hosts)
+            .arg(image);
+        c
+    };
+    real::run(&mut ctr_pull("docker.io/library/app:signed"));
+    let out = real::run_failing(&mut ctr_pull("docker.io/library/app:unsigned"));
+    assert!(out.contains("403"), "{out}");
+}

@@ -180,32 +180,70 @@ async fn only_blobs_of_approved_manifests_are_served() {
     let fake = Fake::start().await;
     let keys = tempfile::tempdir().unwrap();
     let (signed, signed_layers) = fake.put_image("library/app", "good", &[noise(1000, 1)]);
-    sign(&fake, "library/app", &signed, &signed, Signer_::Ecdsa(release_key()));
+    sign(
+        &fake,
+        "library/app",
+        &signed,
+        &signed,
+        Signer_::Ecdsa(release_key()),
+    );
     let (_, bad_layers) = fake.put_image("library/app", "bad", &[noise(1000, 2)]);
     let proxy = start(&fake, keys.path(), "enforce").await;
 
     // Before any manifest: nothing.
-    let (s, code, v) = error_code(proxy.get(&format!("/v2/library/app/blobs/{}", signed_layers[0])).await).await;
+    let (s, code, v) = error_code(
+        proxy
+            .get(&format!("/v2/library/app/blobs/{}", signed_layers[0]))
+            .await,
+    )
+    .await;
     assert_eq!((s, code.as_str()), (403, "DENIED"));
     assert_eq!(v["errors"][0]["detail"]["reasons"][0], "not-approved");
     // The signed image's manifest approves its blobs.
-    assert_eq!(proxy.get("/v2/library/app/manifests/good").await.status(), 200);
-    let r = proxy.get(&format!("/v2/library/app/blobs/{}", signed_layers[0])).await;
+    assert_eq!(
+        proxy.get("/v2/library/app/manifests/good").await.status(),
+        200
+    );
+    let r = proxy
+        .get(&format!("/v2/library/app/blobs/{}", signed_layers[0]))
+        .await;
     assert_eq!(r.status(), 200);
     // The denied image's layer stays out of reach, even by digest.
-    assert_eq!(proxy.get("/v2/library/app/manifests/bad").await.status(), 403);
-    let (s, _, _) = error_code(proxy.get(&format!("/v2/library/app/blobs/{}", bad_layers[0])).await).await;
+    assert_eq!(
+        proxy.get("/v2/library/app/manifests/bad").await.status(),
+        403
+    );
+    let (s, _, _) = error_code(
+        proxy
+            .get(&format!("/v2/library/app/blobs/{}", bad_layers[0]))
+            .await,
+    )
+    .await;
     assert_eq!(s, 403);
     assert_eq!(fake.total_hits(&bad_layers[0]), 0, "nothing fetched for it");
     // Approval is per repository: the same blob under another name is not.
-    let (s, _, _) = error_code(proxy.get(&format!("/v2/library/other/blobs/{}", signed_layers[0])).await).await;
+    let (s, _, _) = error_code(
+        proxy
+            .get(&format!("/v2/library/other/blobs/{}", signed_layers[0]))
+            .await,
+    )
+    .await;
     assert_eq!(s, 403);
     // The signature's payload can be fetched through pullgate, to verify it.
     let sig_tag = cosign::signature_tag(&signed.parse().unwrap());
-    let r = proxy.get(&format!("/v2/library/app/manifests/{sig_tag}")).await;
-    let sig_manifest: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let r = proxy
+        .get(&format!("/v2/library/app/manifests/{sig_tag}"))
+        .await;
+    let sig_manifest: serde_json::Value =
+        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     let payload = sig_manifest["layers"][0]["digest"].as_str().unwrap();
-    assert_eq!(proxy.get(&format!("/v2/library/app/blobs/{payload}")).await.status(), 200);
+    assert_eq!(
+        proxy
+            .get(&format!("/v2/library/app/blobs/{payload}"))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]

@@ -316,6 +316,20 @@ impl Layout {
         }
     }
 
+    /// Stores a manifest written elsewhere (a signature manifest) and its blobs.
+    pub fn raw_manifest(&mut self, manifest: &[u8], blobs: &[&[u8]]) -> Written {
+        for b in blobs {
+            self.blob(b);
+        }
+        let digest = self.blob(manifest);
+        Written {
+            digest,
+            size: manifest.len(),
+            media_type: "application/vnd.oci.image.manifest.v1+json",
+            layers: Vec::new(),
+        }
+    }
+
     /// Names a manifest or index `tag` in index.json.
     pub fn tag(&mut self, tag: &str, w: &Written) {
         self.entries.push(json!({
