@@ -116,11 +116,12 @@ impl App {
             )
         })?;
         let store = Arc::new(store);
+        let config_store_path = config.storage.path.clone();
         let generation = Generation::build(config, &metrics)?;
         Ok(Arc::new(App {
             generation: ArcSwap::from_pointee(generation),
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
-            verifier: Verifier::new(metrics.clone()),
+            verifier: Verifier::new(&config_store_path, metrics.clone()),
             approved_blobs: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
             approved_manifests: moka::sync::Cache::builder().max_capacity(100_000).build(),
             store,

@@ -56,6 +56,15 @@ impl PublicKey {
         }
     }
 
+    /// Whether two keys are the same key.
+    pub fn same_key(&self, other: &PublicKey) -> bool {
+        match (self, other) {
+            (PublicKey::EcdsaP256(a), PublicKey::EcdsaP256(b)) => a == b,
+            (PublicKey::Ed25519(a), PublicKey::Ed25519(b)) => a == b,
+            _ => false,
+        }
+    }
+
     /// Checks `sig` over the exact `payload` bytes.
     pub fn verify(&self, payload: &[u8], sig: &[u8]) -> Result<(), SignatureError> {
         match self {
@@ -76,6 +85,72 @@ impl PublicKey {
                 key.verify_prehashed_strict(prehash, None, &sig)
                     .map_err(|_| SignatureError::Mismatch)
             }
+        }
+    }
+}
+
+/// A signing key pullgate uses for its own approvals (`pullgate approve`).
+pub enum PrivateKey {
+    EcdsaP256(p256::ecdsa::SigningKey),
+    Ed25519(ed25519_dalek::SigningKey),
+}
+
+impl PrivateKey {
+    /// A new random key: `ecdsa-p256` or `ed25519`.
+    pub fn generate(scheme: &str) -> Result<PrivateKey, String> {
+        let mut rng = rand_core::OsRng;
+        match scheme {
+            "ecdsa-p256" => Ok(PrivateKey::EcdsaP256(p256::ecdsa::SigningKey::random(
+                &mut rng,
+            ))),
+            "ed25519" => Ok(PrivateKey::Ed25519(ed25519_dalek::SigningKey::generate(
+                &mut rng,
+            ))),
+            other => Err(format!("unknown scheme {other:?} (ecdsa-p256 or ed25519)")),
+        }
+    }
+
+    /// Parses a PEM `PRIVATE KEY` block (PKCS#8, unencrypted).
+    pub fn from_pem(pem: &str) -> Result<PrivateKey, String> {
+        use p256::pkcs8::DecodePrivateKey;
+        if let Ok(k) = p256::ecdsa::SigningKey::from_pkcs8_pem(pem.trim()) {
+            return Ok(PrivateKey::EcdsaP256(k));
+        }
+        if let Ok(k) = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.trim()) {
+            return Ok(PrivateKey::Ed25519(k));
+        }
+        Err("not an unencrypted PKCS#8 \"PRIVATE KEY\" for ECDSA P-256 or Ed25519 (as `pullgate keygen` writes)".into())
+    }
+
+    /// The PKCS#8 PEM of this key.
+    pub fn to_pem(&self) -> String {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        let pem = match self {
+            PrivateKey::EcdsaP256(k) => k.to_pkcs8_pem(LineEnding::LF),
+            PrivateKey::Ed25519(k) => k.to_pkcs8_pem(LineEnding::LF),
+        };
+        pem.expect("encoding a valid key").to_string()
+    }
+
+    /// The PKIX PEM of the matching public key, as cosign writes it.
+    pub fn public_pem(&self) -> String {
+        use p256::pkcs8::{EncodePublicKey, LineEnding};
+        match self {
+            PrivateKey::EcdsaP256(k) => k.verifying_key().to_public_key_pem(LineEnding::LF),
+            PrivateKey::Ed25519(k) => k.verifying_key().to_public_key_pem(LineEnding::LF),
+        }
+        .expect("encoding a valid key")
+    }
+
+    /// Signs `payload` (ECDSA: DER over SHA-256; Ed25519: pure).
+    pub fn sign(&self, payload: &[u8]) -> Vec<u8> {
+        use signature::Signer;
+        match self {
+            PrivateKey::EcdsaP256(k) => {
+                let s: p256::ecdsa::Signature = k.sign(payload);
+                s.to_der().as_bytes().to_vec()
+            }
+            PrivateKey::Ed25519(k) => k.sign(payload).to_bytes().to_vec(),
         }
     }
 }
@@ -152,6 +227,23 @@ pub mod tests {
             public.verify(b"payload", &[0; 10]),
             Err(SignatureError::MalformedEd25519)
         );
+    }
+
+    #[test]
+    fn generated_keys_round_trip_and_sign_verifiably() {
+        for scheme in ["ecdsa-p256", "ed25519"] {
+            let k = PrivateKey::generate(scheme).unwrap();
+            let again = PrivateKey::from_pem(&k.to_pem()).unwrap();
+            let public = PublicKey::from_pem(&k.public_pem()).unwrap();
+            assert_eq!(public.scheme(), scheme);
+            assert_eq!(public.verify(b"p", &again.sign(b"p")), Ok(()));
+            assert!(k.to_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
+        }
+        assert!(PrivateKey::generate("rsa").is_err());
+        assert!(PrivateKey::from_pem(
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----"
+        )
+        .is_err());
     }
 
     #[test]

@@ -16,10 +16,12 @@
 //! - [`config`]: the TOML file, validated before anything starts.
 //! - [`keys`]: trusted public keys and signature checks.
 //! - [`cosign`]: the cosign signature wire format.
+//! - [`approvals`]: approvals pullgate holds itself (`pullgate approve`).
 //! - [`metrics`], [`error`], [`body`], [`names`]: shared vocabulary.
 
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod body;
 pub mod config;
 pub mod cosign;

@@ -65,6 +65,40 @@ enum Command {
         )]
         config: Option<PathBuf>,
     },
+    /// Generate a signing key pair: PREFIX.key (PKCS#8, unencrypted, mode 0600)
+    /// and PREFIX.pub (PKIX PEM, as cosign writes public keys).
+    ///
+    /// Put PREFIX.pub in [keys] to trust what the key signs; use PREFIX.key with
+    /// `pullgate approve`.
+    Keygen {
+        #[arg(long, value_enum, default_value_t = Scheme::EcdsaP256)]
+        scheme: Scheme,
+        /// Output prefix: writes PREFIX.key and PREFIX.pub (never overwrites).
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Approve one image digest locally, as a signature pullgate holds itself.
+    ///
+    /// Signs a cosign simple-signing payload for the digest with KEY and stores it
+    /// in the store of --config. A running server honours it at the next pull, with
+    /// no restart, when KEY's public key is in a matching policy's signed_by.
+    Approve {
+        /// The image by digest: NAME@sha256:<hex>, e.g. ghcr.io/acme/app@sha256:...
+        #[arg(value_name = "IMAGE@DIGEST")]
+        image: String,
+        /// Private key (PKCS#8 PEM, e.g. from `pullgate keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Config file whose store receives the approval.
+        #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum Scheme {
+    Ed25519,
+    EcdsaP256,
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -81,6 +115,8 @@ fn main() -> ExitCode {
             check_config(&file)
         }
 
+        Command::Keygen { scheme, out } => report(keygen(scheme, &out)),
+        Command::Approve { image, key, config } => report(approve(&image, &key, &config)),
         Command::Serve { config } => {
             let config = match &config {
                 Some(path) => match Config::load(path) {
@@ -241,4 +277,115 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// Prints a command's outcome; failures exit 1 (64 for config problems).
+fn report(result: Result<String, (u8, String)>) -> ExitCode {
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err((code, msg)) => {
+            eprintln!("pullgate: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn keygen(scheme: Scheme, out: &std::path::Path) -> Result<String, (u8, String)> {
+    use std::io::Write;
+    let name = match scheme {
+        Scheme::Ed25519 => "ed25519",
+        Scheme::EcdsaP256 => "ecdsa-p256",
+    };
+    let key = pullgate::keys::PrivateKey::generate(name).map_err(|e| (1, e))?;
+    let with = |ext: &str| {
+        let mut p = out.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let (private, public) = (with(".key"), with(".pub"));
+    for p in [&private, &public] {
+        if p.exists() {
+            return Err((1, format!("{} exists; not overwriting it", p.display())));
+        }
+    }
+    let write = |path: &std::path::Path, text: &str, mode: u32| -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    write(&private, &key.to_pem(), 0o600)
+        .map_err(|e| (1, format!("cannot write {}: {e}", private.display())))?;
+    write(&public, &key.public_pem(), 0o644)
+        .map_err(|e| (1, format!("cannot write {}: {e}", public.display())))?;
+    Ok(format!(
+        "wrote {} ({name} private key) and {} (public key for [keys])",
+        private.display(),
+        public.display()
+    ))
+}
+
+fn approve(
+    image: &str,
+    key: &std::path::Path,
+    config: &std::path::Path,
+) -> Result<String, (u8, String)> {
+    let config = Config::load(config).map_err(|e| (EXIT_CONFIG, e.to_string()))?;
+    let (name, digest) = image
+        .rsplit_once('@')
+        .ok_or_else(|| (1, format!("{image:?} is not NAME@DIGEST")))?;
+    let digest: pullgate::names::Digest = digest.parse().map_err(|e| (1, format!("{e}")))?;
+    let name: pullgate::names::RepoName = name.parse().map_err(|e| (1, format!("{e}")))?;
+    let router = pullgate::route::Router::new(
+        config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.as_str(), u.default)),
+    );
+    let route = router.route(&name, None).map_err(|e| (1, e.message))?;
+    let pem = std::fs::read_to_string(key)
+        .map_err(|e| (1, format!("cannot read {}: {e}", key.display())))?;
+    let private = pullgate::keys::PrivateKey::from_pem(&pem)
+        .map_err(|e| (1, format!("{}: {e}", key.display())))?;
+    let path =
+        pullgate::approvals::record(&config.storage.path, &route.canonical, &digest, &private)
+            .map_err(|e| {
+                (
+                    1,
+                    format!(
+                        "cannot store the approval under {}: {e}",
+                        config.storage.path.display()
+                    ),
+                )
+            })?;
+    let public = pullgate::keys::PublicKey::from_pem(&private.public_pem()).map_err(|e| (1, e))?;
+    let trusted_as: Vec<&str> = config
+        .policies
+        .iter()
+        .find(|p| p.matcher.is_match(&route.canonical))
+        .into_iter()
+        .flat_map(|p| p.signed_by.iter())
+        .filter(|k| k.key.same_key(&public))
+        .map(|k| k.name.as_str())
+        .collect();
+    let note = if trusted_as.is_empty() {
+        "; note: the policy matching this name does not trust this key, so pulls are not affected until it does".to_owned()
+    } else {
+        format!(
+            " (trusted as {:?} by the matching policy)",
+            trusted_as.join(", ")
+        )
+    };
+    Ok(format!(
+        "approved {}@{digest}: {}{note}",
+        route.canonical,
+        path.display()
+    ))
 }

@@ -2,8 +2,9 @@
 //! requirement?
 //!
 //! Runs between "manifest fetched" and "response". Signatures are read from
-//! the legacy cosign tag `sha256-<hex>.sig` in the same upstream repository
-//! on every fresh verdict. Verdicts are cached per (digest, name, config
+//! approvals pullgate holds locally and from the legacy cosign tag
+//! `sha256-<hex>.sig` in the same upstream repository on every fresh
+//! verdict. Verdicts are cached per (digest, name, config
 //! generation), so a cached pull costs no signature work; denials are looked
 //! at again after [`DENIAL_RECHECK`], since a signature may be added
 //! upstream later. When signatures cannot be fetched, the last verdict for
@@ -14,12 +15,14 @@
 //! lists is signed; the manifests of a passed index then pass too.
 //! Depends on `cosign`, `policy`, `upstream`, `store`, `names`, `metrics`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 
+use crate::approvals;
 use crate::config::PolicyConfig;
 use crate::cosign::{self, Rejected};
 use crate::keys::PublicKey;
@@ -57,6 +60,8 @@ pub enum Finding {
 
 /// Verdict cache and signature checks.
 pub struct Verifier {
+    /// The store root, where local approvals live.
+    store: PathBuf,
     verdicts: moka::sync::Cache<(Digest, String, u64), Cached>,
     /// Manifests listed by an index that passed: (digest, name, generation).
     via_index: moka::sync::Cache<(Digest, String, u64), ()>,
@@ -64,8 +69,9 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(metrics: Arc<Metrics>) -> Verifier {
+    pub fn new(store: &Path, metrics: Arc<Metrics>) -> Verifier {
         Verifier {
+            store: store.to_path_buf(),
             verdicts: moka::sync::Cache::builder().max_capacity(100_000).build(),
             via_index: moka::sync::Cache::builder().max_capacity(100_000).build(),
             metrics,
@@ -99,7 +105,11 @@ impl Verifier {
         }
         let known = self.verdicts.get(&key);
         if let Some(c) = &known {
-            if c.verdict.passes() || c.at.elapsed() < DENIAL_RECHECK {
+            // A denial is looked at again after a while, or at once when an
+            // approval was recorded locally since.
+            let approved_since =
+                !c.verdict.passes() && approvals::exists(&self.store, &manifest.digest);
+            if c.verdict.passes() || (c.at.elapsed() < DENIAL_RECHECK && !approved_since) {
                 self.metrics
                     .verifications
                     .with_label_values(&["cached"])
@@ -163,6 +173,11 @@ impl Verifier {
         names: &[&str],
     ) -> Result<(Vec<&'static str>, Vec<Digest>), String> {
         let children = index_children(manifest);
+        // Approvals held locally first: no upstream needed.
+        if let Ok(i) = approvals::check(&self.store, &manifest.digest, keys) {
+            tracing::debug!(%repo, digest = %manifest.digest, key = names[i], "approved locally");
+            return Ok((Vec::new(), children.unwrap_or_default()));
+        }
         let own = check_signatures(upstream, repo, &manifest.digest, keys, names).await?;
         log_finding(repo, &manifest.digest, &own);
         if let Finding::Signed(_) = own {

@@ -420,3 +420,82 @@ async fn upstream_traffic_uses_the_environment_proxy_unless_no_proxy_says_otherw
         std::fs::remove_dir_all(dir.path().join("data")).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_and_approve_let_a_running_server_serve_an_unsigned_image() {
+    let fake = Fake::start().await;
+    let (digest, layers) = fake.put_image("library/app", "v1", &[noise(100, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["keygen", "--scheme", "ed25519", "--out"])
+        .arg(dir.path().join("approver"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(dir.path().join("approver"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "keygen never overwrites a key");
+
+    let (port, admin) = (free_port(), free_port());
+    let policy = "[keys]\napprover = \"approver.pub\"\n\n[[policy]]\nname = \"approved\"\nmatch = [\"docker.io/**\"]\nsigned_by = [\"approver\"]\n";
+    // [keys] must come before the tables write_config adds: put it first.
+    let config = write_config(dir.path(), port, admin, &fake.url(), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let (keys, policies) = policy.split_once("\n\n").unwrap();
+    std::fs::write(&config, format!("{keys}\n\n{text}\n{policies}")).unwrap();
+    let _server = Server::start(&config, admin);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(get("/v2/library/app/manifests/v1".into()).await, 403);
+
+    let out = Command::new(BIN)
+        .arg("approve")
+        .arg(format!("docker.io/library/app@{digest}"))
+        .arg("--key")
+        .arg(dir.path().join("approver.key"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("trusted as \"approver\""), "{text}");
+    // No restart: the next pull finds the approval.
+    assert_eq!(get("/v2/library/app/manifests/v1".into()).await, 200);
+    assert_eq!(
+        get(format!("/v2/library/app/blobs/{}", layers[0])).await,
+        200
+    );
+    // A bad reference is a clear error.
+    let out = Command::new(BIN)
+        .args(["approve", "docker.io/library/app:v1", "--key"])
+        .arg(dir.path().join("approver.key"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NAME@DIGEST"));
+}
