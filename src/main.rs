@@ -93,6 +93,19 @@ enum Command {
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Evaluate policy for an image without serving it, step by step.
+    ///
+    /// Fetches the manifest and its signatures from the upstream (nothing is
+    /// stored) and explains the verdict: the policy that matched, the signatures
+    /// found, which verified and why others did not. Exit status: 0 allowed,
+    /// 1 denied, 64 bad config, 69 upstream unreachable or image not found.
+    Verify {
+        /// NAME[:TAG] or NAME@DIGEST, e.g. ghcr.io/acme/app:1.2
+        #[arg(value_name = "IMAGE")]
+        image: String,
+        #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -116,6 +129,7 @@ fn main() -> ExitCode {
         }
 
         Command::Keygen { scheme, out } => report(keygen(scheme, &out)),
+        Command::Verify { image, config } => verify(&image, &config),
         Command::Approve { image, key, config } => report(approve(&image, &key, &config)),
         Command::Serve { config } => {
             let config = match &config {
@@ -388,4 +402,37 @@ fn approve(
         route.canonical,
         path.display()
     ))
+}
+
+fn verify(image: &str, config: &std::path::Path) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut lines = Vec::new();
+    let result = runtime.block_on(pullgate::verify::explain(&config, image, &mut lines));
+    for l in &lines {
+        println!("{l}");
+    }
+    match result {
+        Ok(pullgate::verify::Outcome::Allowed) => ExitCode::SUCCESS,
+        Ok(pullgate::verify::Outcome::Denied) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("pullgate: cannot reach a verdict: {e}");
+            ExitCode::from(69)
+        }
+    }
 }

@@ -350,3 +350,194 @@ async fn read_limited(
         }
     }
 }
+
+/// How `pullgate verify` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+}
+
+/// Evaluates policy for `image` (`NAME[:TAG]` or `NAME@DIGEST`) without
+/// serving it, writing each step as a line of `out`. Nothing is stored.
+/// `Err` when the image or its signatures cannot be fetched.
+pub async fn explain(
+    config: &crate::config::Config,
+    image: &str,
+    out: &mut Vec<String>,
+) -> Result<Outcome, String> {
+    use crate::names::Reference;
+    let (name, reference) = split_image(image)?;
+    let router = crate::route::Router::new(
+        config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.as_str(), u.default)),
+    );
+    let route = router.route(&name, None).map_err(|e| e.message)?;
+    out.push(format!(
+        "name: {} (upstream {}, repository {})",
+        route.canonical, route.upstream_name, route.repo
+    ));
+    let policies = crate::policy::Policies::new(config.policies.clone());
+    let Some(policy) = policies.matching(&route.canonical) else {
+        out.push("policy: none matches this name; unmatched names are denied (no-policy)".into());
+        return Ok(Outcome::Denied);
+    };
+    let keys: Vec<&PublicKey> = policy.signed_by.iter().map(|k| &k.key).collect();
+    let names: Vec<&str> = policy.signed_by.iter().map(|k| k.name.as_str()).collect();
+    out.push(format!(
+        "policy: {:?} (mode {}, patterns {:?}){}",
+        policy.name,
+        policy.mode.as_str(),
+        policy.patterns,
+        if policy.deny {
+            ", deny = true".to_owned()
+        } else if names.is_empty() {
+            ", no requirements".to_owned()
+        } else {
+            format!(", signed_by {names:?}")
+        }
+    ));
+    if policy.deny {
+        out.push("verdict: denied (denied-by-policy)".into());
+        return Ok(Outcome::Denied);
+    }
+    let metrics = Arc::new(Metrics::new());
+    let upstream_cfg = config
+        .upstream(&route.upstream_name)
+        .expect("routed to a configured upstream");
+    let upstream = UpstreamClient::new(upstream_cfg, metrics)?;
+    let opts = RequestOptions {
+        accept: Some(HeaderValue::from_static(crate::handler::DEFAULT_ACCEPT)),
+        ..RequestOptions::default()
+    };
+    let resp = upstream
+        .send(
+            Method::GET,
+            &route.repo,
+            &format!("manifests/{reference}"),
+            &opts,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!(
+            "upstream {} answered {} for {}:{reference}",
+            upstream.name,
+            resp.status(),
+            route.repo
+        ));
+    }
+    let bytes = read_limited(&upstream, resp, config.server.max_manifest_size as usize)
+        .await?
+        .ok_or("manifest over server.max_manifest_size")?;
+    let digest = Digest::of(&bytes);
+    if let Reference::Digest(want) = &reference {
+        if *want != digest {
+            return Err(format!(
+                "upstream sent bytes for {want} that hash to {digest}"
+            ));
+        }
+    }
+    let manifest = StoredManifest {
+        digest,
+        media_type: String::new(),
+        bytes,
+    };
+    let children = index_children(&manifest);
+    out.push(format!(
+        "manifest: {digest}{}",
+        match &children {
+            Some(c) => format!(" (an index of {} manifests)", c.len()),
+            None => String::new(),
+        }
+    ));
+    if keys.is_empty() {
+        out.push("verdict: allowed (the policy has no requirements)".into());
+        return Ok(Outcome::Allowed);
+    }
+    let store = &config.storage.path;
+    let signed = |finding: &Finding| matches!(finding, Finding::Signed(_));
+    let explain_one =
+        async |d: &Digest, label: &str, out: &mut Vec<String>| -> Result<bool, String> {
+            match approvals::check(store, d, &keys) {
+                Ok(i) => {
+                    out.push(format!(
+                        "  {label}: approved locally, verified with key {:?}",
+                        names[i]
+                    ));
+                    return Ok(true);
+                }
+                Err(why) if !why.is_empty() => {
+                    for w in why {
+                        out.push(format!("  {label}: {w}"));
+                    }
+                }
+                Err(_) => out.push(format!("  {label}: no local approvals")),
+            }
+            let f = check_signatures(&upstream, &route.repo, d, &keys, &names).await?;
+            match &f {
+                Finding::Signed(k) => out.push(format!(
+                    "  {label}: signature in {} verified with key {k:?}",
+                    cosign::signature_tag(d)
+                )),
+                Finding::Unsigned => out.push(format!(
+                    "  {label}: no signatures ({} is absent or empty)",
+                    cosign::signature_tag(d)
+                )),
+                Finding::BadSignatures(why) => {
+                    for w in why {
+                        out.push(format!("  {label}: signature rejected: {w}"));
+                    }
+                }
+            }
+            Ok(signed(&f))
+        };
+    out.push("signatures:".into());
+    if explain_one(&digest, "manifest", out).await? {
+        out.push("verdict: allowed (signed)".into());
+        return Ok(Outcome::Allowed);
+    }
+    if let Some(children) = children.filter(|c| !c.is_empty() && c.len() <= MAX_INDEX_CHILDREN) {
+        out.push("the index is not signed itself; checking every manifest it lists:".into());
+        let mut all = true;
+        for c in &children {
+            all &= explain_one(c, &c.to_string(), out).await?;
+        }
+        if all {
+            out.push("verdict: allowed (every manifest of the index is signed)".into());
+            return Ok(Outcome::Allowed);
+        }
+    }
+    out.push(format!(
+        "verdict: {} (unsigned or bad-signature)",
+        if policy.mode == crate::config::Mode::Audit {
+            "would be denied; served with a warning in audit mode"
+        } else {
+            "denied"
+        }
+    ));
+    Ok(Outcome::Denied)
+}
+
+/// Splits `NAME[:TAG]` or `NAME@DIGEST`.
+fn split_image(image: &str) -> Result<(RepoName, crate::names::Reference), String> {
+    use crate::names::Reference;
+    if let Some((name, digest)) = image.rsplit_once('@') {
+        let d: Digest = digest.parse().map_err(|e| format!("{e}"))?;
+        return Ok((
+            name.parse().map_err(|e| format!("{e}"))?,
+            Reference::Digest(d),
+        ));
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match image[last_slash..].rfind(':') {
+        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
+        None => (image, "latest"),
+    };
+    Ok((
+        name.parse().map_err(|e| format!("{e}"))?,
+        Reference::Tag(tag.parse().map_err(|e| format!("{e}"))?),
+    ))
+}

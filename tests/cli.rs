@@ -499,3 +499,103 @@ async fn keygen_and_approve_let_a_running_server_serve_an_unsigned_image() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NAME@DIGEST"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_explains_the_verdict_step_by_step() {
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+    use signature::Signer;
+    let fake = Fake::start().await;
+    let key = p256::ecdsa::SigningKey::from_slice(&[31; 32]).unwrap();
+    let stranger = p256::ecdsa::SigningKey::from_slice(&[32; 32]).unwrap();
+    let sign = |repo: &str, digest: &str, k: &p256::ecdsa::SigningKey| {
+        let d: pullgate::names::Digest = digest.parse().unwrap();
+        let payload = pullgate::cosign::payload(repo, &d);
+        let sig: p256::ecdsa::Signature = k.sign(&payload);
+        fake.put_blob(bytes::Bytes::from(payload.clone()));
+        let (m, c) =
+            pullgate::cosign::signature_manifest(&[(payload, sig.to_der().as_bytes().to_vec())]);
+        fake.put_blob(bytes::Bytes::from(c));
+        fake.put_manifest(
+            repo,
+            Some(&pullgate::cosign::signature_tag(&d)),
+            "application/vnd.oci.image.manifest.v1+json",
+            m,
+        );
+    };
+    let (signed, _) = fake.put_image("library/signed", "v1", &[noise(10, 1)]);
+    sign("library/signed", &signed, &key);
+    fake.put_image("library/unsigned", "v1", &[noise(10, 2)]);
+    let (wrong, _) = fake.put_image("library/wrong", "v1", &[noise(10, 3)]);
+    sign("library/wrong", &wrong, &stranger);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("release.pub"),
+        key.verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap(),
+    )
+    .unwrap();
+    let config = write_config(dir.path(), free_port(), free_port(), &fake.url(), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("[keys]\nrelease = \"release.pub\"\n\n{text}\n[[policy]]\nname = \"signed\"\nmatch = [\"docker.io/**\"]\nsigned_by = [\"release\"]\n"),
+    )
+    .unwrap();
+    let verify = move |image: &str| {
+        let out = Command::new(BIN)
+            .args(["verify", image, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, text) = tokio::task::spawn_blocking({
+        let verify = verify.clone();
+        move || verify("docker.io/library/signed:v1")
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{text}");
+    for needle in [
+        "policy: \"signed\"",
+        "verified with key \"release\"",
+        "verdict: allowed",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?}:\n{text}");
+    }
+    let (code, text) = tokio::task::spawn_blocking({
+        let verify = verify.clone();
+        move || verify("library/unsigned:v1")
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("no signatures") && text.contains("verdict: denied"),
+        "{text}"
+    );
+    let (code, text) = tokio::task::spawn_blocking({
+        let verify = verify.clone();
+        move || verify(&format!("docker.io/library/wrong@{wrong}"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("signature rejected: no trusted key verifies the signature"),
+        "{text}"
+    );
+    let (code, _) = tokio::task::spawn_blocking(move || verify("docker.io/library/nothing:v1"))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(69));
+}
