@@ -8,8 +8,14 @@
 //! `dev.cosignproject.cosign/signature`. The payload names the digest it
 //! signs in `critical.image.docker-manifest-digest`.
 //!
-//! This module parses and checks that format (and writes it, for tests and
-//! for signatures pullgate makes itself). Fetching is the caller's job.
+//! cosign v3 attaches a sigstore bundle instead, as an OCI 1.1 referrer of
+//! the image (found through the referrers API, or the `sha256-<hex>` tag on
+//! registries without it): a DSSE envelope whose signature covers the DSSE
+//! pre-authentication encoding of an in-toto statement naming the image's
+//! digest as its subject.
+//!
+//! This module parses and checks both formats (and writes them, for tests
+//! and for signatures pullgate makes itself). Fetching is the caller's job.
 //! Depends on `names`, `keys`.
 
 use base64::Engine as _;
@@ -169,6 +175,166 @@ pub fn signature_manifest(signatures: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, Vec<u8
     (manifest, config)
 }
 
+// ---- cosign v3: sigstore bundles attached as OCI referrers ------------------
+
+/// The artifact type (and layer media type) of a sigstore bundle.
+pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+
+/// The payload type of a DSSE envelope holding an in-toto statement.
+pub const IN_TOTO_PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+
+/// Largest bundle read.
+pub const MAX_BUNDLE_SIZE: u64 = 256 * 1024;
+
+/// The tag that lists referrers when a registry has no referrers API.
+pub fn referrers_tag(digest: &Digest) -> String {
+    format!("sha256-{}", digest.hex())
+}
+
+/// DSSE's pre-authentication encoding: what a DSSE signature signs.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks a sigstore bundle: a DSSE envelope over an in-toto statement whose
+/// subject is `image`, signed by one of `keys`. Returns that key's index.
+pub fn check_bundle(bundle: &[u8], image: &Digest, keys: &[&PublicKey]) -> Result<usize, Rejected> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let v: serde_json::Value =
+        serde_json::from_slice(bundle).map_err(|_| Rejected::NotSimpleSigning)?;
+    let env = &v["dsseEnvelope"];
+    let payload_type = env["payloadType"]
+        .as_str()
+        .ok_or(Rejected::NotSimpleSigning)?;
+    if payload_type != IN_TOTO_PAYLOAD_TYPE {
+        return Err(Rejected::NotSimpleSigning);
+    }
+    let payload = env["payload"]
+        .as_str()
+        .and_then(|p| b64.decode(p).ok())
+        .ok_or(Rejected::BadBase64)?;
+    let statement: serde_json::Value =
+        serde_json::from_slice(&payload).map_err(|_| Rejected::NotSimpleSigning)?;
+    let subjects: Vec<&str> = statement["subject"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["digest"]["sha256"].as_str())
+        .collect();
+    if !subjects.iter().any(|h| *h == image.hex()) {
+        let other = subjects
+            .first()
+            .and_then(|h| format!("sha256:{h}").parse().ok())
+            .ok_or(Rejected::NotSimpleSigning)?;
+        return Err(Rejected::OtherDigest(other));
+    }
+    let signed = pae(payload_type, &payload);
+    let mut saw_signature = false;
+    for sig in env["signatures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(MAX_SIGNATURE_LAYERS)
+    {
+        let Some(sig) = sig["sig"].as_str().and_then(|s| b64.decode(s).ok()) else {
+            continue;
+        };
+        saw_signature = true;
+        if let Some(i) = keys.iter().position(|k| k.verify(&signed, &sig).is_ok()) {
+            return Ok(i);
+        }
+    }
+    Err(if saw_signature {
+        Rejected::NoKey
+    } else {
+        Rejected::BadBase64
+    })
+}
+
+/// A sigstore bundle signing `image` with `sign` (tests and tools).
+pub fn bundle(image: &Digest, name: &str, sign: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let statement = serde_json::to_vec(&json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": name, "digest": {"sha256": image.hex()}}],
+        "predicateType": "https://sigstore.dev/cosign/sign/v1",
+        "predicate": {},
+    }))
+    .expect("JSON of plain values");
+    let sig = sign(&pae(IN_TOTO_PAYLOAD_TYPE, &statement));
+    serde_json::to_vec(&json!({
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {"publicKey": {"hint": ""}, "tlogEntries": []},
+        "dsseEnvelope": {
+            "payload": b64.encode(&statement),
+            "payloadType": IN_TOTO_PAYLOAD_TYPE,
+            "signatures": [{"sig": b64.encode(sig), "keyid": ""}],
+        },
+    }))
+    .expect("JSON of plain values")
+}
+
+/// An OCI 1.1 referrer manifest carrying `bundle` for the subject. Returns
+/// (manifest, config); the config is the empty descriptor's `{}`.
+pub fn bundle_manifest(
+    subject: &Digest,
+    subject_size: usize,
+    subject_type: &str,
+    bundle: &[u8],
+) -> (Vec<u8>, Vec<u8>) {
+    let config = b"{}".to_vec();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": BUNDLE_MEDIA_TYPE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2, "digest": Digest::of(&config).to_string()},
+        "layers": [{"mediaType": BUNDLE_MEDIA_TYPE, "size": bundle.len(), "digest": Digest::of(bundle).to_string()}],
+        "subject": {"mediaType": subject_type, "size": subject_size, "digest": subject.to_string()},
+    }))
+    .expect("JSON of plain values");
+    (manifest, config)
+}
+
+/// Whether a manifest is a signature artifact (a sigstore bundle referrer),
+/// which is served whenever its name is allowed.
+pub fn is_bundle_manifest(manifest: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(manifest)
+        .map(|v| v["artifactType"] == BUNDLE_MEDIA_TYPE)
+        .unwrap_or(false)
+}
+
+/// The bundle layer of a referrer manifest: (digest, size).
+pub fn bundle_layer(manifest: &[u8]) -> Option<(Digest, u64)> {
+    let v: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    let l = v["layers"]
+        .as_array()?
+        .iter()
+        .find(|l| l["mediaType"] == BUNDLE_MEDIA_TYPE)?;
+    Some((l["digest"].as_str()?.parse().ok()?, l["size"].as_u64()?))
+}
+
+/// Bundle referrers listed in a referrers index: manifest digests.
+pub fn bundle_referrers(index: &[u8]) -> Vec<Digest> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(index) else {
+        return Vec::new();
+    };
+    v["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["artifactType"] == BUNDLE_MEDIA_TYPE)
+        .filter_map(|m| m["digest"].as_str()?.parse().ok())
+        .take(MAX_SIGNATURE_LAYERS)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +439,48 @@ mod tests {
             check(&big, &p, &image(), &key_refs),
             Err(Rejected::PayloadTooLarge(MAX_PAYLOAD_SIZE + 1))
         );
+    }
+
+    #[test]
+    fn dsse_bundles_check_subject_and_signature() {
+        let k = ecdsa_key(7);
+        let ed = ed25519_key(8);
+        let keys = [
+            PublicKey::from_pem(&ecdsa_pem(&k)).unwrap(),
+            PublicKey::from_pem(&ed25519_pem(&ed)).unwrap(),
+        ];
+        let key_refs: Vec<&PublicKey> = keys.iter().collect();
+        let sign_ec = |m: &[u8]| {
+            let s: p256::ecdsa::Signature = k.sign(m);
+            s.to_der().as_bytes().to_vec()
+        };
+        let b = bundle(&image(), "r/app", sign_ec);
+        assert_eq!(check_bundle(&b, &image(), &key_refs), Ok(0));
+        let b = bundle(&image(), "r/app", |m: &[u8]| ed.sign(m).to_bytes().to_vec());
+        assert_eq!(check_bundle(&b, &image(), &key_refs), Ok(1));
+        // Another image's bundle does not count for this one.
+        let other = Digest::of(b"other");
+        assert_eq!(
+            check_bundle(&b, &other, &key_refs),
+            Err(Rejected::OtherDigest(image()))
+        );
+        // A signature over the bare statement (no PAE) does not verify.
+        let b = bundle(&image(), "r/app", |m: &[u8]| {
+            let body = &m[m.len() - (m.len() - m.iter().rposition(|&c| c == b' ').unwrap() - 1)..];
+            let s: p256::ecdsa::Signature = k.sign(body);
+            s.to_der().as_bytes().to_vec()
+        });
+        assert_eq!(check_bundle(&b, &image(), &key_refs), Err(Rejected::NoKey));
+        assert!(check_bundle(b"{}", &image(), &key_refs).is_err());
+        assert_eq!(pae("t", b"ab"), b"DSSEv1 1 t 2 ab".to_vec());
+        let (m, _) = bundle_manifest(
+            &image(),
+            10,
+            "application/vnd.oci.image.manifest.v1+json",
+            b"x",
+        );
+        assert!(is_bundle_manifest(&m));
+        assert_eq!(bundle_layer(&m), Some((Digest::of(b"x"), 1)));
     }
 
     #[test]

@@ -360,7 +360,10 @@ impl App {
         let verdict = match gen.policies.matching(&route.canonical) {
             // A signature artifact cannot be signed itself; it is served
             // whenever the name is allowed, so clients can verify through us.
-            Some(_) if matches!(&reference, Reference::Tag(t) if is_signature_tag(t)) => {
+            Some(_)
+                if matches!(&reference, Reference::Tag(t) if is_signature_tag(t))
+                    || crate::cosign::is_bundle_manifest(&m.bytes) =>
+            {
                 gen.policies.evaluate(&route.canonical, Some(&m.digest))
             }
             Some(policy) if !policy.deny => {
@@ -1027,13 +1030,13 @@ pub fn referenced_blobs(manifest: &[u8]) -> Vec<Digest> {
         .collect()
 }
 
-/// `sha256-<64 hex>.sig`: a legacy cosign signature tag.
+/// `sha256-<64 hex>.sig` (a legacy cosign signature) or `sha256-<64 hex>`
+/// (the referrers list of a registry without the referrers API).
 fn is_signature_tag(tag: &Tag) -> bool {
     let t = tag.as_str();
-    t.len() == 7 + 64 + 4
-        && t.starts_with("sha256-")
-        && t.ends_with(".sig")
-        && t[7..71].bytes().all(|b| b.is_ascii_hexdigit())
+    let rest = t.strip_prefix("sha256-").unwrap_or("");
+    let hex = rest.strip_suffix(".sig").unwrap_or(rest);
+    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn read_only() -> ApiError {

@@ -228,9 +228,163 @@ fn index_children(m: &StoredManifest) -> Option<Vec<Digest>> {
     )
 }
 
-/// Reads the `.sig` tag of `digest` and checks each signature layer.
+/// Checks every upstream signature source of `digest`: the legacy `.sig`
+/// tag, then sigstore bundles attached as referrers.
 /// `Err` when the upstream could not be asked (network, 5xx, 429).
 pub async fn check_signatures(
+    upstream: &UpstreamClient,
+    repo: &RepoName,
+    digest: &Digest,
+    keys: &[&PublicKey],
+    names: &[&str],
+) -> Result<Finding, String> {
+    let legacy = check_legacy(upstream, repo, digest, keys, names).await?;
+    if let Finding::Signed(_) = legacy {
+        return Ok(legacy);
+    }
+    let bundles = check_bundles(upstream, repo, digest, keys, names).await?;
+    Ok(match (legacy, bundles) {
+        (_, f @ Finding::Signed(_)) => f,
+        (Finding::BadSignatures(mut a), Finding::BadSignatures(b)) => {
+            a.extend(b);
+            Finding::BadSignatures(a)
+        }
+        (f @ Finding::BadSignatures(_), _) | (_, f @ Finding::BadSignatures(_)) => f,
+        _ => Finding::Unsigned,
+    })
+}
+
+/// Finds sigstore bundles referring to `digest` (referrers API, else the
+/// `sha256-<hex>` tag) and checks each.
+async fn check_bundles(
+    upstream: &UpstreamClient,
+    repo: &RepoName,
+    digest: &Digest,
+    keys: &[&PublicKey],
+    names: &[&str],
+) -> Result<Finding, String> {
+    let index_accept = RequestOptions {
+        accept: Some(HeaderValue::from_static(
+            "application/vnd.oci.image.index.v1+json",
+        )),
+        ..RequestOptions::default()
+    };
+    let mut opts = index_accept.clone();
+    opts.query = Some(format!(
+        "artifactType={}",
+        cosign::BUNDLE_MEDIA_TYPE.replace('+', "%2B")
+    ));
+    let mut resp = upstream
+        .send(Method::GET, repo, &format!("referrers/{digest}"), &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() == StatusCode::NOT_FOUND {
+        // No referrers API: the fallback tag lists them.
+        let tag = cosign::referrers_tag(digest);
+        resp = upstream
+            .send(
+                Method::GET,
+                repo,
+                &format!("manifests/{tag}"),
+                &index_accept,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(Finding::Unsigned);
+        }
+    }
+    if resp.status() != StatusCode::OK {
+        return Err(format!(
+            "upstream {} answered {} listing referrers of {digest}",
+            upstream.name,
+            resp.status()
+        ));
+    }
+    let Some(index) = read_limited(upstream, resp, MAX_SIGNATURE_MANIFEST).await? else {
+        return Ok(Finding::BadSignatures(vec![
+            "referrers list too large".into()
+        ]));
+    };
+    let referrers = cosign::bundle_referrers(&index);
+    if referrers.is_empty() {
+        return Ok(Finding::Unsigned);
+    }
+    let manifest_accept = RequestOptions {
+        accept: Some(HeaderValue::from_static(
+            "application/vnd.oci.image.manifest.v1+json",
+        )),
+        ..RequestOptions::default()
+    };
+    let mut problems = Vec::new();
+    for r in referrers {
+        let resp = upstream
+            .send(
+                Method::GET,
+                repo,
+                &format!("manifests/{r}"),
+                &manifest_accept,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::OK {
+            problems.push(format!(
+                "bundle manifest {r}: upstream answered {}",
+                resp.status()
+            ));
+            continue;
+        }
+        let Some(m) = read_limited(upstream, resp, MAX_SIGNATURE_MANIFEST).await? else {
+            problems.push(format!("bundle manifest {r} too large"));
+            continue;
+        };
+        if Digest::of(&m) != r {
+            problems.push(format!(
+                "bundle manifest {r}: bytes do not match the digest"
+            ));
+            continue;
+        }
+        let Some((layer, size)) = cosign::bundle_layer(&m) else {
+            problems.push(format!("bundle manifest {r} has no bundle layer"));
+            continue;
+        };
+        if size > cosign::MAX_BUNDLE_SIZE {
+            problems.push(format!("bundle {layer} is {size} bytes, over the limit"));
+            continue;
+        }
+        let resp = upstream
+            .send(
+                Method::GET,
+                repo,
+                &format!("blobs/{layer}"),
+                &RequestOptions::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::OK {
+            problems.push(format!(
+                "bundle {layer}: upstream answered {}",
+                resp.status()
+            ));
+            continue;
+        }
+        let bundle = read_limited(upstream, resp, cosign::MAX_BUNDLE_SIZE as usize)
+            .await?
+            .unwrap_or_default();
+        if Digest::of(&bundle) != layer {
+            problems.push(format!("bundle {layer}: {}", Rejected::PayloadMismatch));
+            continue;
+        }
+        match cosign::check_bundle(&bundle, digest, keys) {
+            Ok(i) => return Ok(Finding::Signed(names[i].to_owned())),
+            Err(e) => problems.push(format!("bundle {layer}: {e}")),
+        }
+    }
+    Ok(Finding::BadSignatures(problems))
+}
+
+/// Reads the `.sig` tag of `digest` and checks each signature layer.
+async fn check_legacy(
     upstream: &UpstreamClient,
     repo: &RepoName,
     digest: &Digest,

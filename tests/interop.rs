@@ -327,12 +327,41 @@ async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containe
         &wrong.digest,
         &stranger,
     );
+    // A cosign v3 bundle, listed by the referrers fallback tag (this
+    // registry has no referrers API).
+    let bundled = layout.image("amd64", &[("etc/os", b"bundled\n".to_vec())]);
+    layout.tag("bundled", &bundled);
+    let fallback_tag = {
+        use signature::Signer;
+        let d: pullgate::names::Digest = bundled.digest.parse().unwrap();
+        let bundle = pullgate::cosign::bundle(&d, "docker.io/library/app", |m: &[u8]| {
+            let s: p256::ecdsa::Signature = key.sign(m);
+            s.to_der().as_bytes().to_vec()
+        });
+        let (m, config) =
+            pullgate::cosign::bundle_manifest(&d, bundled.size, bundled.media_type, &bundle);
+        let referrer = layout.raw_manifest(&m, &[&bundle, &config]);
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": referrer.media_type, "digest": referrer.digest, "size": referrer.size,
+                           "artifactType": pullgate::cosign::BUNDLE_MEDIA_TYPE}],
+        }))
+        .unwrap();
+        // skopeo 1.9 cannot copy an index whose descriptors carry
+        // artifactType unchanged, so the referrer goes up by a tag of its own
+        // and the fallback index is PUT directly.
+        layout.tag("bundle-referrer", &referrer);
+        (pullgate::cosign::referrers_tag(&d), index)
+    };
+    let (fallback_tag, fallback_index) = fallback_tag;
     for tag in [
         "signed",
         sig_tag.as_str(),
         "unsigned",
         "wrong",
         wrong_sig.as_str(),
+        "bundled",
+        "bundle-referrer",
     ] {
         push(
             w,
@@ -342,6 +371,21 @@ async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containe
             &["--dest-tls-verify=false"],
         );
     }
+
+    let put = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .put(format!(
+            "{}/v2/library/app/manifests/{fallback_tag}",
+            registry.url()
+        ))
+        .header("Content-Type", "application/vnd.oci.image.index.v1+json")
+        .body(fallback_index)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201, "{:?}", put.text().await);
 
     let dir = Arc::new(tempfile::tempdir().unwrap());
     std::fs::write(
@@ -376,6 +420,10 @@ async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containe
     );
     let err = pull(w, &format!("{p}/library/app:wrong"), &w.join("x"), &[]).unwrap_err();
     assert!(err.contains("none verifies with a trusted key"), "{err}");
+    // Signed by a cosign v3 bundle: passes.
+    let out = w.join("bundled");
+    pull(w, &format!("{p}/library/app:bundled"), &out, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_same_blobs(&layout, &out, &bundled.layers);
     // A denied image's layer, asked for by digest: refused.
     let r = proxy
         .get(&format!("/v2/library/app/blobs/{}", unsigned.layers[0]))

@@ -414,3 +414,90 @@ async fn audit_mode_serves_unsigned_images_with_a_warning() {
         1.0
     );
 }
+
+/// Attaches a cosign v3 bundle to `image` as a referrer, listed through the
+/// referrers API (`api`) or the `sha256-<hex>` fallback tag.
+fn attach_bundle(fake: &Fake, repo: &str, image: &str, key: &p256::ecdsa::SigningKey, api: bool) {
+    let d: Digest = image.parse().unwrap();
+    let bundle = cosign::bundle(&d, &format!("docker.io/{repo}"), |m: &[u8]| {
+        let s: p256::ecdsa::Signature = key.sign(m);
+        s.to_der().as_bytes().to_vec()
+    });
+    fake.put_blob(Bytes::from(bundle.clone()));
+    let (manifest, config) = cosign::bundle_manifest(&d, 100, OCI_MANIFEST, &bundle);
+    fake.put_blob(Bytes::from(config));
+    let m = fake.put_manifest(repo, None, OCI_MANIFEST, manifest.clone());
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": m, "size": manifest.len(),
+                       "artifactType": cosign::BUNDLE_MEDIA_TYPE}],
+    }))
+    .unwrap();
+    if api {
+        fake.state.manifests.lock().unwrap().insert(
+            (repo.to_owned(), format!("referrers/{image}")),
+            (OCI_INDEX.to_owned(), Bytes::from(index)),
+        );
+    } else {
+        fake.put_manifest(repo, Some(&cosign::referrers_tag(&d)), OCI_INDEX, index);
+    }
+}
+
+#[tokio::test]
+async fn cosign_v3_bundles_are_found_through_referrers_or_their_fallback_tag() {
+    let fake = Fake::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let (api, _) = fake.put_image("library/api", "v1", &[noise(100, 1)]);
+    attach_bundle(&fake, "library/api", &api, &release_key(), true);
+    let (fallback, layers) = fake.put_image("library/fallback", "v1", &[noise(100, 2)]);
+    attach_bundle(&fake, "library/fallback", &fallback, &release_key(), false);
+    let (stranger, _) = fake.put_image("library/stranger", "v1", &[noise(100, 3)]);
+    attach_bundle(&fake, "library/stranger", &stranger, &stranger_key(), true);
+    let proxy = start(&fake, keys.path(), "enforce").await;
+
+    assert_eq!(
+        proxy.get("/v2/library/api/manifests/v1").await.status(),
+        200
+    );
+    assert_eq!(
+        proxy
+            .get("/v2/library/fallback/manifests/v1")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        proxy
+            .get(&format!("/v2/library/fallback/blobs/{}", layers[0]))
+            .await
+            .status(),
+        200
+    );
+    let (s, _, v) = error_code(proxy.get("/v2/library/stranger/manifests/v1").await).await;
+    assert_eq!(s, 403);
+    assert_eq!(v["errors"][0]["detail"]["reasons"][0], "bad-signature");
+    // The signature artifacts come through for clients that verify themselves.
+    let d: Digest = fallback.parse().unwrap();
+    let r = proxy
+        .get(&format!(
+            "/v2/library/fallback/manifests/{}",
+            cosign::referrers_tag(&d)
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let index: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let bundle_manifest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let r = proxy
+        .get(&format!("/v2/library/fallback/manifests/{bundle_manifest}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let m: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let bundle = m["layers"][0]["digest"].as_str().unwrap();
+    assert_eq!(
+        proxy
+            .get(&format!("/v2/library/fallback/blobs/{bundle}"))
+            .await
+            .status(),
+        200
+    );
+}

@@ -381,6 +381,12 @@ impl FakeState {
                 .unwrap()
                 .get(&(repo.clone(), reference.to_owned()))
                 .cloned(),
+            "referrers" => self
+                .manifests
+                .lock()
+                .unwrap()
+                .get(&(repo.clone(), format!("referrers/{reference}")))
+                .cloned(),
             "blobs" => self
                 .blobs
                 .lock()
