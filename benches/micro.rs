@@ -118,5 +118,103 @@ fn store_and_handler(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, hashing, store_and_handler);
+fn signatures(c: &mut Criterion) {
+    use pullgate::cosign;
+    use pullgate::keys::{PrivateKey, PublicKey};
+    let image = Digest::of(b"image manifest");
+    for scheme in ["ecdsa-p256", "ed25519"] {
+        let key = PrivateKey::generate(scheme).unwrap();
+        let public = PublicKey::from_pem(&key.public_pem()).unwrap();
+        let payload = cosign::payload("ghcr.io/acme/app", &image);
+        let (manifest, _) = cosign::signature_manifest(&[(payload.clone(), key.sign(&payload))]);
+        let layer = cosign::parse_signature_manifest(&manifest)
+            .unwrap()
+            .remove(0);
+        c.bench_function(&format!("verify: legacy .sig signature, {scheme}"), |b| {
+            b.iter(|| black_box(cosign::check(&layer, &payload, &image, &[&public]).unwrap()))
+        });
+        let bundle = cosign::bundle(&image, "ghcr.io/acme/app", |m| key.sign(m));
+        c.bench_function(&format!("verify: v3 bundle (DSSE), {scheme}"), |b| {
+            b.iter(|| black_box(cosign::check_bundle(&bundle, &image, &[&public]).unwrap()))
+        });
+    }
+}
+
+/// The cached manifest request again, under a policy that requires a
+/// signature (satisfied by a local approval, so no upstream is needed): the
+/// difference to the plain figure is the cached verdict.
+fn cached_verdict(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = pullgate::keys::PrivateKey::generate("ed25519").unwrap();
+    std::fs::write(dir.path().join("k.pub"), key.public_pem()).unwrap();
+    let text = format!(
+        "[keys]\nk = \"k.pub\"\n[storage]\npath = \"{}\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n[[policy]]\nname = \"signed\"\nmatch = [\"**\"]\nsigned_by = [\"k\"]\n",
+        dir.path().join("data").display()
+    );
+    let (app, digest) = {
+        let config = Config::parse(&text, "bench", dir.path()).unwrap();
+        let data = config.storage.path.clone();
+        let app = App::new(config).unwrap();
+        let bytes = Bytes::from(vec![b' '; 1500]);
+        let digest = Digest::of(&bytes);
+        app.store
+            .put_manifest(Arc::new(StoredManifest {
+                digest,
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                bytes,
+            }))
+            .unwrap();
+        let tag = TagKey {
+            upstream: Arc::from("docker.io"),
+            repo: "library/alpine".parse().unwrap(),
+            tag: "3.20".parse().unwrap(),
+        };
+        app.store
+            .put_tag(
+                &tag,
+                TagRecord {
+                    digest,
+                    checked: SystemTime::now(),
+                },
+            )
+            .unwrap();
+        pullgate::approvals::record(&data, "docker.io/library/alpine", &digest, &key).unwrap();
+        (app, digest)
+    };
+    let _ = digest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let request = || {
+        Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // The first request reaches the verdict; the rest find it cached.
+    assert_eq!(
+        rt.block_on(app.clone().handle(request(), peer)).status(),
+        200
+    );
+    c.bench_function(
+        "handler: cached manifest by tag, signed_by policy (cached verdict)",
+        |b| {
+            b.iter(|| {
+                let resp = rt.block_on(app.clone().handle(request(), peer));
+                assert_eq!(resp.status(), 200);
+                black_box(resp)
+            })
+        },
+    );
+}
+
+criterion_group!(
+    benches,
+    routing,
+    hashing,
+    store_and_handler,
+    signatures,
+    cached_verdict
+);
 criterion_main!(benches);

@@ -94,10 +94,12 @@ pub struct App {
     manifests: SingleFlight<(Arc<str>, Digest), Arc<StoredManifest>>,
     tags: SingleFlight<TagKey, Arc<StoredManifest>>,
     verifier: Verifier,
-    /// (name, blob) pairs that approved manifests reference.
-    approved_blobs: moka::sync::Cache<(String, Digest), ()>,
-    /// (name, manifest) pairs whose blobs are in `approved_blobs`.
-    approved_manifests: moka::sync::Cache<(String, Digest), ()>,
+    /// (name, blob, config generation) that approved manifests reference.
+    approved_blobs: moka::sync::Cache<(String, Digest, u64), ()>,
+    /// (name, manifest, generation) whose blobs were put in `approved_blobs`;
+    /// forgotten after a few minutes so that a blob entry the cache dropped
+    /// is restored at the next pull of its manifest.
+    approved_manifests: moka::sync::Cache<(String, Digest, u64), ()>,
 }
 
 impl App {
@@ -123,7 +125,10 @@ impl App {
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
             verifier: Verifier::new(&config_store_path, metrics.clone()),
             approved_blobs: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
-            approved_manifests: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            approved_manifests: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
             store,
             metrics,
             manifests: SingleFlight::default(),
@@ -682,13 +687,13 @@ impl App {
             .policies
             .matching(&route.canonical)
             .is_some_and(|p| !p.signed_by.is_empty());
-        let key = (route.canonical.clone(), m.digest);
+        let key = (route.canonical.clone(), m.digest, gen.id);
         if !gated || self.approved_manifests.contains_key(&key) {
             return;
         }
         for blob in referenced_blobs(&m.bytes) {
             self.approved_blobs
-                .insert((route.canonical.clone(), blob), ());
+                .insert((route.canonical.clone(), blob, gen.id), ());
         }
         self.approved_manifests.insert(key, ());
     }
@@ -732,7 +737,7 @@ impl App {
             if gated
                 && !self
                     .approved_blobs
-                    .contains_key(&(route.canonical.clone(), digest))
+                    .contains_key(&(route.canonical.clone(), digest, gen.id))
             {
                 return Err(ApiError::denied(format!(
                     "blocked by policy {:?}: blob {digest} is not part of an approved manifest of {} (pull its manifest first)",
@@ -1030,12 +1035,16 @@ pub fn referenced_blobs(manifest: &[u8]) -> Vec<Digest> {
         .collect()
 }
 
-/// `sha256-<64 hex>.sig` (a legacy cosign signature) or `sha256-<64 hex>`
-/// (the referrers list of a registry without the referrers API).
+/// `sha256-<64 hex>.sig` (a legacy cosign signature; `.att` and `.sbom` are
+/// cosign's attestations and SBOMs) or `sha256-<64 hex>` (the referrers list
+/// of a registry without the referrers API).
 fn is_signature_tag(tag: &Tag) -> bool {
     let t = tag.as_str();
     let rest = t.strip_prefix("sha256-").unwrap_or("");
-    let hex = rest.strip_suffix(".sig").unwrap_or(rest);
+    let hex = [".sig", ".att", ".sbom"]
+        .iter()
+        .find_map(|s| rest.strip_suffix(s))
+        .unwrap_or(rest);
     hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

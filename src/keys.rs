@@ -9,7 +9,6 @@ use std::fmt;
 use ed25519_dalek::Sha512;
 use p256::pkcs8::DecodePublicKey;
 use sha2::Digest as _;
-use signature::Verifier as _;
 
 /// A trusted public key.
 #[derive(Clone)]
@@ -69,11 +68,18 @@ impl PublicKey {
     pub fn verify(&self, payload: &[u8], sig: &[u8]) -> Result<(), SignatureError> {
         match self {
             PublicKey::EcdsaP256(key) => {
+                // Parsed with the p256 crate (strict DER or r||s), verified
+                // with ring, whose P-256 is several times faster.
                 let sig = p256::ecdsa::Signature::from_der(sig)
                     .or_else(|_| p256::ecdsa::Signature::from_slice(sig))
                     .map_err(|_| SignatureError::MalformedEcdsa)?;
-                key.verify(payload, &sig)
-                    .map_err(|_| SignatureError::Mismatch)
+                let point = key.to_encoded_point(false);
+                ring::signature::UnparsedPublicKey::new(
+                    &ring::signature::ECDSA_P256_SHA256_FIXED,
+                    point.as_bytes(),
+                )
+                .verify(payload, &sig.to_bytes())
+                .map_err(|_| SignatureError::Mismatch)
             }
             PublicKey::Ed25519(key) => {
                 let sig = ed25519_dalek::Signature::from_slice(sig)

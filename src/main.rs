@@ -56,13 +56,7 @@ enum Command {
         #[arg(value_name = "FILE", required_unless_present = "config")]
         file: Option<PathBuf>,
         /// The same, given as for `serve`.
-        #[arg(
-            short,
-            long,
-            value_name = "FILE",
-            env = "PULLGATE_CONFIG",
-            conflicts_with = "file"
-        )]
+        #[arg(short, long, value_name = "FILE", conflicts_with = "file")]
         config: Option<PathBuf>,
     },
     /// Generate a signing key pair: PREFIX.key (PKCS#8, unencrypted, mode 0600)

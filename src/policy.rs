@@ -68,7 +68,7 @@ impl Verdict {
         }
     }
 
-    /// The `403 DENIED` answer of DESIGN.md.
+    /// The `403 DENIED` answer (see docs/configuration.md).
     pub fn denial(&self, canonical: &str, digest: Option<&Digest>) -> ApiError {
         let mut detail = json!({
             "policy": self.policy,
@@ -93,6 +93,7 @@ fn describe(slug: &str) -> &'static str {
         reason::DENIED_BY_POLICY => "the policy denies everything it matches",
         reason::UNSIGNED => "no signature by a trusted key was found",
         reason::BAD_SIGNATURE => "signatures were found but none verifies with a trusted key",
+        reason::NOT_APPROVED => "the blob is not part of an approved manifest of this repository",
         reason::VERIFICATION_UNAVAILABLE => {
             "signatures could not be fetched from the upstream, and no earlier verdict is known"
         }

@@ -1,6 +1,6 @@
 //! Routing: from a request path to an upstream, a repository and a target.
 //!
-//! Implements DESIGN.md's routing contract: `?ns=<host>` first, then a
+//! Implements the routing contract (docs/configuration.md, "Routing"): `?ns=<host>` first, then a
 //! leading path component naming a configured upstream, then the default
 //! upstream; Docker Hub's one-component names get `library/`. Everything is
 //! validated here, before any other module sees it. Depends on `names`,

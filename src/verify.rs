@@ -188,6 +188,9 @@ impl Verifier {
         {
             let mut all = true;
             for child in &children {
+                if approvals::check(&self.store, child, keys).is_ok() {
+                    continue;
+                }
                 let f = check_signatures(upstream, repo, child, keys, names).await?;
                 log_finding(repo, child, &f);
                 if !matches!(f, Finding::Signed(_)) {
@@ -278,8 +281,15 @@ async fn check_bundles(
         .send(Method::GET, repo, &format!("referrers/{digest}"), &opts)
         .await
         .map_err(|e| e.to_string())?;
-    if resp.status() == StatusCode::NOT_FOUND {
-        // No referrers API: the fallback tag lists them.
+    // No referrers API (404, or 400/405/501 from registries that do not
+    // know the endpoint): the fallback tag lists them.
+    let no_api = [
+        StatusCode::NOT_FOUND,
+        StatusCode::BAD_REQUEST,
+        StatusCode::METHOD_NOT_ALLOWED,
+        StatusCode::NOT_IMPLEMENTED,
+    ];
+    if no_api.contains(&resp.status()) {
         let tag = cosign::referrers_tag(digest);
         resp = upstream
             .send(
