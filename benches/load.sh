@@ -157,6 +157,35 @@ RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate.toml" > "$WORK/pullgate
 PG_PID=$!; PIDS+=($PG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PG/v2/" >/dev/null && break; sleep 0.1; done
 
+# A second pullgate whose policy requires a signature: the small image is
+# approved locally (pullgate keygen + approve), so its verdict needs no
+# upstream signature and the run measures the cached-verdict path.
+PGS=$(port); PGSADMIN=$(port)
+"$PULLGATE" keygen --scheme ed25519 --out "$WORK/approver" > /dev/null
+cat > "$WORK/pullgate-signed.toml" <<TOML
+[keys]
+approver = "$WORK/approver.pub"
+[server]
+listen = "127.0.0.1:$PGS"
+[admin]
+listen = "127.0.0.1:$PGSADMIN"
+[storage]
+path = "$WORK/pullgate-signed-data"
+tag_ttl = "5m"
+[[upstream]]
+name = "docker.io"
+url = "http://127.0.0.1:$UP"
+default = true
+[[policy]]
+name = "signed"
+match = ["**"]
+signed_by = ["approver"]
+TOML
+"$PULLGATE" approve "docker.io/bench/app@$SMALL_M" --key "$WORK/approver.key" --config "$WORK/pullgate-signed.toml" > /dev/null
+RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-signed.toml" > "$WORK/pullgate-signed.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PGS/v2/" >/dev/null && break; sleep 0.1; done
+
 # nginx: one worker, sendfile, the same manifest and blob bytes as files.
 mkdir -p "$WORK/static/v2/bench/app/manifests" "$WORK/static/v2/bench/app/blobs" "$WORK/nginx"
 cp "$WORK/layout/blobs/sha256/${SMALL_M#sha256:}" "$WORK/static/v2/bench/app/manifests/small"
@@ -202,6 +231,8 @@ for u in "$D_URL" "$P_URL"; do
   warm "$u/blobs/$BIG_L"
 done
 warm "$N_URL/manifests/small"
+S_URL="http://127.0.0.1:$PGS/v2/bench/app"
+warm "$S_URL/manifests/small"
 
 wrk_run() { # url -> "req/s p99"
   local out
@@ -216,6 +247,7 @@ echo "load.sh: manifests (wrk, $CONNS connections, ${DURATION}s each)"
 read -r N_TAG N_TAG99 < <(wrk_run "$N_URL/manifests/small")
 read -r P_TAG P_TAG99 < <(wrk_run "$P_URL/manifests/small")
 read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
+read -r S_TAG S_TAG99 < <(wrk_run "$S_URL/manifests/small")
 read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
 read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
 
@@ -284,6 +316,7 @@ cat <<EOF
 manifest by tag     req/s   p99
   nginx (static)    $N_TAG  $N_TAG99
   pullgate          $P_TAG  $P_TAG99
+  pullgate signed   $S_TAG  $S_TAG99   (signed_by policy, cached verdict)
   distribution      $D_TAG  $D_TAG99
 manifest by digest
   pullgate          $P_DIG  $P_DIG99
@@ -299,6 +332,7 @@ pullgate peak RSS (VmHWM) after all runs: $((PG_RSS / 1024)) MiB
 ratios
   pullgate / nginx, manifest by tag:          $(ratio "$P_TAG" "$N_TAG")
   pullgate / distribution, manifest by tag:   $(ratio "$P_TAG" "$D_TAG")
+  signed_by policy / no policy, by tag:       $(ratio "$S_TAG" "$P_TAG")
   pullgate / distribution, manifest by digest: $(ratio "$P_DIG" "$D_DIG")
   pullgate / nginx, blob throughput:          $(ratio "$P_BLOB" "$N_BLOB")
   pullgate / distribution, CPU per GiB:       $(ratio "$P_CPU" "$D_CPU")
