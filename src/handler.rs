@@ -363,18 +363,24 @@ impl App {
         };
         // The verify step: the manifest is known, nothing has been sent yet.
         let verdict = match gen.policies.matching(&route.canonical) {
-            // A signature artifact cannot be signed itself; it is served
-            // whenever the name is allowed, so clients can verify through us.
-            Some(_)
-                if matches!(&reference, Reference::Tag(t) if is_signature_tag(t))
-                    || crate::cosign::is_bundle_manifest(&m.bytes) =>
-            {
-                gen.policies.evaluate(&route.canonical, Some(&m.digest))
-            }
-            Some(policy) if !policy.deny => {
-                self.verifier
-                    .verdict(gen.id, policy, upstream, &route.repo, &route.canonical, &m)
-                    .await
+            Some(policy) if !policy.deny && !policy.signed_by.is_empty() => {
+                // A signature artifact cannot be signed itself; it is served
+                // whenever the name is allowed, so clients can verify through
+                // us. (The body is only parsed when the verdict fails.)
+                let sig_tag = matches!(&reference, Reference::Tag(t) if is_signature_tag(t));
+                let verdict = if sig_tag {
+                    None
+                } else {
+                    Some(
+                        self.verifier
+                            .verdict(gen.id, policy, upstream, &route.repo, &route.canonical, &m)
+                            .await,
+                    )
+                };
+                match verdict {
+                    Some(v) if v.passes() || !crate::cosign::is_bundle_manifest(&m.bytes) => v,
+                    _ => gen.policies.evaluate(&route.canonical, Some(&m.digest)),
+                }
             }
             _ => gen.policies.evaluate(&route.canonical, Some(&m.digest)),
         };
