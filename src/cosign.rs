@@ -368,6 +368,55 @@ mod tests {
         assert_eq!(check(&layer, &p, &image(), &key_refs), Ok(0));
     }
 
+    /// Written once by this module's tests (fixed-seed keys) and pinned
+    /// here, so a change to the format or the checks cannot go unnoticed.
+    mod vectors {
+        pub const ECDSA_PEM: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEb/A7lJJBzh2t1DUZ5pYOCoW0Gmmg\nXDKBA6orzhWUyhY8T3U6Vb8B3FP2wLDH7ueLQMb/fSWpbiKCuYnO9xwUSg==\n-----END PUBLIC KEY-----\n";
+        pub const ED25519_PEM: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAgTl3Dqh9F19Wo1Rmw0x+zMuNipG07jeiXfYPW4/Js5Q=\n-----END PUBLIC KEY-----\n";
+        pub const PAYLOAD: &str = "{\"critical\":{\"identity\":{\"docker-reference\":\"registry.example/app\"},\"image\":{\"docker-manifest-digest\":\"sha256:036f7e8d5057764d9232a53b0014d766076eb9ecb8189d62679121b43b57f2ac\"},\"type\":\"cosign container image signature\"},\"optional\":null}";
+        pub const ECDSA_DER: &str = "3044022067b9abb886bf7f7daf134238a1b0710e7bbe254853c19e2526f1e4e0f641b82f02207efbafdf2c30a17691e57b4220ee73b50c51ff6222e0e96c5fa8df40dccd837c";
+        pub const ED25519_PURE: &str = "5be3fe61956f897c8ea45e9681fd991f33a7102f5f98a37f5464ec8df5722d2c6d6705e34595cd52f96698e227074f399a7c239994ecce6e717865790d806801";
+        pub const ED25519_PH: &str = "47f2ff7ca05593b1179b3443732105600ae1350ef262da2b8000e09886042ea9a0a6d7b04ea7f841445f67bcb6a4e6188c5e220085b9d47f4535d7082c22fe07";
+    }
+
+    #[test]
+    fn fixed_vectors_verify_and_their_variants_do_not() {
+        use vectors::*;
+        let ec = PublicKey::from_pem(ECDSA_PEM).unwrap();
+        let ed = PublicKey::from_pem(ED25519_PEM).unwrap();
+        let payload = PAYLOAD.as_bytes();
+        assert_eq!(
+            payload,
+            self::payload("registry.example/app", &image()).as_slice()
+        );
+        let der = hex::decode(ECDSA_DER).unwrap();
+        let fixed = p256::ecdsa::Signature::from_der(&der)
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        for (sig, key, want) in [
+            (der.clone(), &ec, Ok(0)),
+            (fixed, &ec, Ok(0)),
+            (hex::decode(ED25519_PURE).unwrap(), &ed, Ok(0)),
+            (hex::decode(ED25519_PH).unwrap(), &ed, Ok(0)),
+            (der.clone(), &ed, Err(Rejected::NoKey)),
+            (
+                hex::decode(ED25519_PURE).unwrap(),
+                &ec,
+                Err(Rejected::NoKey),
+            ),
+        ] {
+            let layer = layer_for(payload, &sig);
+            assert_eq!(check(&layer, payload, &image(), &[key]), want);
+        }
+        // One changed byte in the payload, re-described so the digest matches:
+        // the signature no longer covers it.
+        let mut changed = payload.to_vec();
+        changed[10] = b'X';
+        let layer = layer_for(&changed, &der);
+        assert!(check(&layer, &changed, &image(), &[&ec]).is_err());
+    }
+
     #[test]
     fn payload_format_matches_cosign() {
         let p = payload("ghcr.io/acme/app", &image());

@@ -272,6 +272,35 @@ async fn skopeo_shows_the_denial_reason() {
     .unwrap_err();
     assert!(err.contains("denied"), "{err}");
     assert!(err.contains("no policy matches"), "{err}");
+
+    // The same name under an audit-mode policy: served, with the warning.
+    let audit =
+        "[[policy]]\nname = \"watch\"\nmatch = [\"docker.io/**\"]\nmode = \"audit\"\ndeny = true\n";
+    let proxy = Proxy::with_config(
+        Arc::new(tempfile::tempdir().unwrap()),
+        &config(&upstreams, audit),
+    )
+    .await;
+    let r = proxy
+        .client
+        .get(proxy.url("/v2/evil/app/manifests/v1"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let warning = r.headers()["warning"].to_str().unwrap().to_owned();
+    assert!(
+        warning.starts_with("299 - \"pullgate: would block:"),
+        "{warning}"
+    );
+    pull(
+        w,
+        &format!("{}/evil/app:v1", proxy.addr),
+        &w.join("audit"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("audit mode serves: {e}"));
 }
 
 /// A cosign-format signature of `image` by `key`, added to `layout` under
