@@ -257,6 +257,46 @@ pub async fn check_signatures(
     })
 }
 
+/// What a small upstream GET returned.
+enum Got {
+    Body(Bytes),
+    /// Any status but 200.
+    Status(StatusCode),
+    /// A 200 whose body was over the limit.
+    TooLarge,
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// GETs `/v2/<repo>/<path>` and reads at most `max` bytes of a 200 answer.
+/// `Err` only when the upstream could not be asked.
+async fn get_small(
+    upstream: &UpstreamClient,
+    repo: &RepoName,
+    path: &str,
+    accept: Option<&'static str>,
+    query: Option<String>,
+    max: usize,
+) -> Result<Got, String> {
+    let opts = RequestOptions {
+        accept: accept.map(HeaderValue::from_static),
+        query,
+        ..RequestOptions::default()
+    };
+    let resp = upstream
+        .send(Method::GET, repo, path, &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::OK {
+        return Ok(Got::Status(resp.status()));
+    }
+    Ok(match read_limited(upstream, resp, max).await? {
+        Some(b) => Got::Body(b),
+        None => Got::TooLarge,
+    })
+}
+
 /// Finds sigstore bundles referring to `digest` (referrers API, else the
 /// `sha256-<hex>` tag) and checks each.
 async fn check_bundles(
@@ -266,21 +306,20 @@ async fn check_bundles(
     keys: &[&PublicKey],
     names: &[&str],
 ) -> Result<Finding, String> {
-    let index_accept = RequestOptions {
-        accept: Some(HeaderValue::from_static(
-            "application/vnd.oci.image.index.v1+json",
-        )),
-        ..RequestOptions::default()
-    };
-    let mut opts = index_accept.clone();
-    opts.query = Some(format!(
+    let query = format!(
         "artifactType={}",
         cosign::BUNDLE_MEDIA_TYPE.replace('+', "%2B")
-    ));
-    let mut resp = upstream
-        .send(Method::GET, repo, &format!("referrers/{digest}"), &opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    );
+    let path = format!("referrers/{digest}");
+    let mut listed = get_small(
+        upstream,
+        repo,
+        &path,
+        Some(OCI_INDEX),
+        Some(query),
+        MAX_SIGNATURE_MANIFEST,
+    )
+    .await?;
     // No referrers API (404, or 400/405/501 from registries that do not
     // know the endpoint): the fallback tag lists them.
     let no_api = [
@@ -289,71 +328,66 @@ async fn check_bundles(
         StatusCode::METHOD_NOT_ALLOWED,
         StatusCode::NOT_IMPLEMENTED,
     ];
-    if no_api.contains(&resp.status()) {
-        let tag = cosign::referrers_tag(digest);
-        resp = upstream
-            .send(
-                Method::GET,
-                repo,
-                &format!("manifests/{tag}"),
-                &index_accept,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(Finding::Unsigned);
+    if matches!(listed, Got::Status(s) if no_api.contains(&s)) {
+        let path = format!("manifests/{}", cosign::referrers_tag(digest));
+        listed = get_small(
+            upstream,
+            repo,
+            &path,
+            Some(OCI_INDEX),
+            None,
+            MAX_SIGNATURE_MANIFEST,
+        )
+        .await?;
+    }
+    let index = match listed {
+        Got::Body(b) => b,
+        Got::Status(StatusCode::NOT_FOUND) => return Ok(Finding::Unsigned),
+        Got::Status(s) => {
+            return Err(format!(
+                "upstream {} answered {s} listing referrers of {digest}",
+                upstream.name
+            ))
         }
-    }
-    if resp.status() != StatusCode::OK {
-        return Err(format!(
-            "upstream {} answered {} listing referrers of {digest}",
-            upstream.name,
-            resp.status()
-        ));
-    }
-    let Some(index) = read_limited(upstream, resp, MAX_SIGNATURE_MANIFEST).await? else {
-        return Ok(Finding::BadSignatures(vec![
-            "referrers list too large".into()
-        ]));
+        Got::TooLarge => {
+            return Ok(Finding::BadSignatures(vec![
+                "referrers list too large".into()
+            ]))
+        }
     };
     let referrers = cosign::bundle_referrers(&index);
     if referrers.is_empty() {
         return Ok(Finding::Unsigned);
     }
-    let manifest_accept = RequestOptions {
-        accept: Some(HeaderValue::from_static(
-            "application/vnd.oci.image.manifest.v1+json",
-        )),
-        ..RequestOptions::default()
-    };
     let mut problems = Vec::new();
     for r in referrers {
-        let resp = upstream
-            .send(
-                Method::GET,
-                repo,
-                &format!("manifests/{r}"),
-                &manifest_accept,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if resp.status() != StatusCode::OK {
-            problems.push(format!(
-                "bundle manifest {r}: upstream answered {}",
-                resp.status()
-            ));
-            continue;
-        }
-        let Some(m) = read_limited(upstream, resp, MAX_SIGNATURE_MANIFEST).await? else {
-            problems.push(format!("bundle manifest {r} too large"));
-            continue;
+        let path = format!("manifests/{r}");
+        let m = match get_small(
+            upstream,
+            repo,
+            &path,
+            Some(OCI_MANIFEST),
+            None,
+            MAX_SIGNATURE_MANIFEST,
+        )
+        .await?
+        {
+            Got::Body(m) if Digest::of(&m) == r => m,
+            Got::Body(_) => {
+                problems.push(format!(
+                    "bundle manifest {r}: bytes do not match the digest"
+                ));
+                continue;
+            }
+            Got::Status(s) => {
+                problems.push(format!("bundle manifest {r}: upstream answered {s}"));
+                continue;
+            }
+            Got::TooLarge => {
+                problems.push(format!("bundle manifest {r} too large"));
+                continue;
+            }
         };
-        if Digest::of(&m) != r {
-            problems.push(format!(
-                "bundle manifest {r}: bytes do not match the digest"
-            ));
-            continue;
-        }
         let Some((layer, size)) = cosign::bundle_layer(&m) else {
             problems.push(format!("bundle manifest {r} has no bundle layer"));
             continue;
@@ -362,29 +396,27 @@ async fn check_bundles(
             problems.push(format!("bundle {layer} is {size} bytes, over the limit"));
             continue;
         }
-        let resp = upstream
-            .send(
-                Method::GET,
-                repo,
-                &format!("blobs/{layer}"),
-                &RequestOptions::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if resp.status() != StatusCode::OK {
-            problems.push(format!(
-                "bundle {layer}: upstream answered {}",
-                resp.status()
-            ));
-            continue;
-        }
-        let bundle = read_limited(upstream, resp, cosign::MAX_BUNDLE_SIZE as usize)
-            .await?
-            .unwrap_or_default();
-        if Digest::of(&bundle) != layer {
-            problems.push(format!("bundle {layer}: {}", Rejected::PayloadMismatch));
-            continue;
-        }
+        let path = format!("blobs/{layer}");
+        let bundle = match get_small(
+            upstream,
+            repo,
+            &path,
+            None,
+            None,
+            cosign::MAX_BUNDLE_SIZE as usize,
+        )
+        .await?
+        {
+            Got::Body(b) if Digest::of(&b) == layer => b,
+            Got::Status(s) => {
+                problems.push(format!("bundle {layer}: upstream answered {s}"));
+                continue;
+            }
+            _ => {
+                problems.push(format!("bundle {layer}: {}", Rejected::PayloadMismatch));
+                continue;
+            }
+        };
         match cosign::check_bundle(&bundle, digest, keys) {
             Ok(i) => return Ok(Finding::Signed(names[i].to_owned())),
             Err(e) => problems.push(format!("bundle {layer}: {e}")),
@@ -401,35 +433,27 @@ async fn check_legacy(
     keys: &[&PublicKey],
     names: &[&str],
 ) -> Result<Finding, String> {
-    let opts = RequestOptions {
-        accept: Some(HeaderValue::from_static(
-            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
-        )),
-        ..RequestOptions::default()
-    };
     let tag = cosign::signature_tag(digest);
-    let resp = upstream
-        .send(Method::GET, repo, &format!("manifests/{tag}"), &opts)
-        .await
-        .map_err(|e| e.to_string())?;
-    match resp.status() {
-        StatusCode::OK => {}
-        StatusCode::NOT_FOUND => return Ok(Finding::Unsigned),
-        s => return Err(format!("upstream {} answered {s} for {tag}", upstream.name)),
-    }
-    if resp
-        .content_length()
-        .is_some_and(|l| l > MAX_SIGNATURE_MANIFEST as u64)
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let path = format!("manifests/{tag}");
+    let bytes = match get_small(
+        upstream,
+        repo,
+        &path,
+        Some(accept),
+        None,
+        MAX_SIGNATURE_MANIFEST,
+    )
+    .await?
     {
-        return Ok(Finding::BadSignatures(vec![
-            "signature manifest too large".into()
-        ]));
-    }
-    let bytes = read_limited(upstream, resp, MAX_SIGNATURE_MANIFEST).await?;
-    let Some(bytes) = bytes else {
-        return Ok(Finding::BadSignatures(vec![
-            "signature manifest too large".into()
-        ]));
+        Got::Body(b) => b,
+        Got::Status(StatusCode::NOT_FOUND) => return Ok(Finding::Unsigned),
+        Got::Status(s) => return Err(format!("upstream {} answered {s} for {tag}", upstream.name)),
+        Got::TooLarge => {
+            return Ok(Finding::BadSignatures(vec![
+                "signature manifest too large".into()
+            ]))
+        }
     };
     let layers = match cosign::parse_signature_manifest(&bytes) {
         Ok(l) => l,
@@ -444,10 +468,30 @@ async fn check_legacy(
             problems.push(Rejected::PayloadTooLarge(layer.size).to_string());
             continue;
         }
-        let payload = fetch_payload(upstream, repo, &layer.payload).await?;
-        let Some(payload) = payload else {
-            problems.push(format!("payload {} is missing upstream", layer.payload));
-            continue;
+        let path = format!("blobs/{}", layer.payload);
+        let payload = match get_small(
+            upstream,
+            repo,
+            &path,
+            None,
+            None,
+            cosign::MAX_PAYLOAD_SIZE as usize,
+        )
+        .await?
+        {
+            Got::Body(b) => b,
+            // An oversized payload cannot match its (small) descriptor.
+            Got::TooLarge => Bytes::new(),
+            Got::Status(StatusCode::NOT_FOUND) => {
+                problems.push(format!("payload {} is missing upstream", layer.payload));
+                continue;
+            }
+            Got::Status(s) => {
+                return Err(format!(
+                    "upstream {} answered {s} for payload {}",
+                    upstream.name, layer.payload
+                ))
+            }
         };
         match cosign::check(layer, &payload, digest, keys) {
             Ok(i) => return Ok(Finding::Signed(names[i].to_owned())),
@@ -455,38 +499,6 @@ async fn check_legacy(
         }
     }
     Ok(Finding::BadSignatures(problems))
-}
-
-async fn fetch_payload(
-    upstream: &UpstreamClient,
-    repo: &RepoName,
-    digest: &Digest,
-) -> Result<Option<Bytes>, String> {
-    let resp = upstream
-        .send(
-            Method::GET,
-            repo,
-            &format!("blobs/{digest}"),
-            &RequestOptions::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    match resp.status() {
-        StatusCode::OK => {}
-        StatusCode::NOT_FOUND => return Ok(None),
-        s => {
-            return Err(format!(
-                "upstream {} answered {s} for payload {digest}",
-                upstream.name
-            ))
-        }
-    }
-    // An oversized payload cannot match its (small) descriptor: treat as absent.
-    Ok(
-        read_limited(upstream, resp, cosign::MAX_PAYLOAD_SIZE as usize)
-            .await?
-            .or(Some(Bytes::new())),
-    )
 }
 
 /// Reads at most `max` bytes; `None` when the body is longer.
