@@ -94,6 +94,8 @@ pub struct App {
     manifests: SingleFlight<(Arc<str>, Digest), Arc<StoredManifest>>,
     tags: SingleFlight<TagKey, Arc<StoredManifest>>,
     verifier: Verifier,
+    /// The last tag list per (name, query), served when the upstream fails.
+    tag_lists: moka::sync::Cache<(String, Option<String>), (Bytes, Option<String>)>,
     /// (name, blob, config generation) that approved manifests reference.
     approved_blobs: moka::sync::Cache<(String, Digest, u64), ()>,
     /// (name, manifest, generation) whose blobs were put in `approved_blobs`;
@@ -125,6 +127,12 @@ impl App {
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
             verifier: Verifier::new(&config_store_path, metrics.clone()),
             approved_blobs: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
+            tag_lists: moka::sync::Cache::builder()
+                .max_capacity(64 * 1024 * 1024)
+                .weigher(|_, v: &(Bytes, Option<String>)| {
+                    u32::try_from(v.0.len()).unwrap_or(u32::MAX)
+                })
+                .build(),
             approved_manifests: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(300))
@@ -923,8 +931,51 @@ impl App {
             query: (!q.is_empty()).then(|| q.join("&")),
             ..RequestOptions::default()
         };
+        let key = (route.canonical.clone(), opts.query.clone());
+        let (bytes, link) = match self.fetch_tag_list(upstream, route, &opts).await {
+            Ok(list) => {
+                self.tag_lists.insert(key, list.clone());
+                list
+            }
+            // Stale-if-error, as for tags: the last answer, when there is one.
+            Err(e) if e.status.is_server_error() || e.status == StatusCode::TOO_MANY_REQUESTS => {
+                let Some(list) = self.tag_lists.get(&key) else {
+                    return Err(e);
+                };
+                tracing::warn!(upstream = %upstream.name, repo = %route.repo, "serving the last tag list: {}", e.message);
+                self.metrics
+                    .stale_serves
+                    .with_label_values(&[&*upstream.name])
+                    .inc();
+                self.cache_result("tags", "stale");
+                list
+            }
+            Err(e) => return Err(e),
+        };
+        let mut r = Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, bytes.len());
+        if let Some(l) = link {
+            r = r.header(header::LINK, l);
+        }
+        let b = if head {
+            body::empty()
+        } else {
+            body::full(bytes)
+        };
+        Ok(r.body(b).expect("valid response"))
+    }
+
+    /// GETs a tag list upstream: the body and the `Link` header rewritten
+    /// for the client's name.
+    async fn fetch_tag_list(
+        &self,
+        upstream: &UpstreamClient,
+        route: &Route,
+        opts: &RequestOptions,
+    ) -> Result<(Bytes, Option<String>), ApiError> {
         let resp = upstream
-            .send(Method::GET, &route.repo, "tags/list", &opts)
+            .send(Method::GET, &route.repo, "tags/list", opts)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         match resp.status() {
@@ -943,18 +994,7 @@ impl App {
             .and_then(|l| l.to_str().ok())
             .and_then(|l| rewrite_link(l, route));
         let bytes = read_capped(upstream, resp, MAX_PASSTHROUGH_BODY, "tag list").await?;
-        let mut r = Response::builder()
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::CONTENT_LENGTH, bytes.len());
-        if let Some(l) = link {
-            r = r.header(header::LINK, l);
-        }
-        let b = if head {
-            body::empty()
-        } else {
-            body::full(bytes)
-        };
-        Ok(r.body(b).expect("valid response"))
+        Ok((bytes, link))
     }
 
     async fn referrers(

@@ -812,6 +812,32 @@ async fn tags_list_and_referrers_pass_through() {
             .any(|(p, q)| p == "/v2/acme/app/tags/list" && q == "n=1&last=a"),
         "{q:?}"
     );
+    // The upstream fails: the last answer is served (stale-if-error).
+    fake.fault(
+        Some(Method::GET),
+        "/tags/list",
+        FaultKind::Status(503),
+        Some(1),
+    );
+    let r = proxy.get("/v2/ghcr.io/acme/app/tags/list?n=1&last=a").await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["tags"][0], "v1");
+    assert_eq!(
+        proxy.metric("pullgate_cache_requests_total{kind=\"tags\",result=\"stale\"}"),
+        1.0
+    );
+    // Never listed before: the error is passed on.
+    fake.fault(
+        Some(Method::GET),
+        "/tags/list",
+        FaultKind::Status(503),
+        Some(1),
+    );
+    assert_eq!(
+        proxy.get("/v2/ghcr.io/acme/app/tags/list").await.status(),
+        503
+    );
     let (s, code, _) = error_code(proxy.get("/v2/acme/app/tags/list?n=x").await).await;
     assert_eq!((s, code.as_str()), (400, "PAGINATION_NUMBER_INVALID"));
     // The fake has no referrers API: its 404 is passed on.
