@@ -4,7 +4,8 @@
 # distribution registry, skopeo and containerd.
 #
 # The interop tests need the Debian packages docker-registry, skopeo,
-# containerd and openssl; this script installs whichever is missing.
+# containerd and openssl, the observability tests chromium and prometheus;
+# this script installs whichever is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,6 +14,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 { command -v containerd >/dev/null && command -v ctr >/dev/null; } || need+=(containerd)
 command -v openssl >/dev/null || need+=(openssl)
+command -v chromium >/dev/null || need+=(chromium)
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need+=(prometheus)
 if ((${#need[@]})); then
   echo "test.sh: installing ${need[*]} (the interop tests use them)"
   sudo=""

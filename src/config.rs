@@ -29,6 +29,16 @@ pub struct Config {
     pub storage: StorageConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub policies: Vec<PolicyConfig>,
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: where decisions are recorded.
+#[derive(Debug, Clone, Default)]
+pub struct AuditConfig {
+    /// One JSON line per deny or would-deny; `None`: the structured log.
+    pub path: Option<PathBuf>,
+    /// Also one line per approval (every manifest served under a policy).
+    pub approvals: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -174,7 +184,15 @@ struct RawConfig {
     policy: Vec<RawPolicy>,
     keys: Option<Spanned<toml::Table>>,
     bases: Option<Spanned<toml::Table>>,
-    audit: Option<Spanned<toml::Table>>,
+    audit: Option<RawAudit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    approvals: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -395,7 +413,6 @@ impl Validator<'_> {
 
     fn validate(&mut self, raw: RawConfig, source: &str) -> Config {
         self.unsupported("bases", &raw.bases, "the base-image allow-list ([bases])");
-        self.unsupported("audit", &raw.audit, "the audit log ([audit])");
         self.unsupported("server.tls", &raw.server.tls, "serving TLS (server.tls)");
 
         let listen = match &raw.server.listen {
@@ -452,8 +469,33 @@ impl Validator<'_> {
             .collect();
         let policies = self.policies(&raw.policy, &keys, &upstream_names);
 
+        let audit = match &raw.audit {
+            None => AuditConfig::default(),
+            Some(a) => {
+                let path = a.path.as_ref().and_then(|p| {
+                    let path = self.path(p.get_ref());
+                    // Opened (created) now, so an unwritable path is a config error.
+                    match crate::audit::open(&path) {
+                        Ok(_) => Some(path),
+                        Err(e) => {
+                            self.problem(
+                                "audit.path",
+                                p,
+                                format!("cannot open {:?} for appending: {e}", p.get_ref()),
+                            );
+                            None
+                        }
+                    }
+                });
+                AuditConfig {
+                    path,
+                    approvals: a.approvals,
+                }
+            }
+        };
         Config {
             source: source.to_owned(),
+            audit,
             server: ServerConfig {
                 listen: listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5000))),
                 max_manifest_size: max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),

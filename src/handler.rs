@@ -94,6 +94,8 @@ pub struct App {
     manifests: SingleFlight<(Arc<str>, Digest), Arc<StoredManifest>>,
     tags: SingleFlight<TagKey, Arc<StoredManifest>>,
     verifier: Verifier,
+    /// The audit log and the recent decisions behind the dashboard.
+    pub audit: crate::audit::Audit,
     /// The last tag list per (name, query), served when the upstream fails.
     tag_lists: moka::sync::Cache<(String, Option<String>), (Bytes, Option<String>)>,
     /// (name, blob, config generation) that approved manifests reference.
@@ -121,11 +123,17 @@ impl App {
         })?;
         let store = Arc::new(store);
         let config_store_path = config.storage.path.clone();
+        let audit = crate::audit::Audit::new(
+            config.audit.path.as_deref(),
+            config.audit.approvals,
+            metrics.clone(),
+        )?;
         let generation = Generation::build(config, &metrics)?;
         Ok(Arc::new(App {
             generation: ArcSwap::from_pointee(generation),
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
             verifier: Verifier::new(&config_store_path, metrics.clone()),
+            audit,
             approved_blobs: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
             tag_lists: moka::sync::Cache::builder()
                 .max_capacity(64 * 1024 * 1024)
@@ -165,6 +173,11 @@ impl App {
         if old.admin.as_ref().map(|a| a.listen) != config.admin.as_ref().map(|a| a.listen) {
             notes.push("admin.listen changed: restart to apply".to_owned());
         }
+        if old.audit.path != config.audit.path || old.audit.approvals != config.audit.approvals {
+            notes.push(
+                "[audit] changed: restart to apply (the log file itself is reopened)".to_owned(),
+            );
+        }
         if old.server.shutdown_timeout != config.server.shutdown_timeout {
             notes.push("server.shutdown_timeout changed: restart to apply".to_owned());
         }
@@ -199,7 +212,7 @@ impl App {
             );
             ("other", Err(e))
         } else {
-            self.dispatch(&req).instrument(span.clone()).await
+            self.dispatch(&req, peer).instrument(span.clone()).await
         };
         let mut resp = match result {
             Ok(r) => r,
@@ -245,6 +258,7 @@ impl App {
     async fn dispatch<B>(
         self: &Arc<Self>,
         req: &Request<B>,
+        peer: SocketAddr,
     ) -> (&'static str, Result<Response<Body>, ApiError>) {
         let method = req.method();
         let readonly = method == Method::GET || method == Method::HEAD;
@@ -277,10 +291,11 @@ impl App {
         }
         let gen = self.generation.load_full();
         let query = req.uri().query();
-        let route = match gen.router.route(&name, query_param(query, "ns")) {
+        let mut route = match gen.router.route(&name, query_param(query, "ns")) {
             Ok(r) => r,
             Err(e) => return (kind, Err(e)),
         };
+        route.client = Some(peer);
         let span = tracing::Span::current();
         span.record("upstream", &*route.upstream_name);
         span.record("repo", route.repo.as_str());
@@ -314,13 +329,26 @@ impl App {
     fn apply(
         &self,
         route: &Route,
+        reference: &str,
         verdict: &Verdict,
         digest: Option<&Digest>,
         count: bool,
     ) -> Result<Option<HeaderValue>, ApiError> {
         if verdict.passes() {
+            if count && self.audit.records_approvals() {
+                self.audit.record(self.audit_record(
+                    route,
+                    reference,
+                    verdict,
+                    digest,
+                    String::new(),
+                ));
+            }
             return Ok(None);
         }
+        let message = verdict.message(&route.canonical);
+        self.audit
+            .record(self.audit_record(route, reference, verdict, digest, message));
         for reason in verdict.reasons.iter().filter(|_| count) {
             self.metrics
                 .blocked_pulls
@@ -345,6 +373,26 @@ impl App {
         Ok(HeaderValue::from_str(&verdict.warning(&route.canonical)).ok())
     }
 
+    fn audit_record(
+        &self,
+        route: &Route,
+        reference: &str,
+        verdict: &Verdict,
+        digest: Option<&Digest>,
+        message: String,
+    ) -> crate::audit::Record {
+        crate::audit::Record::new(
+            route.client.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            &route.canonical,
+            reference,
+            digest,
+            verdict.policy.as_deref(),
+            verdict.mode,
+            &verdict.reasons,
+            message,
+        )
+    }
+
     // ---- manifests ---------------------------------------------------------
 
     async fn manifest(
@@ -359,7 +407,7 @@ impl App {
         // A name its policy denies outright costs no upstream work.
         let early = gen.policies.evaluate(&route.canonical, None);
         if early.blocks() {
-            self.apply(route, &early, None, true)?;
+            self.apply(route, &reference.to_string(), &early, None, true)?;
         }
         let accept = accept_header(headers);
         let m = match &reference {
@@ -392,7 +440,13 @@ impl App {
             }
             _ => gen.policies.evaluate(&route.canonical, Some(&m.digest)),
         };
-        let warning = self.apply(route, &verdict, Some(&m.digest), true)?;
+        let warning = self.apply(
+            route,
+            &reference.to_string(),
+            &verdict,
+            Some(&m.digest),
+            true,
+        )?;
         if verdict.passes() {
             self.record_approved_blobs(gen, route, &m);
         }
@@ -741,7 +795,7 @@ impl App {
         let zero_copy = req.extensions().get::<zerocopy::Queue>().cloned();
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
-            self.apply(route, &verdict, None, false)?;
+            self.apply(route, &digest.to_string(), &verdict, None, false)?;
         }
         // Under a policy with requirements, only blobs of approved manifests
         // of this repository: a denied image's layers cannot be fetched by
@@ -753,15 +807,12 @@ impl App {
                     .approved_blobs
                     .contains_key(&(route.canonical.clone(), digest, gen.id))
             {
-                return Err(ApiError::denied(format!(
-                    "blocked by policy {:?}: blob {digest} is not part of an approved manifest of {} (pull its manifest first)",
-                    policy.name, route.canonical
-                ))
-                .with_detail(serde_json::json!({
-                    "policy": policy.name,
-                    "reasons": [crate::policy::reason::NOT_APPROVED],
-                    "digest": digest.to_string(),
-                })));
+                let verdict = Verdict {
+                    policy: Some(policy.name.clone()),
+                    mode: policy.mode,
+                    reasons: vec![crate::policy::reason::NOT_APPROVED],
+                };
+                self.apply(route, &digest.to_string(), &verdict, Some(&digest), false)?;
             }
         }
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -908,7 +959,7 @@ impl App {
     ) -> Result<Response<Body>, ApiError> {
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
-            self.apply(route, &verdict, None, false)?;
+            self.apply(route, "tags/list", &verdict, None, false)?;
         }
         let mut q = Vec::new();
         if let Some(n) = query_param(query, "n") {
@@ -1008,7 +1059,7 @@ impl App {
     ) -> Result<Response<Body>, ApiError> {
         let verdict = gen.policies.evaluate(&route.canonical, None);
         if verdict.blocks() {
-            self.apply(route, &verdict, None, false)?;
+            self.apply(route, &digest.to_string(), &verdict, Some(&digest), false)?;
         }
         let mut opts = RequestOptions::default();
         if let Some(t) = query_param(query, "artifactType") {

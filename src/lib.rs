@@ -17,11 +17,13 @@
 //! - [`keys`]: trusted public keys and signature checks.
 //! - [`cosign`]: the cosign signature wire format.
 //! - [`approvals`]: approvals pullgate holds itself (`pullgate approve`).
+//! - [`audit`]: the audit log and the decisions behind the dashboard.
 //! - [`metrics`], [`error`], [`body`], [`names`]: shared vocabulary.
 
 #![forbid(unsafe_code)]
 
 pub mod approvals;
+pub mod audit;
 pub mod body;
 pub mod config;
 pub mod cosign;

@@ -242,6 +242,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 fn reload(app: &Arc<App>, path: Option<&std::path::Path>) {
+    app.audit.reopen();
     let Some(path) = path else {
         tracing::info!("SIGHUP: running the embedded config, nothing to reload");
         return;

@@ -5,8 +5,8 @@
 //! nothing else in the crate.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric pullgate exports.
@@ -41,6 +41,13 @@ pub struct Metrics {
     pub verifications: IntCounterVec,
     /// Time to reach a fresh verdict (signature fetch and checks).
     pub verify_duration: Histogram,
+    /// Audit records lost, by kind (`dropped`: queue full; `write`, `reopen`).
+    pub audit_errors: IntCounterVec,
+    /// Pulls left in the upstream's rate-limit window, as it last said
+    /// (Docker Hub's `ratelimit-remaining`).
+    pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Every metric name registered, for checks against dashboards.
+    pub names: Vec<&'static str>,
 }
 
 impl Metrics {
@@ -173,12 +180,56 @@ impl Metrics {
                 &["result"],
             ),
             verify_duration,
+            audit_errors: counter(
+                &registry,
+                "pullgate_audit_errors_total",
+                "Audit records lost: dropped (queue full), write or reopen failures.",
+                &["kind"],
+            ),
+            upstream_ratelimit_remaining: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "pullgate_upstream_ratelimit_remaining",
+                        "Pulls left in the upstream's rate-limit window, as it last said.",
+                    ),
+                    &["upstream"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            names: vec![
+                "pullgate_requests_total",
+                "pullgate_blocked_pulls_total",
+                "pullgate_cache_requests_total",
+                "pullgate_upstream_requests_total",
+                "pullgate_upstream_request_duration_seconds",
+                "pullgate_bytes_served_total",
+                "pullgate_store_size_bytes",
+                "pullgate_evictions_total",
+                "pullgate_inflight_fetches",
+                "pullgate_stale_serves_total",
+                "pullgate_digest_mismatches_total",
+                "pullgate_config_reloads_total",
+                "pullgate_manifest_request_duration_seconds",
+                "pullgate_verifications_total",
+                "pullgate_verify_duration_seconds",
+                "pullgate_audit_errors_total",
+                "pullgate_upstream_ratelimit_remaining",
+            ],
             registry,
         }
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> Vec<u8> {
+        debug_assert_eq!(
+            self.names.len(),
+            17,
+            "keep `names` in step with the metrics"
+        );
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

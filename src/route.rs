@@ -114,6 +114,8 @@ pub struct Route {
     pub canonical: String,
     /// The name as the client wrote it (for rewriting `Link` headers).
     pub client_name: RepoName,
+    /// Who asked, for the audit log (set by the handler).
+    pub client: Option<std::net::SocketAddr>,
 }
 
 /// Picks upstreams for names; built from the config's upstream list.
@@ -179,6 +181,7 @@ impl Router {
             repo,
             canonical,
             client_name: name.clone(),
+            client: None,
         })
     }
 

@@ -74,7 +74,28 @@ pub async fn serve_admin(listener: TcpListener, app: Arc<App>, shutdown: Shutdow
     accept_loop(listener, handler, shutdown, Duration::from_secs(1)).await;
 }
 
+/// The dashboard: one self-contained page reading /api/denials and /api/stats.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+fn json(v: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(body::full(
+            serde_json::to_vec(&v).expect("JSON of plain values"),
+        ))
+        .expect("valid response")
+}
+
 fn admin(app: &App, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .header(header::ALLOW, "GET, HEAD")
+            .body(body::full("the admin endpoints are read-only\n"))
+            .expect("valid response");
+    }
     let text = |status: StatusCode, s: String| {
         Response::builder()
             .status(status)
@@ -98,9 +119,27 @@ fn admin(app: &App, req: Request<Incoming>) -> Response<Body> {
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(body::full(app.metrics.render()))
             .expect("valid response"),
+        "/dashboard" => Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            // Everything the page shows comes from /api/*; nothing else loads.
+            .header(
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+            )
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+            .body(body::full(DASHBOARD))
+            .expect("valid response"),
+        "/api/denials" => {
+            let limit = crate::handler::query_param(req.uri().query(), "limit")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(100usize)
+                .min(1000);
+            json(app.audit.denials(limit))
+        }
+        "/api/stats" => json(app.audit.stats()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics, /dashboard, /api/denials or /api/stats\n".into(),
         ),
     }
 }

@@ -320,6 +320,18 @@ impl UpstreamClient {
                 Ok(Ok(r)) => r,
             };
             self.observe(resp.status().as_str(), started);
+            // Docker Hub: `ratelimit-remaining: 76;w=21600`.
+            if let Some(left) = resp
+                .headers()
+                .get("ratelimit-remaining")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next()?.trim().parse::<i64>().ok())
+            {
+                self.metrics
+                    .upstream_ratelimit_remaining
+                    .with_label_values(&[&*self.name])
+                    .set(left);
+            }
             if !resp.status().is_redirection() {
                 return Ok(resp);
             }

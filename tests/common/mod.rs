@@ -556,6 +556,8 @@ impl Default for Options {
 /// pullgate running in-process on 127.0.0.1:0.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener (/metrics, /dashboard, /api/...).
+    pub admin: SocketAddr,
     pub app: Arc<App>,
     pub dir: Arc<tempfile::TempDir>,
     pub client: reqwest::Client,
@@ -626,6 +628,13 @@ idle_timeout = "{idle}"
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (trigger, shutdown) = Shutdown::new();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        tokio::spawn(pullgate::serve_admin(
+            admin_listener,
+            app.clone(),
+            shutdown.clone(),
+        ));
         let task = tokio::spawn(pullgate::serve(
             listener,
             app.clone(),
@@ -634,6 +643,7 @@ idle_timeout = "{idle}"
         ));
         Proxy {
             addr,
+            admin,
             app,
             dir,
             client: reqwest::Client::builder()

@@ -1,0 +1,412 @@
+//! Decisions worth keeping: the audit log, and the recent decisions behind
+//! the dashboard.
+//!
+//! Every deny or would-deny (and, with `[audit] approvals = true`, every
+//! approval) becomes one JSON line. Lines go through a bounded queue to a
+//! writer thread, so serving never waits for the disk; a full queue or a
+//! failed write is counted and logged, never an error for the client. The
+//! file is reopened on SIGHUP, for logrotate. Without `[audit] path`, the
+//! same records go to the structured log. Denials also go to an in-memory
+//! ring and hourly counters that `/api/denials` and `/api/stats` read.
+//! Depends on `config`, `names`, `metrics`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::Mode;
+use crate::metrics::Metrics;
+use crate::names::Digest;
+
+/// Recent denials kept for the dashboard.
+const RING: usize = 1000;
+
+/// Lines waiting for the writer before new ones are dropped (and counted).
+const QUEUE: usize = 10_000;
+
+/// One decision, as written to the audit log and listed by `/api/denials`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub client: String,
+    /// Canonical name, `<upstream>/<repository>`.
+    pub name: String,
+    /// Tag or digest as asked for.
+    pub reference: String,
+    pub digest: Option<String>,
+    pub policy: Option<String>,
+    pub mode: &'static str,
+    /// Empty for an approval.
+    pub reasons: Vec<&'static str>,
+    /// `deny`, `would-deny` or `allow`.
+    pub decision: &'static str,
+    /// What the client was told.
+    pub message: String,
+    #[serde(skip)]
+    at: u64,
+}
+
+impl Record {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: SocketAddr,
+        name: &str,
+        reference: &str,
+        digest: Option<&Digest>,
+        policy: Option<&str>,
+        mode: Mode,
+        reasons: &[&'static str],
+        message: String,
+    ) -> Record {
+        let now = SystemTime::now();
+        let decision = match (reasons.is_empty(), mode) {
+            (true, _) => "allow",
+            (false, Mode::Enforce) => "deny",
+            (false, Mode::Audit) => "would-deny",
+        };
+        Record {
+            time: humantime::format_rfc3339_seconds(now).to_string(),
+            client: client.to_string(),
+            name: name.to_owned(),
+            reference: reference.to_owned(),
+            digest: digest.map(|d| d.to_string()),
+            policy: policy.map(str::to_owned),
+            mode: mode.as_str(),
+            reasons: reasons.to_vec(),
+            decision,
+            message,
+            at: now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+        }
+    }
+}
+
+enum Command {
+    Line(String),
+    Reopen,
+}
+
+/// Blocked pulls in one hour.
+#[derive(Clone, Copy, Default)]
+struct Hour {
+    start: u64,
+    enforce: u64,
+    audit: u64,
+}
+
+struct Recent {
+    ring: VecDeque<Arc<Record>>,
+    /// The last 24 hours, by hour start.
+    hours: VecDeque<Hour>,
+}
+
+/// The audit log and recent decisions.
+pub struct Audit {
+    writer: Option<SyncSender<Command>>,
+    approvals: bool,
+    recent: Mutex<Recent>,
+    metrics: Arc<Metrics>,
+}
+
+impl Audit {
+    /// Starts the writer thread when `path` is set.
+    pub fn new(
+        path: Option<&Path>,
+        approvals: bool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Audit, String> {
+        let writer = match path {
+            None => None,
+            Some(path) => {
+                let file = open(path)
+                    .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+                let (tx, rx) = sync_channel(QUEUE);
+                let path = path.to_path_buf();
+                let m = metrics.clone();
+                std::thread::Builder::new()
+                    .name("pullgate-audit".into())
+                    .spawn(move || write_loop(path, file, rx, m))
+                    .map_err(|e| format!("cannot start the audit writer: {e}"))?;
+                Some(tx)
+            }
+        };
+        Ok(Audit {
+            writer,
+            approvals,
+            recent: Mutex::new(Recent {
+                ring: VecDeque::with_capacity(RING),
+                hours: VecDeque::with_capacity(25),
+            }),
+            metrics,
+        })
+    }
+
+    /// Whether approvals are recorded too.
+    pub fn records_approvals(&self) -> bool {
+        self.approvals
+    }
+
+    /// Records one decision. Never blocks.
+    pub fn record(&self, r: Record) {
+        let line = serde_json::to_string(&r).expect("JSON of plain values");
+        match &self.writer {
+            Some(tx) => match tx.try_send(Command::Line(line)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    self.metrics
+                        .audit_errors
+                        .with_label_values(&["dropped"])
+                        .inc();
+                }
+            },
+            None => tracing::info!(target: "pullgate::audit", record = %line, "audit"),
+        }
+        if r.reasons.is_empty() {
+            return;
+        }
+        let mut recent = self.recent.lock().expect("audit lock");
+        let hour = r.at / 3600 * 3600;
+        if recent.hours.back().is_none_or(|h| h.start != hour) {
+            recent.hours.push_back(Hour {
+                start: hour,
+                ..Hour::default()
+            });
+            while recent.hours.len() > 24 {
+                recent.hours.pop_front();
+            }
+        }
+        let h = recent.hours.back_mut().expect("just pushed");
+        match r.mode {
+            "audit" => h.audit += 1,
+            _ => h.enforce += 1,
+        }
+        if recent.ring.len() == RING {
+            recent.ring.pop_front();
+        }
+        recent.ring.push_back(Arc::new(r));
+    }
+
+    /// Reopens the log file (SIGHUP, after logrotate moved it).
+    pub fn reopen(&self) {
+        if let Some(tx) = &self.writer {
+            let _ = tx.try_send(Command::Reopen);
+        }
+    }
+
+    /// The latest denials and would-denials, newest first.
+    pub fn denials(&self, limit: usize) -> serde_json::Value {
+        let recent = self.recent.lock().expect("audit lock");
+        let list: Vec<&Record> = recent.ring.iter().rev().take(limit).map(|r| &**r).collect();
+        serde_json::json!({ "denials": list, "total": recent.ring.len() })
+    }
+
+    /// Counts for the dashboard.
+    pub fn stats(&self) -> serde_json::Value {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let this_hour = now / 3600 * 3600;
+        let recent = self.recent.lock().expect("audit lock");
+        let count = |since: u64, mode: &str| -> u64 {
+            recent
+                .hours
+                .iter()
+                .filter(|h| h.start >= since)
+                .map(|h| if mode == "audit" { h.audit } else { h.enforce })
+                .sum()
+        };
+        let by_hour: Vec<_> = (0..24)
+            .rev()
+            .map(|i| {
+                let start = this_hour - i * 3600;
+                let h = recent
+                    .hours
+                    .iter()
+                    .find(|h| h.start == start)
+                    .copied()
+                    .unwrap_or_default();
+                serde_json::json!({
+                    "hour": humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(start)).to_string(),
+                    "enforce": h.enforce,
+                    "audit": h.audit,
+                })
+            })
+            .collect();
+        let mut names: HashMap<&str, u64> = HashMap::new();
+        let mut reasons: HashMap<&str, u64> = HashMap::new();
+        for r in &recent.ring {
+            *names.entry(&r.name).or_default() += 1;
+            for reason in &r.reasons {
+                *reasons.entry(reason).or_default() += 1;
+            }
+        }
+        let top = |m: HashMap<&str, u64>, key: &str| {
+            let mut v: Vec<_> = m.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            v.into_iter()
+                .take(10)
+                .map(|(k, n)| serde_json::json!({ key: k, "count": n }))
+                .collect::<Vec<_>>()
+        };
+        let c = |kind: &str, result: &str| {
+            self.metrics
+                .cache_requests
+                .with_label_values(&[kind, result])
+                .get()
+        };
+        let hits = c("manifest", "hit") + c("blob", "hit");
+        let misses = c("manifest", "miss") + c("blob", "miss") + c("blob", "joined");
+        let hit_ratio = (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64);
+        let bytes = |source: &str| self.metrics.bytes_served.with_label_values(&[source]).get();
+        serde_json::json!({
+            "blocked": {"last_hour": count(this_hour, "enforce"), "last_day": count(0, "enforce")},
+            "would_block": {"last_hour": count(this_hour, "audit"), "last_day": count(0, "audit")},
+            "by_hour": by_hour,
+            "top_repositories": top(names, "name"),
+            "reasons": top(reasons, "reason"),
+            "cache": {"hits": hits, "misses": misses, "hit_ratio": hit_ratio},
+            "bytes_served": {"cache": bytes("cache"), "upstream": bytes("upstream")},
+        })
+    }
+}
+
+/// Opens (creating) a log file for appending.
+pub fn open(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+fn write_loop(
+    path: PathBuf,
+    mut file: File,
+    rx: std::sync::mpsc::Receiver<Command>,
+    metrics: Arc<Metrics>,
+) {
+    for cmd in rx {
+        match cmd {
+            Command::Line(mut line) => {
+                line.push('\n');
+                if let Err(e) = file.write_all(line.as_bytes()) {
+                    metrics.audit_errors.with_label_values(&["write"]).inc();
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the audit log; record lost");
+                }
+            }
+            Command::Reopen => match open(&path) {
+                Ok(f) => {
+                    file = f;
+                    tracing::info!(path = %path.display(), "audit log reopened");
+                }
+                Err(e) => {
+                    metrics.audit_errors.with_label_values(&["reopen"]).inc();
+                    tracing::error!(path = %path.display(), error = %e, "cannot reopen the audit log; writing to the old file");
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, mode: Mode, reasons: &[&'static str]) -> Record {
+        Record::new(
+            "127.0.0.1:40000".parse().unwrap(),
+            name,
+            "v1",
+            Some(&Digest::of(b"m")),
+            Some("p"),
+            mode,
+            reasons,
+            "blocked by policy \"p\"".into(),
+        )
+    }
+
+    #[test]
+    fn lines_carry_every_field_and_reach_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::new(Some(&path), false, Arc::new(Metrics::new())).unwrap();
+        audit.record(record("docker.io/library/a", Mode::Enforce, &["unsigned"]));
+        audit.record(record("docker.io/library/b", Mode::Audit, &["no-policy"]));
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = std::fs::read_to_string(&path).unwrap();
+            if text.lines().count() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let l = &lines[0];
+        for key in [
+            "time",
+            "client",
+            "name",
+            "reference",
+            "digest",
+            "policy",
+            "mode",
+            "reasons",
+            "message",
+            "decision",
+        ] {
+            assert!(!l[key].is_null(), "{key} missing in {l}");
+        }
+        assert_eq!(l["decision"], "deny");
+        assert_eq!(lines[1]["decision"], "would-deny");
+        assert!(humantime::parse_rfc3339(l["time"].as_str().unwrap()).is_ok());
+        // logrotate: the file is moved away, SIGHUP reopens a new one.
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+        audit.reopen();
+        audit.record(record("docker.io/library/c", Mode::Enforce, &["unsigned"]));
+        for _ in 0..200 {
+            if std::fs::read_to_string(&path)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+                == 1
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    #[test]
+    fn stats_count_by_hour_mode_name_and_reason() {
+        let audit = Audit::new(None, false, Arc::new(Metrics::new())).unwrap();
+        for _ in 0..3 {
+            audit.record(record("docker.io/library/a", Mode::Enforce, &["unsigned"]));
+        }
+        audit.record(record("docker.io/library/b", Mode::Audit, &["no-policy"]));
+        audit.record(record("docker.io/library/ok", Mode::Enforce, &[]));
+        let s = audit.stats();
+        assert_eq!(s["blocked"]["last_hour"], 3);
+        assert_eq!(s["would_block"]["last_day"], 1);
+        assert_eq!(s["by_hour"].as_array().unwrap().len(), 24);
+        assert_eq!(s["by_hour"][23]["enforce"], 3);
+        assert_eq!(s["top_repositories"][0]["name"], "docker.io/library/a");
+        assert_eq!(
+            s["reasons"][0],
+            serde_json::json!({"reason": "unsigned", "count": 3})
+        );
+        let d = audit.denials(2);
+        assert_eq!(d["total"], 4);
+        assert_eq!(
+            d["denials"][0]["name"], "docker.io/library/b",
+            "newest first"
+        );
+    }
+}
