@@ -186,6 +186,16 @@ RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-signed.toml" > "$WORK/p
 PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PGS/v2/" >/dev/null && break; sleep 0.1; done
 
+# A third pullgate with the audit log on, recording approvals too: one JSON
+# line per request, the heaviest audit setting.
+PGA=$(port); PGAADMIN=$(port)
+sed -e "s/127.0.0.1:$PG\"/127.0.0.1:$PGA\"/" -e "s/127.0.0.1:$PGADMIN\"/127.0.0.1:$PGAADMIN\"/" \
+    -e "s|$WORK/pullgate-data|$WORK/pullgate-audit-data|" "$WORK/pullgate.toml" > "$WORK/pullgate-audit.toml"
+printf '[audit]\npath = "%s"\napprovals = true\n' "$WORK/audit.jsonl" >> "$WORK/pullgate-audit.toml"
+RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-audit.toml" > "$WORK/pullgate-audit.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PGA/v2/" >/dev/null && break; sleep 0.1; done
+
 # nginx: one worker, sendfile, the same manifest and blob bytes as files.
 mkdir -p "$WORK/static/v2/bench/app/manifests" "$WORK/static/v2/bench/app/blobs" "$WORK/nginx"
 cp "$WORK/layout/blobs/sha256/${SMALL_M#sha256:}" "$WORK/static/v2/bench/app/manifests/small"
@@ -232,6 +242,8 @@ for u in "$D_URL" "$P_URL"; do
 done
 warm "$N_URL/manifests/small"
 S_URL="http://127.0.0.1:$PGS/v2/bench/app"
+A_URL="http://127.0.0.1:$PGA/v2/bench/app"
+warm "$A_URL/manifests/small"
 warm "$S_URL/manifests/small"
 
 wrk_run() { # url -> "req/s p99"
@@ -248,6 +260,7 @@ read -r N_TAG N_TAG99 < <(wrk_run "$N_URL/manifests/small")
 read -r P_TAG P_TAG99 < <(wrk_run "$P_URL/manifests/small")
 read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
 read -r S_TAG S_TAG99 < <(wrk_run "$S_URL/manifests/small")
+read -r A_TAG A_TAG99 < <(wrk_run "$A_URL/manifests/small")
 read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
 read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
 
@@ -317,6 +330,7 @@ manifest by tag     req/s   p99
   nginx (static)    $N_TAG  $N_TAG99
   pullgate          $P_TAG  $P_TAG99
   pullgate signed   $S_TAG  $S_TAG99   (signed_by policy, cached verdict)
+  pullgate audited  $A_TAG  $A_TAG99   (audit log with approvals: a line per request)
   distribution      $D_TAG  $D_TAG99
 manifest by digest
   pullgate          $P_DIG  $P_DIG99
@@ -333,6 +347,7 @@ ratios
   pullgate / nginx, manifest by tag:          $(ratio "$P_TAG" "$N_TAG")
   pullgate / distribution, manifest by tag:   $(ratio "$P_TAG" "$D_TAG")
   signed_by policy / no policy, by tag:       $(ratio "$S_TAG" "$P_TAG")
+  audit log on / off, by tag:                 $(ratio "$A_TAG" "$P_TAG")
   pullgate / distribution, manifest by digest: $(ratio "$P_DIG" "$D_DIG")
   pullgate / nginx, blob throughput:          $(ratio "$P_BLOB" "$N_BLOB")
   pullgate / distribution, CPU per GiB:       $(ratio "$P_CPU" "$D_CPU")

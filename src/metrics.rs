@@ -114,7 +114,7 @@ impl Metrics {
             "pullgate_inflight_fetches",
             "Upstream blob fetches running now.",
         );
-        Metrics {
+        let m = Metrics {
             requests: counter(
                 &registry,
                 "pullgate_requests_total",
@@ -220,7 +220,19 @@ impl Metrics {
                 "pullgate_upstream_ratelimit_remaining",
             ],
             registry,
+        };
+        // Series that alerts watch exist from the start at 0, so their first
+        // increase is seen (a counter that appears at 1 has no increase).
+        for result in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[result]);
         }
+        for result in ["pass", "fail", "cached", "unavailable"] {
+            m.verifications.with_label_values(&[result]);
+        }
+        for kind in ["dropped", "write", "reopen"] {
+            m.audit_errors.with_label_values(&[kind]);
+        }
+        m
     }
 
     /// The Prometheus text exposition.
