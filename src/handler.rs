@@ -98,12 +98,10 @@ pub struct App {
     pub audit: crate::audit::Audit,
     /// The last tag list per (name, query), served when the upstream fails.
     tag_lists: moka::sync::Cache<(String, Option<String>), (Bytes, Option<String>)>,
-    /// (name, blob, config generation) that approved manifests reference.
-    approved_blobs: moka::sync::Cache<(String, Digest, u64), ()>,
-    /// (name, manifest, generation) whose blobs were put in `approved_blobs`;
-    /// forgotten after a few minutes so that a blob entry the cache dropped
-    /// is restored at the next pull of its manifest.
-    approved_manifests: moka::sync::Cache<(String, Digest, u64), ()>,
+    /// Blobs that approved manifests reference, per name and generation.
+    approved_blobs: crate::verify::Memo<()>,
+    /// Manifests whose blobs are in `approved_blobs`; emptied with it.
+    approved_manifests: crate::verify::Memo<()>,
 }
 
 impl App {
@@ -134,17 +132,14 @@ impl App {
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
             verifier: Verifier::new(&config_store_path, metrics.clone()),
             audit,
-            approved_blobs: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
             tag_lists: moka::sync::Cache::builder()
                 .max_capacity(64 * 1024 * 1024)
                 .weigher(|_, v: &(Bytes, Option<String>)| {
                     u32::try_from(v.0.len()).unwrap_or(u32::MAX)
                 })
                 .build(),
-            approved_manifests: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(300))
-                .build(),
+            approved_blobs: crate::verify::Memo::new(1_000_000),
+            approved_manifests: crate::verify::Memo::new(1_000_000),
             store,
             metrics,
             manifests: SingleFlight::default(),
@@ -755,15 +750,23 @@ impl App {
             .policies
             .matching(&route.canonical)
             .is_some_and(|p| !p.signed_by.is_empty());
-        let key = (route.canonical.clone(), m.digest, gen.id);
-        if !gated || self.approved_manifests.contains_key(&key) {
+        let name = route.canonical.as_str();
+        if !gated
+            || self
+                .approved_manifests
+                .get(&m.digest, gen.id, name)
+                .is_some()
+        {
             return;
         }
         for blob in referenced_blobs(&m.bytes) {
-            self.approved_blobs
-                .insert((route.canonical.clone(), blob, gen.id), ());
+            if self.approved_blobs.insert(blob, gen.id, name, ()) {
+                // Emptied for size: the manifests recorded so far must be
+                // recorded again at their next pull.
+                self.approved_manifests.clear();
+            }
         }
-        self.approved_manifests.insert(key, ());
+        self.approved_manifests.insert(m.digest, gen.id, name, ());
     }
 
     fn stored_manifest(&self, d: &Digest) -> Result<Option<Arc<StoredManifest>>, ApiError> {
@@ -803,9 +806,10 @@ impl App {
         if let Some(policy) = gen.policies.matching(&route.canonical) {
             let gated = !policy.signed_by.is_empty() && policy.mode == crate::config::Mode::Enforce;
             if gated
-                && !self
+                && self
                     .approved_blobs
-                    .contains_key(&(route.canonical.clone(), digest, gen.id))
+                    .get(&digest, gen.id, &route.canonical)
+                    .is_none()
             {
                 let verdict = Verdict {
                     policy: Some(policy.name.clone()),

@@ -58,13 +58,60 @@ pub enum Finding {
     BadSignatures(Vec<String>),
 }
 
+type MemoMap<V> = std::collections::HashMap<(Digest, u64), Vec<(Box<str>, V)>>;
+
+/// A read-mostly map from (digest, config generation, name) to a value,
+/// cheap to consult on every cached pull: one read lock and one hash of the
+/// digest, no allocation. It is emptied whole when it outgrows its bound
+/// (what it holds can always be worked out again).
+pub struct Memo<V> {
+    map: std::sync::RwLock<MemoMap<V>>,
+    bound: usize,
+}
+
+impl<V: Clone> Memo<V> {
+    pub fn new(bound: usize) -> Memo<V> {
+        Memo {
+            map: std::sync::RwLock::new(std::collections::HashMap::new()),
+            bound,
+        }
+    }
+
+    pub fn get(&self, digest: &Digest, generation: u64, name: &str) -> Option<V> {
+        let map = self.map.read().expect("memo lock");
+        map.get(&(*digest, generation))?
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// Inserts or replaces; returns true when the memo was emptied first.
+    pub fn insert(&self, digest: Digest, generation: u64, name: &str, value: V) -> bool {
+        let mut map = self.map.write().expect("memo lock");
+        let cleared = map.len() >= self.bound;
+        if cleared {
+            map.clear();
+        }
+        let names = map.entry((digest, generation)).or_default();
+        match names.iter_mut().find(|(n, _)| &**n == name) {
+            Some(slot) => slot.1 = value,
+            None => names.push((name.into(), value)),
+        }
+        cleared
+    }
+
+    pub fn clear(&self) {
+        self.map.write().expect("memo lock").clear();
+    }
+}
+
 /// Verdict cache and signature checks.
 pub struct Verifier {
     /// The store root, where local approvals live.
     store: PathBuf,
-    verdicts: moka::sync::Cache<(Digest, String, u64), Cached>,
-    /// Manifests listed by an index that passed: (digest, name, generation).
-    via_index: moka::sync::Cache<(Digest, String, u64), ()>,
+    verdicts: Memo<Cached>,
+    /// `pullgate_verifications_total{result="cached"}`, resolved once.
+    cached: prometheus::IntCounter,
     metrics: Arc<Metrics>,
 }
 
@@ -72,8 +119,8 @@ impl Verifier {
     pub fn new(store: &Path, metrics: Arc<Metrics>) -> Verifier {
         Verifier {
             store: store.to_path_buf(),
-            verdicts: moka::sync::Cache::builder().max_capacity(100_000).build(),
-            via_index: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            verdicts: Memo::new(100_000),
+            cached: metrics.verifications.with_label_values(&["cached"]),
             metrics,
         }
     }
@@ -97,23 +144,14 @@ impl Verifier {
         if policy.signed_by.is_empty() {
             return pass;
         }
-        let key = (manifest.digest, canonical.to_owned(), generation);
-        // Listed by an index that passed: passes, even if it was denied
-        // when asked for alone before.
-        if self.via_index.contains_key(&key) {
-            return pass;
-        }
-        let known = self.verdicts.get(&key);
+        let known = self.verdicts.get(&manifest.digest, generation, canonical);
         if let Some(c) = &known {
             // A denial is looked at again after a while, or at once when an
             // approval was recorded locally since.
             let approved_since =
                 !c.verdict.passes() && approvals::exists(&self.store, &manifest.digest);
             if c.verdict.passes() || (c.at.elapsed() < DENIAL_RECHECK && !approved_since) {
-                self.metrics
-                    .verifications
-                    .with_label_values(&["cached"])
-                    .inc();
+                self.cached.inc();
                 return c.verdict.clone();
             }
         }
@@ -126,10 +164,15 @@ impl Verifier {
             .observe(started.elapsed().as_secs_f64());
         let verdict = match result {
             Ok((reasons, children)) => {
+                // The manifests of an index that passed pass too, even if
+                // one was denied when asked for alone before.
                 if reasons.is_empty() {
                     for child in children {
-                        self.via_index
-                            .insert((child, canonical.to_owned(), generation), ());
+                        let cached = Cached {
+                            verdict: pass.clone(),
+                            at: Instant::now(),
+                        };
+                        self.verdicts.insert(child, generation, canonical, cached);
                     }
                 }
                 Verdict { reasons, ..pass }
@@ -152,13 +195,12 @@ impl Verifier {
         };
         let label = if verdict.passes() { "pass" } else { "fail" };
         self.metrics.verifications.with_label_values(&[label]).inc();
-        self.verdicts.insert(
-            key,
-            Cached {
-                verdict: verdict.clone(),
-                at: Instant::now(),
-            },
-        );
+        let cached = Cached {
+            verdict: verdict.clone(),
+            at: Instant::now(),
+        };
+        self.verdicts
+            .insert(manifest.digest, generation, canonical, cached);
         verdict
     }
 
