@@ -174,7 +174,10 @@ impl Audit {
                     lines.extend_from_slice(line.as_bytes());
                     lines.push(b'\n');
                 } else {
-                    self.metrics.audit_errors.with_label_values(&["dropped"]).inc();
+                    self.metrics
+                        .audit_errors
+                        .with_label_values(&["dropped"])
+                        .inc();
                 }
             }
             None => tracing::info!(target: "pullgate::audit", record = %line, "audit"),
@@ -317,7 +320,10 @@ fn write_loop(path: PathBuf, mut file: File, pending: Arc<Pending>, metrics: Arc
         }
         if let Err(e) = file.write_all(&batch) {
             let lost = batch.iter().filter(|&&b| b == b'\n').count() as u64;
-            metrics.audit_errors.with_label_values(&["write"]).inc_by(lost);
+            metrics
+                .audit_errors
+                .with_label_values(&["write"])
+                .inc_by(lost);
             tracing::error!(path = %path.display(), error = %e, lost, "cannot write the audit log; records lost");
         }
         batch.clear();
@@ -394,6 +400,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    #[test]
+    fn a_full_disk_loses_records_counted_and_never_blocks() {
+        // /dev/full opens for appending, and every write fails with ENOSPC.
+        let metrics = Arc::new(Metrics::new());
+        let audit = Audit::new(Some(Path::new("/dev/full")), false, metrics.clone()).unwrap();
+        for _ in 0..3 {
+            audit.record(record("docker.io/library/a", Mode::Enforce, &["unsigned"]));
+        }
+        let lost = || metrics.audit_errors.with_label_values(&["write"]).get();
+        for _ in 0..100 {
+            if lost() == 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(lost(), 3);
+        // The dashboard still sees them.
+        assert_eq!(audit.denials(10)["total"], 3);
     }
 
     #[test]

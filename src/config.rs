@@ -937,6 +937,14 @@ mode = "maybe"
     }
 
     #[test]
+    fn an_unwritable_audit_path_is_a_config_error() {
+        let err = parse("[audit]\npath = \"/proc/no-such-dir/audit.jsonl\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "audit.path");
+        assert_eq!(err.problems[0].line, Some(2));
+        assert!(err.problems[0].message.contains("cannot open"), "{err}");
+    }
+
+    #[test]
     fn listeners_must_differ_and_manifest_cap_must_be_positive() {
         let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nmax_manifest_size = \"0\"\n[admin]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n").unwrap_err();
         let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
