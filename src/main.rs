@@ -211,7 +211,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         grace,
     )));
     if let Some(admin) = admin {
-        tracing::info!(listen = %admin.local_addr()?, "serving /metrics /healthz /readyz");
+        tracing::info!(listen = %admin.local_addr()?, "serving /metrics /healthz /readyz /dashboard /api/*");
         tasks.push(tokio::spawn(pullgate::serve_admin(
             admin,
             app.clone(),
