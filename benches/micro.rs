@@ -53,11 +53,16 @@ fn hashing(c: &mut Criterion) {
     g.finish();
 }
 
-/// An app with one cached manifest and a fresh tag pointing at it.
-fn app_with_cached_manifest(dir: &std::path::Path) -> (Arc<App>, Digest) {
+/// An app with one cached manifest and a fresh tag pointing at it, under
+/// `policy` (a `[[policy]]` table) and any `extra` tables (`[keys]`).
+fn app_with_cached_manifest(
+    dir: &std::path::Path,
+    extra: &str,
+    policy: &str,
+) -> (Arc<App>, Digest) {
     let text = format!(
-        "[storage]\npath = \"{}\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
-        dir.display()
+        "{extra}\n[storage]\npath = \"{}\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n{policy}",
+        dir.join("data").display()
     );
     let app = App::new(Config::parse(&text, "bench", dir).unwrap()).unwrap();
     let bytes = Bytes::from(vec![b' '; 1500]);
@@ -88,7 +93,11 @@ fn app_with_cached_manifest(dir: &std::path::Path) -> (Arc<App>, Digest) {
 
 fn store_and_handler(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let (app, digest) = app_with_cached_manifest(dir.path());
+    let (app, digest) = app_with_cached_manifest(
+        dir.path(),
+        "",
+        "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+    );
     let key = TagKey {
         upstream: Arc::from("docker.io"),
         repo: "library/alpine".parse().unwrap(),
@@ -147,40 +156,18 @@ fn cached_verdict(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let key = pullgate::keys::PrivateKey::generate("ed25519").unwrap();
     std::fs::write(dir.path().join("k.pub"), key.public_pem()).unwrap();
-    let text = format!(
-        "[keys]\nk = \"k.pub\"\n[storage]\npath = \"{}\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n[[policy]]\nname = \"signed\"\nmatch = [\"**\"]\nsigned_by = [\"k\"]\n",
-        dir.path().join("data").display()
+    let (app, digest) = app_with_cached_manifest(
+        dir.path(),
+        "[keys]\nk = \"k.pub\"",
+        "[[policy]]\nname = \"signed\"\nmatch = [\"**\"]\nsigned_by = [\"k\"]\n",
     );
-    let (app, digest) = {
-        let config = Config::parse(&text, "bench", dir.path()).unwrap();
-        let data = config.storage.path.clone();
-        let app = App::new(config).unwrap();
-        let bytes = Bytes::from(vec![b' '; 1500]);
-        let digest = Digest::of(&bytes);
-        app.store
-            .put_manifest(Arc::new(StoredManifest {
-                digest,
-                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                bytes,
-            }))
-            .unwrap();
-        let tag = TagKey {
-            upstream: Arc::from("docker.io"),
-            repo: "library/alpine".parse().unwrap(),
-            tag: "3.20".parse().unwrap(),
-        };
-        app.store
-            .put_tag(
-                &tag,
-                TagRecord {
-                    digest,
-                    checked: SystemTime::now(),
-                },
-            )
-            .unwrap();
-        pullgate::approvals::record(&data, "docker.io/library/alpine", &digest, &key).unwrap();
-        (app, digest)
-    };
+    pullgate::approvals::record(
+        &dir.path().join("data"),
+        "docker.io/library/alpine",
+        &digest,
+        &key,
+    )
+    .unwrap();
     let _ = digest;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -137,15 +137,8 @@ fn main() -> ExitCode {
                 None => Config::embedded(),
             };
             init_logging(cli.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -407,15 +400,8 @@ fn verify(image: &str, config: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     let mut lines = Vec::new();
     let result = runtime.block_on(pullgate::verify::explain(&config, image, &mut lines));
@@ -428,6 +414,17 @@ fn verify(image: &str, config: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("pullgate: cannot reach a verdict: {e}");
             ExitCode::from(69)
+        }
+    }
+}
+
+/// Builds a tokio runtime, reporting a failure on stderr.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            None
         }
     }
 }
