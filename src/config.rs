@@ -70,6 +70,8 @@ pub struct UpstreamConfig {
     pub name: String,
     pub url: reqwest::Url,
     pub default: bool,
+    /// Other spellings of the registry host (`index.docker.io`), routed here.
+    pub aliases: Vec<String>,
     pub credentials: Option<Credentials>,
     /// Extra trusted roots (PEM) for this upstream's TLS.
     pub ca_pem: Option<Vec<u8>>,
@@ -123,6 +125,10 @@ pub struct PolicyConfig {
     pub deny: bool,
     /// A valid signature by any one of these keys is required.
     pub signed_by: Vec<TrustedKey>,
+    /// Only digest references pass; tags are denied (`tag-not-allowed`).
+    pub require_digest: bool,
+    /// Tags matching these globs are denied (`tag-not-allowed`).
+    pub deny_tags: Option<GlobSet>,
 }
 
 /// A key named in `[keys]`.
@@ -230,6 +236,8 @@ struct RawUpstream {
     password_env: Option<Spanned<String>>,
     ca: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    aliases: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -243,6 +251,9 @@ struct RawPolicy {
     deny: bool,
     signed_by: Option<Spanned<Vec<String>>>,
     bases: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    require_digest: bool,
+    deny_tags: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 // ---- loading and validation -----------------------------------------------
@@ -659,6 +670,33 @@ impl Validator<'_> {
                             None
                         }
                     });
+            let mut aliases = Vec::new();
+            for (j, a) in u.aliases.iter().enumerate() {
+                let alias = a.get_ref();
+                let valid = !alias.is_empty()
+                    && alias.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b)
+                    });
+                let taken = raw.iter().enumerate().any(|(k, o)| {
+                    o.name.get_ref() == alias
+                        || (k != i && o.aliases.iter().any(|x| x.get_ref() == alias))
+                }) || u.aliases[..j].iter().any(|x| x.get_ref() == alias);
+                if !valid {
+                    self.problem(
+                        format!("upstream[{i}].aliases[{j}]"),
+                        a,
+                        format!("{alias:?} is not a registry host name"),
+                    );
+                } else if taken {
+                    self.problem(
+                        format!("upstream[{i}].aliases[{j}]"),
+                        a,
+                        format!("{alias:?} already names an upstream; each spelling routes to one upstream"),
+                    );
+                } else {
+                    aliases.push(alias.clone());
+                }
+            }
             let idle_timeout = match &u.idle_timeout {
                 Some(s) => self.duration(&key("idle_timeout"), s),
                 None => Some(Duration::from_secs(60)),
@@ -668,6 +706,7 @@ impl Validator<'_> {
                     name: name.clone(),
                     url,
                     default: u.default,
+                    aliases,
                     credentials,
                     ca_pem,
                     idle_timeout,
@@ -810,6 +849,22 @@ impl Validator<'_> {
                     );
                 }
             }
+            let deny_tags = p.deny_tags.as_ref().and_then(|tags| {
+                let mut b = GlobSetBuilder::new();
+                for (j, t) in tags.get_ref().iter().enumerate() {
+                    match GlobBuilder::new(t.get_ref()).build() {
+                        Ok(g) => {
+                            b.add(g);
+                        }
+                        Err(e) => self.problem(
+                            format!("policy[{i}].deny_tags[{j}]"),
+                            t,
+                            format!("{:?} is not a valid pattern: {e}", t.get_ref()),
+                        ),
+                    }
+                }
+                b.build().ok()
+            });
             match set.build() {
                 Ok(matcher) => out.push(PolicyConfig {
                     name: p.name.get_ref().clone(),
@@ -818,6 +873,8 @@ impl Validator<'_> {
                     mode,
                     deny: p.deny,
                     signed_by,
+                    require_digest: p.require_digest,
+                    deny_tags,
                 }),
                 Err(e) => self.problem(key("match"), &p.patterns, e.to_string()),
             }
@@ -934,6 +991,46 @@ mode = "maybe"
             err.problems[0].message.contains("docker.io/library/centos"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn aliases_are_unique_spellings_and_tag_rules_parse() {
+        let text = r#"
+[[upstream]]
+name = "docker.io"
+url = "https://registry-1.docker.io"
+aliases = ["index.docker.io", "registry-1.docker.io"]
+[[upstream]]
+name = "ghcr.io"
+url = "https://ghcr.io"
+aliases = ["docker.io"]
+[[policy]]
+name = "p"
+match = ["**"]
+require_digest = true
+deny_tags = ["latest", "*-rc*", "[bad"]
+"#;
+        let err = parse(text).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["upstream[1].aliases[0]", "policy[0].deny_tags[2]"],
+            "{err}"
+        );
+        let ok = parse(
+            &text
+                .replace("aliases = [\"docker.io\"]", "")
+                .replace(", \"[bad\"", ""),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.upstreams[0].aliases,
+            ["index.docker.io", "registry-1.docker.io"]
+        );
+        let p = &ok.policies[0];
+        assert!(p.require_digest);
+        let tags = p.deny_tags.as_ref().unwrap();
+        assert!(tags.is_match("latest") && tags.is_match("1.2-rc3") && !tags.is_match("1.2"));
     }
 
     #[test]

@@ -64,12 +64,7 @@ pub struct Generation {
 
 impl Generation {
     pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Generation, String> {
-        let router = Router::new(
-            config
-                .upstreams
-                .iter()
-                .map(|u| (u.name.as_str(), u.default)),
-        );
+        let router = Router::for_upstreams(&config.upstreams);
         let upstreams = config
             .upstreams
             .iter()
@@ -404,6 +399,25 @@ impl App {
         if early.blocks() {
             self.apply(route, &reference.to_string(), &early, None, true)?;
         }
+        // Tag rules (require_digest, deny_tags) need no manifest either.
+        let mut tag_warning = None;
+        if let (Reference::Tag(tag), Some(policy)) =
+            (&reference, gen.policies.matching(&route.canonical))
+        {
+            let refused = policy.require_digest
+                || policy
+                    .deny_tags
+                    .as_ref()
+                    .is_some_and(|g| g.is_match(tag.as_str()));
+            if refused && !policy.deny && !is_signature_tag(tag) {
+                let verdict = Verdict {
+                    policy: Some(policy.name.clone()),
+                    mode: policy.mode,
+                    reasons: vec![crate::policy::reason::TAG_NOT_ALLOWED],
+                };
+                tag_warning = self.apply(route, tag.as_str(), &verdict, None, true)?;
+            }
+        }
         let accept = accept_header(headers);
         let m = match &reference {
             Reference::Tag(tag) => self.resolve_tag(gen, upstream, route, tag, accept).await?,
@@ -450,7 +464,7 @@ impl App {
             .header(header::CONTENT_LENGTH, m.bytes.len())
             .header("Docker-Content-Digest", m.digest.to_string())
             .header(header::ETAG, format!("\"{}\"", m.digest));
-        if let Some(w) = warning {
+        if let Some(w) = warning.or(tag_warning) {
             r = r.header(header::WARNING, w);
         }
         let b = if head {

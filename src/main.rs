@@ -345,12 +345,7 @@ fn approve(
         .ok_or_else(|| (1, format!("{image:?} is not NAME@DIGEST")))?;
     let digest: pullgate::names::Digest = digest.parse().map_err(|e| (1, format!("{e}")))?;
     let name: pullgate::names::RepoName = name.parse().map_err(|e| (1, format!("{e}")))?;
-    let router = pullgate::route::Router::new(
-        config
-            .upstreams
-            .iter()
-            .map(|u| (u.name.as_str(), u.default)),
-    );
+    let router = pullgate::route::Router::for_upstreams(&config.upstreams);
     let route = router.route(&name, None).map_err(|e| (1, e.message))?;
     let pem = std::fs::read_to_string(key)
         .map_err(|e| (1, format!("cannot read {}: {e}", key.display())))?;

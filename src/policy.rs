@@ -27,6 +27,7 @@ pub mod reason {
     pub const BAD_SIGNATURE: &str = "bad-signature";
     pub const VERIFICATION_UNAVAILABLE: &str = "verification-unavailable";
     pub const NOT_APPROVED: &str = "not-approved";
+    pub const TAG_NOT_ALLOWED: &str = "tag-not-allowed";
 }
 
 /// The outcome of evaluating one name (and, for manifests, one digest).
@@ -93,6 +94,9 @@ fn describe(slug: &str) -> &'static str {
         reason::DENIED_BY_POLICY => "the policy denies everything it matches",
         reason::UNSIGNED => "no signature by a trusted key was found",
         reason::BAD_SIGNATURE => "signatures were found but none verifies with a trusted key",
+        reason::TAG_NOT_ALLOWED => {
+            "the policy does not allow pulling this tag (require_digest or deny_tags); pull by digest"
+        }
         reason::NOT_APPROVED => "the blob is not part of an approved manifest of this repository",
         reason::VERIFICATION_UNAVAILABLE => {
             "signatures could not be fetched from the upstream, and no earlier verdict is known"

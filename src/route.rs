@@ -122,6 +122,8 @@ pub struct Route {
 #[derive(Debug, Clone)]
 pub struct Router {
     names: Vec<Arc<str>>,
+    /// Other spellings: (alias, upstream index).
+    aliases: Vec<(String, usize)>,
     default: Option<usize>,
 }
 
@@ -135,7 +137,27 @@ impl Router {
                 default = Some(i);
             }
         }
-        Router { names, default }
+        Router {
+            names,
+            aliases: Vec::new(),
+            default,
+        }
+    }
+
+    /// The router of a config's upstreams, aliases included.
+    pub fn for_upstreams(upstreams: &[crate::config::UpstreamConfig]) -> Router {
+        let mut r = Router::new(upstreams.iter().map(|u| (u.name.as_str(), u.default)));
+        for (i, u) in upstreams.iter().enumerate() {
+            r = r.with_aliases(i, &u.aliases);
+        }
+        r
+    }
+
+    /// Adds other spellings of upstream `index`'s host.
+    pub fn with_aliases(mut self, index: usize, aliases: &[String]) -> Router {
+        self.aliases
+            .extend(aliases.iter().map(|a| (a.clone(), index)));
+        self
     }
 
     /// Routes a client name, with containerd's `ns` query parameter if sent.
@@ -186,7 +208,12 @@ impl Router {
     }
 
     fn find(&self, host: &str) -> Option<usize> {
-        self.names.iter().position(|n| &**n == host)
+        self.names.iter().position(|n| &**n == host).or_else(|| {
+            self.aliases
+                .iter()
+                .find(|(a, _)| a == host)
+                .map(|(_, i)| *i)
+        })
     }
 
     fn unknown(&self, host: &str) -> ApiError {
@@ -255,6 +282,22 @@ mod tests {
         assert_eq!((u.as_str(), repo.as_str()), ("docker.io", "library/alpine"));
         let (u, repo, _) = route("/v2/bitnami/redis/tags/list", None).unwrap();
         assert_eq!((u.as_str(), repo.as_str()), ("docker.io", "bitnami/redis"));
+    }
+
+    #[test]
+    fn aliases_route_to_one_upstream_and_one_name() {
+        let r = router().with_aliases(
+            0,
+            &["index.docker.io".into(), "registry-1.docker.io".into()],
+        );
+        for (name, ns) in [
+            ("index.docker.io/library/alpine", None),
+            ("registry-1.docker.io/alpine", None),
+            ("alpine", Some("index.docker.io")),
+        ] {
+            let route = r.route(&name.parse().unwrap(), ns).unwrap();
+            assert_eq!(route.canonical, "docker.io/library/alpine", "{name} {ns:?}");
+        }
     }
 
     #[test]

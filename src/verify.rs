@@ -586,12 +586,7 @@ pub async fn explain(
 ) -> Result<Outcome, String> {
     use crate::names::Reference;
     let (name, reference) = split_image(image)?;
-    let router = crate::route::Router::new(
-        config
-            .upstreams
-            .iter()
-            .map(|u| (u.name.as_str(), u.default)),
-    );
+    let router = crate::route::Router::for_upstreams(&config.upstreams);
     let route = router.route(&name, None).map_err(|e| e.message)?;
     out.push(format!(
         "name: {} (upstream {}, repository {})",

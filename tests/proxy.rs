@@ -895,3 +895,61 @@ async fn cached_blobs_sent_by_sendfile_keep_each_connection_in_step() {
     assert_eq!(proxy.get(&pa).await.bytes().await.unwrap(), a);
     assert_eq!(fake.hits("GET", &pa), 1);
 }
+
+#[tokio::test]
+async fn tag_rules_deny_tags_and_require_digests() {
+    let fake = Fake::start().await;
+    let (digest, _) = fake.put_image("library/app", "latest", &[noise(10, 1)]);
+    fake.put_image("library/app", "1.0", &[noise(10, 2)]);
+    fake.put_image("library/app", "2.0-rc1", &[noise(10, 3)]);
+    fake.put_image("acme/app", "1.0", &[noise(10, 4)]);
+    let policies = r#"
+[[policy]]
+name = "pinned only"
+match = ["docker.io/acme/**"]
+require_digest = true
+
+[[policy]]
+name = "no moving tags"
+match = ["docker.io/library/**"]
+deny_tags = ["latest", "*-rc*"]
+"#;
+    let proxy = Proxy::start(
+        &fake,
+        Options {
+            policies: policies.into(),
+            upstream_extra: "aliases = [\"index.docker.io\"]".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    for (path, want) in [
+        ("/v2/library/app/manifests/latest", 403),
+        ("/v2/library/app/manifests/2.0-rc1", 403),
+        ("/v2/library/app/manifests/1.0", 200),
+        ("/v2/index.docker.io/library/app/manifests/1.0", 200),
+        ("/v2/acme/app/manifests/1.0", 403),
+    ] {
+        let (s, _, v) = error_code(proxy.get(path).await).await;
+        assert_eq!(s, want, "{path}: {v}");
+        if want == 403 {
+            assert_eq!(
+                v["errors"][0]["detail"]["reasons"][0], "tag-not-allowed",
+                "{path}"
+            );
+        }
+    }
+    // By digest: allowed, whatever tags point at it.
+    assert_eq!(
+        proxy
+            .get(&format!("/v2/library/app/manifests/{digest}"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        fake.hits("GET", "/v2/library/app/manifests/latest"),
+        0,
+        "denied tags cost no upstream work"
+    );
+}
