@@ -30,7 +30,7 @@ use crate::names::{Digest, Reference, Tag};
 use crate::policy::{Policies, Verdict};
 use crate::route::{parse_path, PathKind, Route, Router, Target};
 use crate::store::{Store, StoredManifest, TagKey, TagRecord};
-use crate::upstream::{RequestOptions, UpstreamClient};
+use crate::upstream::{BodyError, RequestOptions, UpstreamClient};
 use crate::verify::Verifier;
 use crate::zerocopy;
 
@@ -394,16 +394,16 @@ impl App {
         headers: &HeaderMap,
         head: bool,
     ) -> Result<Response<Body>, ApiError> {
+        // One policy match serves every check of this request.
+        let policy = gen.policies.matching(&route.canonical);
         // A name its policy denies outright costs no upstream work.
-        let early = gen.policies.evaluate(&route.canonical, None);
+        let early = Policies::by_name(policy);
         if early.blocks() {
             self.apply(route, &reference.to_string(), &early, None, true)?;
         }
         // Tag rules (require_digest, deny_tags) need no manifest either.
         let mut tag_warning = None;
-        if let (Reference::Tag(tag), Some(policy)) =
-            (&reference, gen.policies.matching(&route.canonical))
-        {
+        if let (Reference::Tag(tag), Some(policy)) = (&reference, policy) {
             let refused = policy.require_digest
                 || policy
                     .deny_tags
@@ -427,7 +427,7 @@ impl App {
             }
         };
         // The verify step: the manifest is known, nothing has been sent yet.
-        let verdict = match gen.policies.matching(&route.canonical) {
+        let verdict = match policy {
             Some(policy) if !policy.deny && !policy.signed_by.is_empty() => {
                 // A signature artifact cannot be signed itself; it is served
                 // whenever the name is allowed, so clients can verify through
@@ -444,10 +444,10 @@ impl App {
                 };
                 match verdict {
                     Some(v) if v.passes() || !crate::cosign::is_bundle_manifest(&m.bytes) => v,
-                    _ => gen.policies.evaluate(&route.canonical, Some(&m.digest)),
+                    _ => early,
                 }
             }
-            _ => gen.policies.evaluate(&route.canonical, Some(&m.digest)),
+            _ => early,
         };
         let warning = self.apply(
             route,
@@ -456,7 +456,7 @@ impl App {
             Some(&m.digest),
             true,
         )?;
-        if verdict.passes() {
+        if verdict.passes() && policy.is_some_and(|p| !p.signed_by.is_empty()) {
             self.record_approved_blobs(gen, route, &m);
         }
         let mut r = Response::builder()
@@ -759,17 +759,13 @@ impl App {
 
     /// Notes the blobs an approved manifest references (config and layers;
     /// for a signature manifest, its payloads), once per manifest and name.
+    /// Only called under policies that gate blobs (`signed_by`).
     fn record_approved_blobs(&self, gen: &Generation, route: &Route, m: &StoredManifest) {
-        let gated = gen
-            .policies
-            .matching(&route.canonical)
-            .is_some_and(|p| !p.signed_by.is_empty());
         let name = route.canonical.as_str();
-        if !gated
-            || self
-                .approved_manifests
-                .get(&m.digest, gen.id, name)
-                .is_some()
+        if self
+            .approved_manifests
+            .get(&m.digest, gen.id, name)
+            .is_some()
         {
             return;
         }
@@ -810,14 +806,15 @@ impl App {
         let headers = req.headers();
         // Set by the server on real connections: cached bytes go out with sendfile.
         let zero_copy = req.extensions().get::<zerocopy::Queue>().cloned();
-        let verdict = gen.policies.evaluate(&route.canonical, None);
+        let policy = gen.policies.matching(&route.canonical);
+        let verdict = Policies::by_name(policy);
         if verdict.blocks() {
             self.apply(route, &digest.to_string(), &verdict, None, false)?;
         }
         // Under a policy with requirements, only blobs of approved manifests
         // of this repository: a denied image's layers cannot be fetched by
         // digest. Clients fetch the manifest first, so this costs them nothing.
-        if let Some(policy) = gen.policies.matching(&route.canonical) {
+        if let Some(policy) = policy {
             let gated = !policy.signed_by.is_empty() && policy.mode == crate::config::Mode::Enforce;
             if gated
                 && self
@@ -975,7 +972,7 @@ impl App {
         query: Option<&str>,
         head: bool,
     ) -> Result<Response<Body>, ApiError> {
-        let verdict = gen.policies.evaluate(&route.canonical, None);
+        let verdict = gen.policies.evaluate(&route.canonical);
         if verdict.blocks() {
             self.apply(route, "tags/list", &verdict, None, false)?;
         }
@@ -1075,7 +1072,7 @@ impl App {
         query: Option<&str>,
         head: bool,
     ) -> Result<Response<Body>, ApiError> {
-        let verdict = gen.policies.evaluate(&route.canonical, None);
+        let verdict = gen.policies.evaluate(&route.canonical);
         if verdict.blocks() {
             self.apply(route, &digest.to_string(), &verdict, Some(&digest), false)?;
         }
@@ -1224,37 +1221,20 @@ async fn read_capped(
         }
     }
     let expected = resp.content_length();
-    let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
-    use futures_util::StreamExt;
-    loop {
-        let next = tokio::time::timeout(upstream.idle_timeout, stream.next())
-            .await
-            .map_err(|_| {
-                ApiError::unavailable(format!(
-                    "upstream {} stalled sending a {what}",
-                    upstream.name
-                ))
-            })?;
-        match next {
-            None => break,
-            Some(Ok(chunk)) => {
-                if (buf.len() + chunk.len()) as u64 > max {
-                    return Err(ApiError::bad_upstream(format!(
-                        "upstream {} sent a {what} over the {max}-byte limit",
-                        upstream.name
-                    )));
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            Some(Err(e)) => {
-                return Err(ApiError::unavailable(format!(
-                    "upstream {} broke off a {what}: {e}",
-                    upstream.name
-                )))
-            }
-        }
-    }
+    let buf = upstream.read_body(resp, max).await.map_err(|e| match e {
+        BodyError::TooLarge => ApiError::bad_upstream(format!(
+            "upstream {} sent a {what} over the {max}-byte limit",
+            upstream.name
+        )),
+        BodyError::Stalled => ApiError::unavailable(format!(
+            "upstream {} stalled sending a {what}",
+            upstream.name
+        )),
+        BodyError::Broken(e) => ApiError::unavailable(format!(
+            "upstream {} broke off a {what}: {e}",
+            upstream.name
+        )),
+    })?;
     if let Some(len) = expected {
         if buf.len() as u64 != len {
             return Err(ApiError::bad_upstream(format!(
@@ -1264,7 +1244,7 @@ async fn read_capped(
             )));
         }
     }
-    Ok(Bytes::from(buf))
+    Ok(buf)
 }
 
 /// Decides a manifest's media type from the upstream's `Content-Type` and

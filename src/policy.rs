@@ -118,8 +118,13 @@ impl Policies {
     /// Evaluates what the name alone decides: no policy, or `deny = true`.
     /// Signature requirements are checked by `verify`, which starts from
     /// this verdict.
-    pub fn evaluate(&self, canonical: &str, _digest: Option<&Digest>) -> Verdict {
-        match self.matching(canonical) {
+    pub fn evaluate(&self, canonical: &str) -> Verdict {
+        Policies::by_name(self.matching(canonical))
+    }
+
+    /// The verdict of an already matched policy (or none) on the name alone.
+    pub fn by_name(policy: Option<&PolicyConfig>) -> Verdict {
+        match policy {
             None => Verdict {
                 policy: None,
                 mode: Mode::Enforce,
@@ -167,11 +172,11 @@ name = "acme"
 match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
 "#,
         );
-        assert!(p.evaluate("ghcr.io/acme/app", None).passes());
-        let v = p.evaluate("ghcr.io/evil/ok", None);
+        assert!(p.evaluate("ghcr.io/acme/app").passes());
+        let v = p.evaluate("ghcr.io/evil/ok");
         assert!(v.blocks());
         assert_eq!(v.reasons, ["denied-by-policy"]);
-        let v = p.evaluate("ghcr.io/other/app", None);
+        let v = p.evaluate("ghcr.io/other/app");
         assert_eq!(
             (v.policy.as_deref(), v.reasons.as_slice()),
             (None, &["no-policy"][..])
@@ -184,7 +189,7 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
         let p = policies(
             "[[policy]]\nname = \"watch\"\nmatch = [\"**\"]\nmode = \"audit\"\ndeny = true\n",
         );
-        let v = p.evaluate("ghcr.io/a/b", None);
+        let v = p.evaluate("ghcr.io/a/b");
         assert!(!v.blocks());
         assert!(v.would_block());
         let w = v.warning("ghcr.io/a/b");
@@ -198,9 +203,7 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
     fn denial_body_names_policy_reasons_and_digest() {
         let p = policies("[[policy]]\nname = \"no\"\nmatch = [\"**\"]\ndeny = true\n");
         let d = Digest::of(b"m");
-        let e = p
-            .evaluate("ghcr.io/a/b", Some(&d))
-            .denial("ghcr.io/a/b", Some(&d));
+        let e = p.evaluate("ghcr.io/a/b").denial("ghcr.io/a/b", Some(&d));
         let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
         let err = &v["errors"][0];
         assert_eq!(err["code"], "DENIED");

@@ -34,6 +34,17 @@ pub enum UpstreamError {
 
 const MAX_REDIRECTS: usize = 5;
 
+/// Why [`UpstreamClient::read_body`] gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Nothing arrived for `idle_timeout`.
+    Stalled,
+    /// The connection broke.
+    Broken(String),
+    /// More than the limit.
+    TooLarge,
+}
+
 /// How long a token is used when the realm does not say.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -353,6 +364,33 @@ impl UpstreamClient {
         Err(UpstreamError::TooManyRedirects {
             upstream: self.name.to_string(),
         })
+    }
+
+    /// Reads a small body whole, waiting at most `idle_timeout` for each
+    /// piece and refusing more than `max` bytes.
+    pub async fn read_body(
+        &self,
+        resp: reqwest::Response,
+        max: u64,
+    ) -> Result<bytes::Bytes, BodyError> {
+        use futures_util::StreamExt;
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        loop {
+            let next = tokio::time::timeout(self.idle_timeout, stream.next())
+                .await
+                .map_err(|_| BodyError::Stalled)?;
+            match next {
+                None => return Ok(bytes::Bytes::from(buf)),
+                Some(Ok(chunk)) => {
+                    if (buf.len() + chunk.len()) as u64 > max {
+                        return Err(BodyError::TooLarge);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Err(BodyError::Broken(e.to_string())),
+            }
+        }
     }
 
     fn observe(&self, status: &str, started: Instant) {

@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::names::{Digest, RepoName};
 use crate::policy::{reason, Verdict};
 use crate::store::StoredManifest;
-use crate::upstream::{RequestOptions, UpstreamClient};
+use crate::upstream::{BodyError, RequestOptions, UpstreamClient};
 
 /// A denial is re-evaluated after this long.
 pub const DENIAL_RECHECK: Duration = Duration::from_secs(60);
@@ -549,23 +549,11 @@ async fn read_limited(
     resp: reqwest::Response,
     max: usize,
 ) -> Result<Option<Bytes>, String> {
-    use futures_util::StreamExt;
-    let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
-    loop {
-        let next = tokio::time::timeout(upstream.idle_timeout, stream.next())
-            .await
-            .map_err(|_| format!("upstream {} stalled", upstream.name))?;
-        match next {
-            None => return Ok(Some(Bytes::from(buf))),
-            Some(Ok(chunk)) => {
-                if buf.len() + chunk.len() > max {
-                    return Ok(None);
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            Some(Err(e)) => return Err(format!("upstream {}: {e}", upstream.name)),
-        }
+    match upstream.read_body(resp, max as u64).await {
+        Ok(b) => Ok(Some(b)),
+        Err(BodyError::TooLarge) => Ok(None),
+        Err(BodyError::Stalled) => Err(format!("upstream {} stalled", upstream.name)),
+        Err(BodyError::Broken(e)) => Err(format!("upstream {}: {e}", upstream.name)),
     }
 }
 
