@@ -48,6 +48,16 @@ pub struct Record {
     pub decision: &'static str,
     /// What the client was told.
     pub message: String,
+    /// The name the client asked for, when a `[[rewrite]]` served `name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewritten_from: Option<String>,
+    /// Specifics: the base an approved image is built on, or how close a
+    /// denied one came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Tag drift: the last approved digest served instead of `digest`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_digest: Option<String>,
     #[serde(skip)]
     at: u64,
 }
@@ -81,8 +91,20 @@ impl Record {
             reasons: reasons.to_vec(),
             decision,
             message,
+            rewritten_from: None,
+            detail: None,
+            served_digest: None,
             at: now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
         }
+    }
+}
+
+impl Record {
+    /// Tag drift: the denied digest was not served; `served` was.
+    pub fn kept(mut self, served: Digest) -> Record {
+        self.decision = "kept-approved";
+        self.served_digest = Some(served.to_string());
+        self
     }
 }
 

@@ -30,6 +30,43 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub policies: Vec<PolicyConfig>,
     pub audit: AuditConfig,
+    /// `[[rewrite]]`, names canonical.
+    pub rewrites: Vec<crate::rewrite::Rewrite>,
+    /// `[pins]` and the pins file together.
+    pub pins: crate::rewrite::Pins,
+    /// Where `pullgate pin` writes, and where more pins are read from.
+    pub pins_file: Option<PathBuf>,
+    /// `[bases]`, in file order.
+    pub bases: Vec<BaseSet>,
+}
+
+/// A named set of base images (`[bases]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseSet {
+    pub name: String,
+    pub images: Vec<BaseRef>,
+}
+
+/// One base image reference, routed like a pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRef {
+    /// As written in the config.
+    pub image: String,
+    /// The upstream's configured name.
+    pub upstream: String,
+    pub repo: crate::names::RepoName,
+    /// `<upstream>/<repository>`.
+    pub canonical: String,
+    pub reference: crate::names::Reference,
+}
+
+/// What `tag_drift` says to do when a tag moves to content policy denies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagDrift {
+    /// Keep serving the tag's last approved digest, with a warning.
+    KeepApproved,
+    /// Deny the pull like any other.
+    Deny,
 }
 
 /// `[audit]`: where decisions are recorded.
@@ -62,6 +99,10 @@ pub struct StorageConfig {
     pub max_size: Option<u64>,
     /// How long a tag's digest is trusted before it is re-checked upstream.
     pub tag_ttl: Duration,
+    /// How often base images given by tag are resolved again.
+    pub base_refresh: Duration,
+    /// How many digests of one base tag stay allowed (newest first); all when `None`.
+    pub base_keep: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -129,6 +170,17 @@ pub struct PolicyConfig {
     pub require_digest: bool,
     /// Tags matching these globs are denied (`tag-not-allowed`).
     pub deny_tags: Option<GlobSet>,
+    /// Names of `[bases]` sets; the image must be built on one of them.
+    pub bases: Vec<String>,
+    pub tag_drift: TagDrift,
+}
+
+impl PolicyConfig {
+    /// Whether content is checked beyond the name: signatures or bases.
+    /// Such policies gate blobs and remember approved tags.
+    pub fn checks_content(&self) -> bool {
+        !self.deny && (!self.signed_by.is_empty() || !self.bases.is_empty())
+    }
 }
 
 /// A key named in `[keys]`.
@@ -191,6 +243,17 @@ struct RawConfig {
     keys: Option<Spanned<toml::Table>>,
     bases: Option<Spanned<toml::Table>>,
     audit: Option<RawAudit>,
+    #[serde(default)]
+    rewrite: Vec<RawRewrite>,
+    pins: Option<Spanned<toml::Table>>,
+    pins_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRewrite {
+    from: Spanned<String>,
+    to: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +285,8 @@ struct RawStorage {
     path: Option<Spanned<String>>,
     max_size: Option<Spanned<String>>,
     tag_ttl: Option<Spanned<String>>,
+    base_refresh: Option<Spanned<String>>,
+    base_keep: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +319,7 @@ struct RawPolicy {
     #[serde(default)]
     require_digest: bool,
     deny_tags: Option<Spanned<Vec<Spanned<String>>>>,
+    tag_drift: Option<Spanned<String>>,
 }
 
 // ---- loading and validation -----------------------------------------------
@@ -423,7 +489,6 @@ impl Validator<'_> {
     }
 
     fn validate(&mut self, raw: RawConfig, source: &str) -> Config {
-        self.unsupported("bases", &raw.bases, "the base-image allow-list ([bases])");
         self.unsupported("server.tls", &raw.server.tls, "serving TLS (server.tls)");
 
         let listen = match &raw.server.listen {
@@ -471,14 +536,49 @@ impl Validator<'_> {
             self.problem("server.max_manifest_size", s, "must be more than 0 bytes");
         }
 
+        let base_refresh = match &raw.storage.base_refresh {
+            Some(s) => match self.duration("storage.base_refresh", s) {
+                Some(d) if d < Duration::from_secs(1) => {
+                    self.problem("storage.base_refresh", s, "must be at least 1s");
+                    None
+                }
+                d => d,
+            },
+            None => Some(Duration::from_secs(3600)),
+        };
+        let base_keep = match &raw.storage.base_keep {
+            Some(k) if *k.get_ref() < 1 => {
+                self.problem(
+                    "storage.base_keep",
+                    k,
+                    "must be at least 1 (leave it out to keep every digest)",
+                );
+                None
+            }
+            Some(k) => Some(*k.get_ref() as usize),
+            None => None,
+        };
+
         let upstreams = self.upstreams(&raw.upstream);
+        let router = crate::route::Router::for_upstreams(&upstreams);
         let keys = self.keys(raw.keys.as_ref());
+        let bases = self.bases(raw.bases.as_ref(), &router);
         let upstream_names: Vec<&str> = raw
             .upstream
             .iter()
             .map(|u| u.name.get_ref().as_str())
             .collect();
-        let policies = self.policies(&raw.policy, &keys, &upstream_names);
+        let policies = self.policies(&raw.policy, &keys, &bases, &upstream_names);
+        let rewrites = self.rewrites(&raw.rewrite, &upstreams);
+        let mut pins = crate::rewrite::Pins::default();
+        if let Some(table) = &raw.pins {
+            self.pins(&mut pins, table, "pins", &router);
+        }
+        let pins_file = raw.pins_file.as_ref().map(|f| {
+            let path = self.path(f.get_ref());
+            self.pins_file(&mut pins, &path, f, &router);
+            path
+        });
 
         let audit = match &raw.audit {
             None => AuditConfig::default(),
@@ -517,9 +617,15 @@ impl Validator<'_> {
                 path: path.unwrap_or_default(),
                 max_size: max_size.flatten(),
                 tag_ttl: tag_ttl.unwrap_or(Duration::from_secs(300)),
+                base_refresh: base_refresh.unwrap_or(Duration::from_secs(3600)),
+                base_keep,
             },
             upstreams,
             policies,
+            rewrites,
+            pins,
+            pins_file,
+            bases,
         }
     }
 
@@ -747,6 +853,7 @@ impl Validator<'_> {
         &mut self,
         raw: &[RawPolicy],
         keys: &[TrustedKey],
+        bases: &[BaseSet],
         upstreams: &[&str],
     ) -> Vec<PolicyConfig> {
         if raw.is_empty() {
@@ -840,15 +947,43 @@ impl Validator<'_> {
                     }
                 }
             }
+            let mut base_names = Vec::new();
             if let Some(b) = &p.bases {
-                if !b.get_ref().is_empty() {
-                    self.problem(
-                        key("bases"),
-                        b,
-                        "the base-image allow-list is not implemented in this version of pullgate yet",
-                    );
+                for name in b.get_ref() {
+                    if bases.iter().any(|s| &s.name == name) {
+                        base_names.push(name.clone());
+                    } else {
+                        self.problem(
+                            key("bases"),
+                            b,
+                            format!(
+                                "base {name:?} is not defined in [bases] (defined: {})",
+                                if bases.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    bases
+                                        .iter()
+                                        .map(|s| s.name.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                }
+                            ),
+                        );
+                    }
                 }
             }
+            let tag_drift = match p.tag_drift.as_ref().map(|t| (t, t.get_ref().as_str())) {
+                None | Some((_, "keep-approved")) => TagDrift::KeepApproved,
+                Some((_, "deny")) => TagDrift::Deny,
+                Some((t, other)) => {
+                    self.problem(
+                        key("tag_drift"),
+                        t,
+                        format!("{other:?} is not a tag_drift setting (keep-approved | deny)"),
+                    );
+                    TagDrift::KeepApproved
+                }
+            };
             let deny_tags = p.deny_tags.as_ref().and_then(|tags| {
                 let mut b = GlobSetBuilder::new();
                 for (j, t) in tags.get_ref().iter().enumerate() {
@@ -875,11 +1010,292 @@ impl Validator<'_> {
                     signed_by,
                     require_digest: p.require_digest,
                     deny_tags,
+                    bases: base_names,
+                    tag_drift,
                 }),
                 Err(e) => self.problem(key("match"), &p.patterns, e.to_string()),
             }
         }
         out
+    }
+}
+
+impl Validator<'_> {
+    fn bases(
+        &mut self,
+        raw: Option<&Spanned<toml::Table>>,
+        router: &crate::route::Router,
+    ) -> Vec<BaseSet> {
+        let Some(table) = raw else { return Vec::new() };
+        let mut out = Vec::new();
+        for (name, value) in table.get_ref() {
+            let key = format!("bases.{name}");
+            let Some(list) = value.as_array().filter(|l| !l.is_empty()) else {
+                self.problem(
+                    key,
+                    table,
+                    "must be a non-empty list of image references, e.g. [\"gcr.io/distroless/static-debian12:nonroot\"]",
+                );
+                continue;
+            };
+            let mut images = Vec::new();
+            for (j, v) in list.iter().enumerate() {
+                let Some(text) = v.as_str() else {
+                    self.problem(format!("{key}[{j}]"), table, "must be a string");
+                    continue;
+                };
+                match image_ref(text, router) {
+                    Ok(r) => images.push(r),
+                    Err(e) => self.problem(format!("{key}[{j}]"), table, format!("{text:?}: {e}")),
+                }
+            }
+            out.push(BaseSet {
+                name: name.clone(),
+                images,
+            });
+        }
+        out
+    }
+
+    fn rewrites(
+        &mut self,
+        raw: &[RawRewrite],
+        upstreams: &[UpstreamConfig],
+    ) -> Vec<crate::rewrite::Rewrite> {
+        use crate::rewrite::Rewrite;
+        let mut out: Vec<(usize, Rewrite)> = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            let from = rewrite_name(r.from.get_ref(), upstreams);
+            let to = rewrite_name(r.to.get_ref(), upstreams);
+            let (from, to) = match (from, to) {
+                (Ok(f), Ok(t)) => (f, t),
+                (f, t) => {
+                    if let Err(e) = f {
+                        self.problem(format!("rewrite[{i}].from"), &r.from, e);
+                    }
+                    if let Err(e) = t {
+                        self.problem(format!("rewrite[{i}].to"), &r.to, e);
+                    }
+                    continue;
+                }
+            };
+            if from.1 != to.1 {
+                self.problem(
+                    format!("rewrite[{i}].to"),
+                    &r.to,
+                    "from and to must both end in /** (a subtree) or both be exact names",
+                );
+                continue;
+            }
+            let rule = Rewrite {
+                from: from.0,
+                to: to.0,
+                prefix: from.1,
+            };
+            if let Some((k, _)) = out
+                .iter()
+                .find(|(_, o)| o.from == rule.from && o.prefix == rule.prefix)
+            {
+                self.problem(
+                    format!("rewrite[{i}].from"),
+                    &r.from,
+                    format!("conflicts with rewrite[{k}], which rewrites the same name"),
+                );
+                continue;
+            }
+            out.push((i, rule));
+        }
+        // Rules do not chain: a target that a rule would rewrite again is a
+        // loop or a chain, and either is refused.
+        let rules: Vec<Rewrite> = out.iter().map(|(_, r)| r.clone()).collect();
+        for (i, rule) in &out {
+            if let Some(k) = rules.iter().position(|o| overlaps(rule, o)) {
+                let what = if rules[k] == *rule {
+                    "a rewrite loop: the target is rewritten by the same rule".to_owned()
+                } else {
+                    format!(
+                        "a rewrite chain or loop: the target is rewritten again by rewrite[{}] (from {:?})",
+                        out[k].0,
+                        raw[out[k].0].from.get_ref()
+                    )
+                };
+                self.problem(format!("rewrite[{i}].to"), &raw[*i].to, what);
+            }
+        }
+        rules
+    }
+
+    /// Adds the pins of one table, reporting problems under `key`.
+    fn pins(
+        &mut self,
+        pins: &mut crate::rewrite::Pins,
+        table: &Spanned<toml::Table>,
+        key: &str,
+        router: &crate::route::Router,
+    ) {
+        for (image, value) in table.get_ref() {
+            if let Err(e) = pin_entry(pins, image, value, router) {
+                self.problem(format!("{key}.{image:?}"), table, e);
+            }
+        }
+    }
+
+    fn pins_file(
+        &mut self,
+        pins: &mut crate::rewrite::Pins,
+        path: &Path,
+        at: &Spanned<String>,
+        router: &crate::route::Router,
+    ) {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            // `pullgate pin` creates it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                self.problem(
+                    "pins_file",
+                    at,
+                    format!("cannot read {:?}: {e}", at.get_ref()),
+                );
+                return;
+            }
+        };
+        let table: toml::Table = match toml::from_str(&text) {
+            Ok(t) => t,
+            Err(e) => {
+                let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(0);
+                self.problem(
+                    "pins_file",
+                    at,
+                    format!("{:?} line {line}: {}", at.get_ref(), e.message().trim()),
+                );
+                return;
+            }
+        };
+        for (k, v) in &table {
+            let Some(entries) = v.as_table().filter(|_| k == "pins") else {
+                self.problem(
+                    "pins_file",
+                    at,
+                    format!(
+                        "{:?}: only a [pins] table belongs in a pins file, found {k:?}",
+                        at.get_ref()
+                    ),
+                );
+                continue;
+            };
+            for (image, value) in entries {
+                if let Err(e) = pin_entry(pins, image, value, router) {
+                    self.problem(
+                        "pins_file",
+                        at,
+                        format!("{:?}: pins.{image:?}: {e}", at.get_ref()),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Routes an image reference (`NAME[:TAG]`, `NAME@DIGEST`) the way a pull of
+/// it would be routed.
+pub fn image_ref(text: &str, router: &crate::route::Router) -> Result<BaseRef, String> {
+    let (name, reference) = crate::names::split_image(text)?;
+    let route = router.route(&name, None).map_err(|e| e.message)?;
+    Ok(BaseRef {
+        image: text.to_owned(),
+        upstream: route.upstream_name.to_string(),
+        repo: route.repo,
+        canonical: route.canonical,
+        reference,
+    })
+}
+
+/// Checks one pin, `"NAME:TAG" = "sha256:..."`, and adds it.
+fn pin_entry(
+    pins: &mut crate::rewrite::Pins,
+    image: &str,
+    value: &toml::Value,
+    router: &crate::route::Router,
+) -> Result<(), String> {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || !last.contains(':') {
+        return Err("a pin is NAME:TAG (e.g. \"docker.io/library/alpine:3.20\")".into());
+    }
+    let r = image_ref(image, router)?;
+    let crate::names::Reference::Tag(tag) = &r.reference else {
+        return Err("a pin is NAME:TAG".into());
+    };
+    let Some(text) = value.as_str() else {
+        return Err("the value must be a digest string (\"sha256:<64 hex>\")".into());
+    };
+    let digest: crate::names::Digest = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a digest: {e}"))?;
+    pins.insert(&r.canonical, tag.as_str(), digest)
+        .map_err(|old| {
+            format!(
+                "{}:{tag} is pinned twice, to {old} and to {digest}",
+                r.canonical
+            )
+        })
+}
+
+/// A rewrite side, canonical and without `/**`, and whether it had `/**`.
+fn rewrite_name(text: &str, upstreams: &[UpstreamConfig]) -> Result<(String, bool), String> {
+    let (name, prefix) = match text.strip_suffix("/**") {
+        Some(n) => (n, true),
+        None => (text, false),
+    };
+    if name.contains(['*', '?', '[', '{']) {
+        return Err(format!(
+            "{text:?}: only a trailing /** is allowed (e.g. \"docker.io/bitnami/**\")"
+        ));
+    }
+    let (host, rest) = name.split_once('/').unwrap_or((name, ""));
+    let Some(upstream) = upstreams
+        .iter()
+        .find(|u| u.name == host || u.aliases.iter().any(|a| a == host))
+    else {
+        return Err(format!(
+            "{text:?} does not start with a configured upstream ({})",
+            upstreams
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    if rest.is_empty() {
+        if prefix {
+            return Ok((upstream.name.clone(), true));
+        }
+        return Err(format!("{text:?} names no repository"));
+    }
+    let repo: crate::names::RepoName = rest
+        .parse()
+        .map_err(|e| format!("{text:?} is not a valid name: {e}"))?;
+    let repo = if upstream.name == "docker.io" && repo.depth() == 1 && !prefix {
+        repo.prefixed("library").map_err(|e| e.to_string())?
+    } else {
+        repo
+    };
+    Ok((format!("{}/{repo}", upstream.name), prefix))
+}
+
+/// Whether names `rule` produces are rewritten again by `other`.
+fn overlaps(rule: &crate::rewrite::Rewrite, other: &crate::rewrite::Rewrite) -> bool {
+    let under = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .is_some_and(|r| r.starts_with('/'))
+    };
+    match (rule.prefix, other.prefix) {
+        (false, false) => rule.to == other.from,
+        (false, true) => under(&rule.to, &other.from),
+        (true, false) => under(&other.from, &rule.to),
+        (true, true) => {
+            rule.to == other.from || under(&rule.to, &other.from) || under(&other.from, &rule.to)
+        }
     }
 }
 
@@ -909,6 +1325,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::Digest;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "test.toml", Path::new("/etc/pullgate"))
@@ -1059,18 +1476,237 @@ deny_tags = ["latest", "*-rc*", "[bad"]
     fn features_of_later_versions_are_refused_not_ignored() {
         let err = parse(
             r#"
+[server]
+tls = { cert = "tls.crt", key = "tls.key" }
 [[upstream]]
 name = "ghcr.io"
 url = "https://ghcr.io"
 [[policy]]
 name = "acme"
 match = ["**"]
-bases = ["distroless"]
 "#,
         )
         .unwrap_err();
-        assert_eq!(err.problems[0].key, "policy[0].bases");
+        assert_eq!(err.problems[0].key, "server.tls");
         assert!(err.problems[0].message.contains("not implemented"));
+    }
+
+    const TWO_UPSTREAMS: &str = r#"
+[[upstream]]
+name = "docker.io"
+url = "https://registry-1.docker.io"
+default = true
+aliases = ["index.docker.io"]
+[[upstream]]
+name = "registry.internal"
+url = "https://registry.internal"
+"#;
+
+    #[test]
+    fn bases_are_routed_and_policies_must_name_defined_ones() {
+        let c = parse(&format!(
+            r#"{TWO_UPSTREAMS}
+[storage]
+base_refresh = "10m"
+base_keep = 5
+[bases]
+distroless = ["registry.internal/distroless/static:nonroot", "debian@sha256:{}"]
+[[policy]]
+name = "acme"
+match = ["**"]
+bases = ["distroless"]
+tag_drift = "deny"
+"#,
+            "a".repeat(64)
+        ))
+        .unwrap();
+        let set = &c.bases[0];
+        assert_eq!(set.name, "distroless");
+        assert_eq!(
+            set.images[0].canonical,
+            "registry.internal/distroless/static"
+        );
+        assert_eq!(set.images[0].reference.to_string(), "nonroot");
+        assert_eq!(set.images[1].canonical, "docker.io/library/debian");
+        assert!(matches!(
+            set.images[1].reference,
+            crate::names::Reference::Digest(_)
+        ));
+        assert_eq!(c.storage.base_refresh, Duration::from_secs(600));
+        assert_eq!(c.storage.base_keep, Some(5));
+        assert_eq!(c.policies[0].bases, ["distroless"]);
+        assert_eq!(c.policies[0].tag_drift, TagDrift::Deny);
+        assert!(c.policies[0].checks_content());
+
+        let err = parse(&format!(
+            r#"{TWO_UPSTREAMS}
+[storage]
+base_keep = 0
+[bases]
+broken = ["quay.io/x/y:1"]
+empty = []
+[[policy]]
+name = "acme"
+match = ["**"]
+bases = ["distroless"]
+tag_drift = "sometimes"
+"#
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "storage.base_keep",
+                "bases.broken[0]",
+                "bases.empty",
+                "policy[0].bases",
+                "policy[0].tag_drift"
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("\"quay.io\" is not configured"), "{text}");
+        assert!(
+            text.contains("base \"distroless\" is not defined in [bases] (defined: broken)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rewrites_are_canonical_and_loops_chains_and_conflicts_are_refused() {
+        let c = parse(&format!(
+            r#"{TWO_UPSTREAMS}
+[[rewrite]]
+from = "index.docker.io/bitnami/**"
+to = "registry.internal/bitnami/**"
+[[rewrite]]
+from = "docker.io/alpine"
+to = "registry.internal/base/alpine"
+[[policy]]
+name = "all"
+match = ["**"]
+"#
+        ))
+        .unwrap();
+        let r = crate::rewrite::Rewrites::new(&c.rewrites);
+        assert_eq!(
+            r.apply("docker.io/bitnami/redis").as_deref(),
+            Some("registry.internal/bitnami/redis")
+        );
+        assert_eq!(
+            r.apply("docker.io/library/alpine").as_deref(),
+            Some("registry.internal/base/alpine")
+        );
+
+        let err = parse(&format!(
+            r#"{TWO_UPSTREAMS}
+[[rewrite]]
+from = "docker.io/a/**"
+to = "docker.io/a/b/**"
+[[rewrite]]
+from = "docker.io/x"
+to = "docker.io/y"
+[[rewrite]]
+from = "docker.io/y"
+to = "docker.io/x"
+[[rewrite]]
+from = "docker.io/x"
+to = "registry.internal/x"
+[[rewrite]]
+from = "ghcr.io/acme/**"
+to = "registry.internal/acme/**"
+[[rewrite]]
+from = "docker.io/c/**"
+to = "registry.internal/c"
+[[rewrite]]
+from = "docker.io/Bad/**"
+to = "registry.internal/d/**"
+[[rewrite]]
+from = "docker.io/e"
+to = "quay.io/e"
+[[policy]]
+name = "all"
+match = ["**"]
+"#
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert!(
+            lines[0].contains("rewrite[0].to") && lines[0].contains("loop"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("rewrite[1].to") && lines[1].contains("rewrite[2]"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("rewrite[2].to") && lines[2].contains("rewrite[1]"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("rewrite[3].from") && lines[3].contains("conflicts with rewrite[1]"),
+            "{text}"
+        );
+        assert!(
+            lines[4].contains("rewrite[4].from") && lines[4].contains("configured upstream"),
+            "{text}"
+        );
+        assert!(
+            lines[5].contains("rewrite[5].to") && lines[5].contains("both end in /**"),
+            "{text}"
+        );
+        assert!(
+            lines[6].contains("rewrite[6].from") && lines[6].contains("not a valid name"),
+            "{text}"
+        );
+        assert!(
+            lines[7].contains("rewrite[7].to") && lines[7].contains("configured upstream"),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn pins_come_from_the_config_and_the_pins_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        std::fs::write(
+            dir.path().join("pins.toml"),
+            format!("[pins]\n\"registry.internal/app:1\" = \"{b}\"\n"),
+        )
+        .unwrap();
+        let text = format!(
+            "pins_file = \"pins.toml\"\n{TWO_UPSTREAMS}\n[pins]\n\"alpine:3.20\" = \"{a}\"\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n"
+        );
+        let c = Config::parse(&text, "t", dir.path()).unwrap();
+        assert_eq!(c.pins.get("docker.io/library/alpine", "3.20"), Some(a));
+        assert_eq!(c.pins.get("registry.internal/app", "1"), Some(b));
+        assert_eq!(c.pins_file, Some(dir.path().join("pins.toml")));
+        // A missing pins file is an empty one (`pullgate pin` creates it).
+        let text2 = text.replace("pins.toml", "absent.toml");
+        assert_eq!(
+            Config::parse(&text2, "t", dir.path()).unwrap().pins.len(),
+            1
+        );
+
+        std::fs::write(
+            dir.path().join("pins.toml"),
+            format!("[pins]\n\"docker.io/library/alpine:3.20\" = \"{b}\"\n\"x:1\" = \"sha256:nothex\"\n\"y@{a}\" = \"{a}\"\n"),
+        )
+        .unwrap();
+        let err = Config::parse(&text, "t", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is pinned twice"), "{err}");
+        assert!(err.contains("\"sha256:nothex\" is not a digest"), "{err}");
+        assert!(err.contains("a pin is NAME:TAG"), "{err}");
+        std::fs::write(dir.path().join("pins.toml"), "[pins\n").unwrap();
+        let err = Config::parse(&text, "t", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pins_file") && err.contains("line 1"), "{err}");
     }
 
     #[test]

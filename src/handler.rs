@@ -58,6 +58,7 @@ pub struct Generation {
     pub id: u64,
     pub config: Arc<Config>,
     router: Router,
+    rewrites: crate::rewrite::Rewrites,
     policies: Policies,
     upstreams: Vec<Arc<UpstreamClient>>,
 }
@@ -73,6 +74,7 @@ impl Generation {
         Ok(Generation {
             id: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             policies: Policies::new(config.policies.clone()),
+            rewrites: crate::rewrite::Rewrites::new(&config.rewrites),
             config: Arc::new(config),
             router,
             upstreams,
@@ -97,6 +99,8 @@ pub struct App {
     approved_blobs: crate::verify::Memo<()>,
     /// Manifests whose blobs are in `approved_blobs`; emptied with it.
     approved_manifests: crate::verify::Memo<()>,
+    /// Wakes the base refresher early (a reload changed `[bases]`).
+    bases_changed: Arc<tokio::sync::Notify>,
 }
 
 impl App {
@@ -122,7 +126,7 @@ impl App {
             metrics.clone(),
         )?;
         let generation = Generation::build(config, &metrics)?;
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             generation: ArcSwap::from_pointee(generation),
             blobs: BlobFetches::new(store.clone(), metrics.clone()),
             verifier: Verifier::new(&config_store_path, metrics.clone()),
@@ -139,7 +143,14 @@ impl App {
             metrics,
             manifests: SingleFlight::default(),
             tags: SingleFlight::default(),
-        }))
+            bases_changed: Arc::new(tokio::sync::Notify::new()),
+        });
+        // Outside a runtime (benchmarks, unit tests) nothing runs in the
+        // background; the server always has one.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            app.start_base_refresh();
+        }
+        Ok(app)
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -171,9 +182,119 @@ impl App {
         if old.server.shutdown_timeout != config.server.shutdown_timeout {
             notes.push("server.shutdown_timeout changed: restart to apply".to_owned());
         }
+        let bases_changed = old.bases != config.bases
+            || old.storage.base_keep != config.storage.base_keep
+            || old.storage.base_refresh != config.storage.base_refresh;
         let generation = Generation::build(config, &self.metrics)?;
         self.generation.store(Arc::new(generation));
+        if bases_changed {
+            self.bases_changed.notify_one();
+        }
         Ok(notes)
+    }
+
+    // ---- base images ---------------------------------------------------------
+
+    /// Resolves `[bases]` now and every `storage.base_refresh`, and at once
+    /// after a reload that changed them. Stops when the app is dropped.
+    fn start_base_refresh(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let wake = self.bases_changed.clone();
+        tokio::spawn(async move {
+            let mut history = match weak.upgrade() {
+                Some(app) => app.load_base_history(),
+                None => return,
+            };
+            loop {
+                let Some(app) = weak.upgrade() else { return };
+                let gen = app.generation.load_full();
+                let every = gen.config.storage.base_refresh;
+                app.refresh_bases(&gen, &mut history).await;
+                drop((app, gen));
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = wake.notified() => {}
+                }
+            }
+        });
+    }
+
+    fn load_base_history(&self) -> crate::bases::History {
+        match self.store.read_meta(crate::bases::HISTORY_FILE) {
+            Ok(None) => crate::bases::History::default(),
+            Ok(Some(bytes)) => crate::bases::History::from_json(&bytes).unwrap_or_else(|e| {
+                tracing::error!(
+                    "{} is unreadable ({e}); base tags start without their earlier digests",
+                    crate::bases::HISTORY_FILE
+                );
+                crate::bases::History::default()
+            }),
+            Err(e) => {
+                tracing::error!("cannot read {}: {e}", crate::bases::HISTORY_FILE);
+                crate::bases::History::default()
+            }
+        }
+    }
+
+    /// One refresh: resolve every base, persist the tags' history, publish
+    /// the table to the verifier.
+    async fn refresh_bases(
+        self: &Arc<Self>,
+        gen: &Arc<Generation>,
+        history: &mut crate::bases::History,
+    ) {
+        let sets = &gen.config.bases;
+        if sets.is_empty() {
+            if !self.verifier.bases().images.is_empty() {
+                self.verifier.set_bases(crate::bases::BaseTable::default());
+            }
+            self.metrics.base_images.set(0);
+            return;
+        }
+        let started = Instant::now();
+        let before = history.clone();
+        let resolver = AppResolver { app: self, gen };
+        let done =
+            crate::bases::refresh(sets, history, gen.config.storage.base_keep, &resolver).await;
+        if *history != before {
+            let store = self.store.clone();
+            let bytes = history.to_json();
+            let written = tokio::task::spawn_blocking(move || {
+                store.write_meta(crate::bases::HISTORY_FILE, &bytes)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            if let Err(e) = written {
+                tracing::error!("cannot persist base history: {e}");
+            }
+        }
+        let refs: usize = sets.iter().map(|s| s.images.len()).sum();
+        let failed = done.failures.len();
+        self.metrics
+            .base_refreshes
+            .with_label_values(&["ok"])
+            .inc_by(refs.saturating_sub(failed) as u64);
+        self.metrics
+            .base_refreshes
+            .with_label_values(&["error"])
+            .inc_by(failed as u64);
+        for f in &done.failures {
+            tracing::warn!("base image: {f}");
+        }
+        self.metrics.base_images.set(done.table.images.len() as i64);
+        tracing::info!(
+            sets = sets.len(),
+            references = refs,
+            manifests = done.table.images.len(),
+            unresolved = ?done.table.unresolved,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "base images resolved"
+        );
+        let current = self.verifier.bases();
+        if *current != done.table || current.attempted.is_empty() {
+            self.verifier.set_bases(done.table);
+        }
     }
 
     /// Answers one client request. Never fails: errors become spec JSON.
@@ -286,6 +407,14 @@ impl App {
             Err(e) => return (kind, Err(e)),
         };
         route.client = Some(peer);
+        if !gen.rewrites.is_empty() {
+            if let Some(to) = gen.rewrites.apply(&route.canonical) {
+                route = match gen.router.rewritten(route, &to) {
+                    Ok(r) => r,
+                    Err(e) => return (kind, Err(e)),
+                };
+            }
+        }
         let span = tracing::Span::current();
         span.record("upstream", &*route.upstream_name);
         span.record("repo", route.repo.as_str());
@@ -371,7 +500,7 @@ impl App {
         digest: Option<&Digest>,
         message: String,
     ) -> crate::audit::Record {
-        crate::audit::Record::new(
+        let mut r = crate::audit::Record::new(
             route.client.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
             &route.canonical,
             reference,
@@ -380,7 +509,10 @@ impl App {
             verdict.mode,
             &verdict.reasons,
             message,
-        )
+        );
+        r.rewritten_from = route.rewritten_from.clone();
+        r.detail = verdict.detail.as_deref().map(str::to_owned);
+        r
     }
 
     // ---- manifests ---------------------------------------------------------
@@ -410,45 +542,65 @@ impl App {
                     .as_ref()
                     .is_some_and(|g| g.is_match(tag.as_str()));
             if refused && !policy.deny && !is_signature_tag(tag) {
-                let verdict = Verdict {
-                    policy: Some(policy.name.clone()),
-                    mode: policy.mode,
-                    reasons: vec![crate::policy::reason::TAG_NOT_ALLOWED],
-                };
+                let verdict = Verdict::of(policy, vec![crate::policy::reason::TAG_NOT_ALLOWED]);
                 tag_warning = self.apply(route, tag.as_str(), &verdict, None, true)?;
             }
         }
         let accept = accept_header(headers);
-        let m = match &reference {
-            Reference::Tag(tag) => self.resolve_tag(gen, upstream, route, tag, accept).await?,
-            Reference::Digest(d) => {
+        // Pins: a pinned tag resolves to its digest with no upstream call;
+        // the digest still goes through policy below.
+        let pinned = match &reference {
+            Reference::Tag(tag) if !gen.config.pins.is_empty() => route
+                .rewritten_from
+                .as_deref()
+                .and_then(|asked| gen.config.pins.get(asked, tag.as_str()))
+                .or_else(|| gen.config.pins.get(&route.canonical, tag.as_str())),
+            _ => None,
+        };
+        let m = match (&reference, pinned) {
+            (_, Some(d)) => {
+                tracing::debug!(%reference, digest = %d, "pinned tag");
+                self.manifest_by_digest(gen, upstream, route, d, accept)
+                    .await?
+            }
+            (Reference::Tag(tag), None) => {
+                self.resolve_tag(gen, upstream, route, tag, accept).await?
+            }
+            (Reference::Digest(d), None) => {
                 self.manifest_by_digest(gen, upstream, route, *d, accept)
                     .await?
             }
         };
         // The verify step: the manifest is known, nothing has been sent yet.
-        let verdict = match policy {
-            Some(policy) if !policy.deny && !policy.signed_by.is_empty() => {
-                // A signature artifact cannot be signed itself; it is served
-                // whenever the name is allowed, so clients can verify through
-                // us. (The body is only parsed when the verdict fails.)
-                let sig_tag = matches!(&reference, Reference::Tag(t) if is_signature_tag(t));
-                let verdict = if sig_tag {
-                    None
-                } else {
-                    Some(
-                        self.verifier
-                            .verdict(gen.id, policy, upstream, &route.repo, &route.canonical, &m)
-                            .await,
-                    )
+        let sig_tag = matches!(&reference, Reference::Tag(t) if is_signature_tag(t));
+        let (mut m, mut verdict) = (
+            m.clone(),
+            self.verdict(gen, upstream, route, policy, &m, sig_tag, early)
+                .await,
+        );
+        // Tag drift: the tag moved to content policy denies.
+        let mut drift_warning = None;
+        if let (Reference::Tag(tag), None, Some(p)) = (&reference, pinned, policy) {
+            if p.checks_content() && !sig_tag {
+                let key = TagKey {
+                    upstream: route.upstream_name.clone(),
+                    repo: route.repo.clone(),
+                    tag: tag.clone(),
                 };
-                match verdict {
-                    Some(v) if v.passes() || !crate::cosign::is_bundle_manifest(&m.bytes) => v,
-                    _ => early,
+                if verdict.passes() {
+                    self.note_approved_tag(&key, m.digest).await;
+                } else if verdict.blocks() && p.tag_drift == crate::config::TagDrift::KeepApproved {
+                    if let Some((kept, kept_verdict)) = self
+                        .last_approved(gen, upstream, route, p, &key, &m)
+                        .await?
+                    {
+                        drift_warning = Some(self.record_drift(route, p, tag, &m, &verdict, &kept));
+                        m = kept;
+                        verdict = kept_verdict;
+                    }
                 }
             }
-            _ => early,
-        };
+        }
         let warning = self.apply(
             route,
             &reference.to_string(),
@@ -456,7 +608,7 @@ impl App {
             Some(&m.digest),
             true,
         )?;
-        if verdict.passes() && policy.is_some_and(|p| !p.signed_by.is_empty()) {
+        if verdict.passes() && policy.is_some_and(|p| p.checks_content()) {
             self.record_approved_blobs(gen, route, &m);
         }
         let mut r = Response::builder()
@@ -464,7 +616,7 @@ impl App {
             .header(header::CONTENT_LENGTH, m.bytes.len())
             .header("Docker-Content-Digest", m.digest.to_string())
             .header(header::ETAG, format!("\"{}\"", m.digest));
-        if let Some(w) = warning.or(tag_warning) {
+        if let Some(w) = drift_warning.or(warning).or(tag_warning) {
             r = r.header(header::WARNING, w);
         }
         let b = if head {
@@ -477,6 +629,137 @@ impl App {
             body::full(m.bytes.clone())
         };
         Ok(r.body(b).expect("valid response"))
+    }
+
+    /// The content verdict of a fetched manifest under its policy.
+    #[allow(clippy::too_many_arguments)]
+    async fn verdict(
+        self: &Arc<Self>,
+        gen: &Arc<Generation>,
+        upstream: &Arc<UpstreamClient>,
+        route: &Route,
+        policy: Option<&crate::config::PolicyConfig>,
+        m: &StoredManifest,
+        sig_tag: bool,
+        early: Verdict,
+    ) -> Verdict {
+        let Some(policy) = policy.filter(|p| p.checks_content()) else {
+            return early;
+        };
+        // A signature artifact cannot be signed itself; it is served
+        // whenever the name is allowed, so clients can verify through
+        // us. (The body is only parsed when the verdict fails.)
+        if sig_tag {
+            return early;
+        }
+        let source = RouteSource {
+            app: self,
+            gen,
+            upstream,
+            route,
+        };
+        let v = self
+            .verifier
+            .verdict(
+                gen.id,
+                policy,
+                upstream,
+                &route.repo,
+                &route.canonical,
+                m,
+                &source,
+            )
+            .await;
+        if v.passes() || !crate::cosign::is_bundle_manifest(&m.bytes) {
+            v
+        } else {
+            early
+        }
+    }
+
+    /// Remembers the digest a tag was last approved at (tag drift), once
+    /// per change.
+    async fn note_approved_tag(&self, key: &TagKey, digest: Digest) {
+        if self.store.get_approved_tag(key) == Some(digest) {
+            return;
+        }
+        let store = self.store.clone();
+        let key = key.clone();
+        let written =
+            tokio::task::spawn_blocking(move || store.put_approved_tag(&key, digest)).await;
+        if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+            tracing::warn!(%digest, "cannot record the approved digest of a tag: {e}");
+        }
+    }
+
+    /// The tag's last approved manifest and its (passing) verdict, when the
+    /// tag now resolves to `m`, which policy denies.
+    async fn last_approved(
+        self: &Arc<Self>,
+        gen: &Arc<Generation>,
+        upstream: &Arc<UpstreamClient>,
+        route: &Route,
+        policy: &crate::config::PolicyConfig,
+        key: &TagKey,
+        m: &StoredManifest,
+    ) -> Result<Option<(Arc<StoredManifest>, Verdict)>, ApiError> {
+        let Some(prev) = self.store.get_approved_tag(key).filter(|d| *d != m.digest) else {
+            return Ok(None);
+        };
+        let Some(kept) = self.stored_manifest(&prev)? else {
+            return Ok(None);
+        };
+        let v = self
+            .verdict(
+                gen,
+                upstream,
+                route,
+                Some(policy),
+                &kept,
+                false,
+                Verdict::of(policy, Vec::new()),
+            )
+            .await;
+        Ok(v.passes().then_some((kept, v)))
+    }
+
+    /// Counts and records a drift kept on the last approved digest; returns
+    /// the `Warning` for the response.
+    fn record_drift(
+        &self,
+        route: &Route,
+        policy: &crate::config::PolicyConfig,
+        tag: &Tag,
+        moved_to: &StoredManifest,
+        denied: &Verdict,
+        kept: &StoredManifest,
+    ) -> HeaderValue {
+        self.metrics
+            .tag_drift
+            .with_label_values(&[&*route.upstream_name, &policy.name])
+            .inc();
+        let message = format!(
+            "tag {tag} moved to {}, which is denied ({}); serving its last approved digest {}",
+            moved_to.digest,
+            denied.message(&route.canonical),
+            kept.digest
+        );
+        tracing::warn!(canonical = %route.canonical, %tag, from = %kept.digest, to = %moved_to.digest, policy = %policy.name, "tag drift: kept the last approved digest");
+        let record = self
+            .audit_record(
+                route,
+                tag.as_str(),
+                denied,
+                Some(&moved_to.digest),
+                message.clone(),
+            )
+            .kept(kept.digest);
+        self.audit.record(record);
+        HeaderValue::from_str(&format!(
+            "299 - \"pullgate: tag drift: {}\"",
+            message.replace('"', "'")
+        ))
+        .unwrap_or(HeaderValue::from_static("299 - \"pullgate: tag drift\""))
     }
 
     async fn resolve_tag(
@@ -815,18 +1098,14 @@ impl App {
         // of this repository: a denied image's layers cannot be fetched by
         // digest. Clients fetch the manifest first, so this costs them nothing.
         if let Some(policy) = policy {
-            let gated = !policy.signed_by.is_empty() && policy.mode == crate::config::Mode::Enforce;
+            let gated = policy.checks_content() && policy.mode == crate::config::Mode::Enforce;
             if gated
                 && self
                     .approved_blobs
                     .get(&digest, gen.id, &route.canonical)
                     .is_none()
             {
-                let verdict = Verdict {
-                    policy: Some(policy.name.clone()),
-                    mode: policy.mode,
-                    reasons: vec![crate::policy::reason::NOT_APPROVED],
-                };
+                let verdict = Verdict::of(policy, vec![crate::policy::reason::NOT_APPROVED]);
                 self.apply(route, &digest.to_string(), &verdict, Some(&digest), false)?;
             }
         }
@@ -1145,6 +1424,122 @@ pub fn referenced_blobs(manifest: &[u8]) -> Vec<Digest> {
         .chain(layers)
         .filter_map(|d| d.parse().ok())
         .collect()
+}
+
+/// Resolves base references through the same tag and manifest machinery
+/// as client pulls (store, single flight, stale-if-error).
+struct AppResolver<'a> {
+    app: &'a Arc<App>,
+    gen: &'a Arc<Generation>,
+}
+
+impl AppResolver<'_> {
+    fn route(&self, base: &crate::config::BaseRef) -> Result<(Arc<UpstreamClient>, Route), String> {
+        let name: crate::names::RepoName = base.canonical.parse().map_err(|e| format!("{e}"))?;
+        let route = self.gen.router.route(&name, None).map_err(|e| e.message)?;
+        Ok((self.gen.upstreams[route.upstream].clone(), route))
+    }
+}
+
+impl crate::bases::Resolver for AppResolver<'_> {
+    async fn resolve(&self, base: &crate::config::BaseRef) -> Result<Digest, String> {
+        let Reference::Tag(tag) = &base.reference else {
+            return Err("not a tag".into());
+        };
+        let (upstream, route) = self.route(base)?;
+        let key = TagKey {
+            upstream: route.upstream_name.clone(),
+            repo: route.repo.clone(),
+            tag: tag.clone(),
+        };
+        let app = self.app.clone();
+        let accept = HeaderValue::from_static(DEFAULT_ACCEPT);
+        let max = self.gen.config.server.max_manifest_size;
+        let ttl = self.gen.config.storage.tag_ttl;
+        let (result, _) = self
+            .app
+            .tags
+            .run(key.clone(), move || async move {
+                app.refresh_tag(&upstream, key, accept, max, ttl).await
+            })
+            .await;
+        result.map(|m| m.digest).map_err(|e| e.message)
+    }
+
+    async fn manifest(
+        &self,
+        base: &crate::config::BaseRef,
+        digest: Digest,
+    ) -> Result<Arc<StoredManifest>, String> {
+        let (upstream, route) = self.route(base)?;
+        let source = RouteSource {
+            app: self.app,
+            gen: self.gen,
+            upstream: &upstream,
+            route: &route,
+        };
+        crate::bases::Source::manifest(&source, digest).await
+    }
+}
+
+/// What the base check fetches for one request: manifests of the routed
+/// repository through the store and its single flights, and image configs.
+struct RouteSource<'a> {
+    app: &'a Arc<App>,
+    gen: &'a Arc<Generation>,
+    upstream: &'a Arc<UpstreamClient>,
+    route: &'a Route,
+}
+
+impl crate::bases::Source for RouteSource<'_> {
+    async fn manifest(&self, digest: Digest) -> Result<Arc<StoredManifest>, String> {
+        if let Ok(Some(m)) = self.app.store.get_manifest(&digest) {
+            return Ok(m);
+        }
+        let accept = HeaderValue::from_static(DEFAULT_ACCEPT);
+        self.app
+            .manifest_by_digest(self.gen, self.upstream, self.route, digest, accept)
+            .await
+            .map_err(|e| e.message)
+    }
+
+    async fn platform(&self, config: Digest) -> Option<crate::bases::Platform> {
+        let bytes = small_blob(&self.app.store, self.upstream, &self.route.repo, config).await?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        crate::bases::Platform::from_json(&v)
+    }
+}
+
+/// A small blob (an image config): from the store, else from the upstream,
+/// checked against its digest. Not stored: the client fetching it next
+/// stores it the usual way.
+pub async fn small_blob(
+    store: &Store,
+    upstream: &UpstreamClient,
+    repo: &crate::names::RepoName,
+    digest: Digest,
+) -> Option<Bytes> {
+    const MAX: u64 = 1024 * 1024;
+    let path = store.blob_path(&digest);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() <= MAX) {
+        if let Ok(b) = std::fs::read(&path) {
+            return Some(Bytes::from(b));
+        }
+    }
+    let resp = upstream
+        .send(
+            Method::GET,
+            repo,
+            &format!("blobs/{digest}"),
+            &RequestOptions::default(),
+        )
+        .await
+        .ok()?;
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    let b = upstream.read_body(resp, MAX).await.ok()?;
+    (Digest::of(&b) == digest).then_some(b)
 }
 
 /// `sha256-<64 hex>.sig` (a legacy cosign signature; `.att` and `.sbom` are

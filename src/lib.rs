@@ -24,16 +24,19 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod bases;
 pub mod body;
 pub mod config;
 pub mod cosign;
 pub mod error;
+pub mod explain;
 pub mod fetch;
 pub mod handler;
 pub mod keys;
 pub mod metrics;
 pub mod names;
 pub mod policy;
+pub mod rewrite;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use pullgate::{App, Config, Shutdown};
+use pullgate::{explain, App, Config, Shutdown};
 
 /// Exit status for a bad config (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 64;
@@ -89,13 +89,30 @@ enum Command {
     },
     /// Evaluate policy for an image without serving it, step by step.
     ///
-    /// Fetches the manifest and its signatures from the upstream (nothing is
-    /// stored) and explains the verdict: the policy that matched, the signatures
-    /// found, which verified and why others did not. Exit status: 0 allowed,
-    /// 1 denied, 64 bad config, 69 upstream unreachable or image not found.
+    /// Fetches the manifest, its signatures and the base images from the
+    /// upstreams (nothing is stored) and explains the verdict: rewrites and
+    /// pins applied, the policy that matched, the signatures found (which
+    /// verified, why others did not), and the base the image is built on or
+    /// how close it came. Exit status: 0 allowed, 1 denied, 64 bad config,
+    /// 69 upstream unreachable or image not found.
     Verify {
         /// NAME[:TAG] or NAME@DIGEST, e.g. ghcr.io/acme/app:1.2
         #[arg(value_name = "IMAGE")]
+        image: String,
+        #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Freeze a tag: resolve it upstream, check it against policy, and write
+    /// the approved digest into the config's pins_file.
+    ///
+    /// The pins file is created when missing and replaced atomically (temp
+    /// file and rename), so a failure leaves the old one intact. A running
+    /// server picks the pin up on SIGHUP. A denied image is not pinned.
+    /// Exit status: 0 pinned, 1 denied, 64 bad config or no pins_file,
+    /// 69 upstream unreachable, 73 pins file not writable.
+    Pin {
+        /// NAME:TAG, e.g. docker.io/library/alpine:3.20
+        #[arg(value_name = "IMAGE:TAG")]
         image: String,
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
@@ -124,6 +141,7 @@ fn main() -> ExitCode {
 
         Command::Keygen { scheme, out } => report(keygen(scheme, &out)),
         Command::Verify { image, config } => verify(&image, &config),
+        Command::Pin { image, config } => pin(&image, &config),
         Command::Approve { image, key, config } => report(approve(&image, &key, &config)),
         Command::Serve { config } => {
             let config = match &config {
@@ -399,18 +417,117 @@ fn verify(image: &str, config: &std::path::Path) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let mut lines = Vec::new();
-    let result = runtime.block_on(pullgate::verify::explain(&config, image, &mut lines));
+    let result = runtime.block_on(explain::explain(
+        &config,
+        image,
+        explain::Pins::Honour,
+        &mut lines,
+    ));
     for l in &lines {
         println!("{l}");
     }
     match result {
-        Ok(pullgate::verify::Outcome::Allowed) => ExitCode::SUCCESS,
-        Ok(pullgate::verify::Outcome::Denied) => ExitCode::from(1),
+        Ok(e) if e.outcome == explain::Outcome::Allowed => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
         Err(e) => {
             eprintln!("pullgate: cannot reach a verdict: {e}");
             ExitCode::from(69)
         }
     }
+}
+
+fn pin(image: &str, config_path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(pins_file) = config.pins_file.clone() else {
+        eprintln!(
+            "pullgate: {} has no pins_file; add one at the top of the file, e.g. pins_file = \"pins.toml\"",
+            config_path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if !image.rsplit('/').next().unwrap_or(image).contains(':') || image.contains('@') {
+        eprintln!(
+            "pullgate: pin takes NAME:TAG (e.g. docker.io/library/alpine:3.20), got {image:?}"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    let mut lines = Vec::new();
+    let result = runtime.block_on(explain::explain(
+        &config,
+        image,
+        explain::Pins::Ignore,
+        &mut lines,
+    ));
+    for l in &lines {
+        println!("{l}");
+    }
+    let e = match result {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("pullgate: cannot reach a verdict: {e}");
+            return ExitCode::from(69);
+        }
+    };
+    let (explain::Outcome::Allowed, Some(digest)) = (e.outcome, e.digest) else {
+        eprintln!("pullgate: {image} is not allowed by policy; nothing pinned");
+        return ExitCode::from(1);
+    };
+    // The pin is keyed by the name asked for, which is what pulls look up.
+    let key = format!("{}:{}", e.asked, e.reference);
+    let mut pins = match read_pins(&pins_file) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("pullgate: {msg}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let old = pins.insert(key.clone(), digest.to_string());
+    if let Err(err) = pullgate::rewrite::write_pins_file(&pins_file, &pins) {
+        eprintln!(
+            "pullgate: cannot write {}: {err}; the old file is unchanged",
+            pins_file.display()
+        );
+        return ExitCode::from(73);
+    }
+    match old {
+        Some(o) if o == digest.to_string() => println!("{key} was already pinned to {digest}"),
+        Some(o) => println!(
+            "pinned {key} to {digest} (was {o}) in {}",
+            pins_file.display()
+        ),
+        None => println!("pinned {key} to {digest} in {}", pins_file.display()),
+    }
+    println!("a running pullgate applies it after SIGHUP (systemctl reload pullgate)");
+    ExitCode::SUCCESS
+}
+
+/// The pins a pins file holds now, as written (an absent file has none).
+fn read_pins(path: &std::path::Path) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(pins) = table.get("pins").and_then(|p| p.as_table()) {
+        for (k, v) in pins {
+            if let Some(d) = v.as_str() {
+                out.insert(k.clone(), d.to_owned());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Builds a tokio runtime, reporting a failure on stderr.

@@ -31,6 +31,12 @@ pub struct Metrics {
     pub inflight_fetches: IntGauge,
     /// Tags served from their last known digest because the upstream failed.
     pub stale_serves: IntCounterVec,
+    /// Tags that moved to denied content and were kept on their last approved digest.
+    pub tag_drift: IntCounterVec,
+    /// Base image refreshes by result (ok, stale, error).
+    pub base_refreshes: IntCounterVec,
+    /// Base image manifests currently allowed.
+    pub base_images: prometheus::IntGauge,
     /// Upstream bodies whose bytes did not hash to the digest asked for.
     pub digest_mismatches: IntCounterVec,
     /// Config reloads by result (`ok`, `error`).
@@ -160,6 +166,29 @@ impl Metrics {
                 "Tags served from their last known digest because the upstream failed.",
                 &["upstream"],
             ),
+            tag_drift: counter(
+                &registry,
+                "pullgate_tag_drift_total",
+                "Tags whose upstream digest policy denies, served from their last approved digest (tag_drift = keep-approved).",
+                &["upstream", "policy"],
+            ),
+            base_refreshes: counter(
+                &registry,
+                "pullgate_base_refreshes_total",
+                "Resolutions of [bases] references, by result (ok, error). A tag whose upstream fails is resolved from the store and counts as ok (and in pullgate_stale_serves_total).",
+                &["result"],
+            ),
+            base_images: {
+                let g = prometheus::IntGauge::new(
+                    "pullgate_base_images",
+                    "Base image manifests (per platform) that images may be built on.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             digest_mismatches: counter(
                 &registry,
                 "pullgate_digest_mismatches_total",
@@ -218,6 +247,9 @@ impl Metrics {
                 "pullgate_verify_duration_seconds",
                 "pullgate_audit_errors_total",
                 "pullgate_upstream_ratelimit_remaining",
+                "pullgate_tag_drift_total",
+                "pullgate_base_refreshes_total",
+                "pullgate_base_images",
             ],
             registry,
         };
@@ -229,6 +261,9 @@ impl Metrics {
         for result in ["pass", "fail", "cached", "unavailable"] {
             m.verifications.with_label_values(&[result]);
         }
+        for result in ["ok", "error"] {
+            m.base_refreshes.with_label_values(&[result]);
+        }
         for kind in ["dropped", "write", "reopen"] {
             m.audit_errors.with_label_values(&[kind]);
         }
@@ -239,7 +274,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            17,
+            20,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();

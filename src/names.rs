@@ -296,6 +296,27 @@ impl fmt::Display for Reference {
     }
 }
 
+/// Splits an image reference, `NAME[:TAG]` (tag `latest` when absent) or
+/// `NAME@DIGEST`.
+pub fn split_image(image: &str) -> Result<(RepoName, Reference), String> {
+    if let Some((name, digest)) = image.rsplit_once('@') {
+        let d: Digest = digest.parse().map_err(|e| format!("{e}"))?;
+        return Ok((
+            name.parse().map_err(|e| format!("{e}"))?,
+            Reference::Digest(d),
+        ));
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match image[last_slash..].rfind(':') {
+        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
+        None => (image, "latest"),
+    };
+    Ok((
+        name.parse().map_err(|e| format!("{e}"))?,
+        Reference::Tag(tag.parse().map_err(|e| format!("{e}"))?),
+    ))
+}
+
 /// Keeps client-supplied junk out of error messages and logs.
 fn truncate(s: &str) -> String {
     const MAX: usize = 80;

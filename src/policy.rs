@@ -1,10 +1,9 @@
 //! Policy: which rule governs a name, and the verdict it gives.
 //!
 //! First matching `[[policy]]` wins; a name that matches none is denied.
-//! This version knows allow (a policy with no requirements) and `deny = true`;
-//! signature and base checks plug in at [`Policies::evaluate`], which is
-//! called between "manifest fetched" and "response". Depends on `config`,
-//! `names`, `error`.
+//! What the name alone decides (no policy, `deny = true`) is settled here;
+//! signature and base checks (`verify`) start from this verdict. Depends on
+//! `config`, `names`, `error`.
 
 use serde_json::json;
 
@@ -28,6 +27,7 @@ pub mod reason {
     pub const VERIFICATION_UNAVAILABLE: &str = "verification-unavailable";
     pub const NOT_APPROVED: &str = "not-approved";
     pub const TAG_NOT_ALLOWED: &str = "tag-not-allowed";
+    pub const BASE_NOT_ALLOWED: &str = "base-not-allowed";
 }
 
 /// The outcome of evaluating one name (and, for manifests, one digest).
@@ -38,9 +38,21 @@ pub struct Verdict {
     pub mode: Mode,
     /// Empty when the content passes.
     pub reasons: Vec<&'static str>,
+    /// Specifics in words: which base matched, or how close the image came.
+    pub detail: Option<std::sync::Arc<str>>,
 }
 
 impl Verdict {
+    /// A verdict of `policy`; it passes when `reasons` is empty.
+    pub fn of(policy: &PolicyConfig, reasons: Vec<&'static str>) -> Verdict {
+        Verdict {
+            policy: Some(policy.name.clone()),
+            mode: policy.mode,
+            reasons,
+            detail: None,
+        }
+    }
+
     pub fn passes(&self) -> bool {
         self.reasons.is_empty()
     }
@@ -59,10 +71,16 @@ impl Verdict {
     pub fn message(&self, canonical: &str) -> String {
         let words: Vec<&str> = self.reasons.iter().map(|r| describe(r)).collect();
         match &self.policy {
-            Some(p) => format!(
-                "blocked by policy {p:?}: {} ({canonical})",
-                words.join("; ")
-            ),
+            Some(p) => match &self.detail {
+                Some(d) => format!(
+                    "blocked by policy {p:?}: {} ({canonical}: {d})",
+                    words.join("; ")
+                ),
+                None => format!(
+                    "blocked by policy {p:?}: {} ({canonical})",
+                    words.join("; ")
+                ),
+            },
             None => {
                 format!("blocked: no policy matches {canonical:?}, and unmatched names are denied")
             }
@@ -97,6 +115,7 @@ fn describe(slug: &str) -> &'static str {
         reason::TAG_NOT_ALLOWED => {
             "the policy does not allow pulling this tag (require_digest or deny_tags); pull by digest"
         }
+        reason::BASE_NOT_ALLOWED => "the image is not built on an allowed base image",
         reason::NOT_APPROVED => "the blob is not part of an approved manifest of this repository",
         reason::VERIFICATION_UNAVAILABLE => {
             "signatures could not be fetched from the upstream, and no earlier verdict is known"
@@ -129,17 +148,10 @@ impl Policies {
                 policy: None,
                 mode: Mode::Enforce,
                 reasons: vec![reason::NO_POLICY],
+                detail: None,
             },
-            Some(p) if p.deny => Verdict {
-                policy: Some(p.name.clone()),
-                mode: p.mode,
-                reasons: vec![reason::DENIED_BY_POLICY],
-            },
-            Some(p) => Verdict {
-                policy: Some(p.name.clone()),
-                mode: p.mode,
-                reasons: Vec::new(),
-            },
+            Some(p) if p.deny => Verdict::of(p, vec![reason::DENIED_BY_POLICY]),
+            Some(p) => Verdict::of(p, Vec::new()),
         }
     }
 }

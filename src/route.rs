@@ -116,6 +116,9 @@ pub struct Route {
     pub client_name: RepoName,
     /// Who asked, for the audit log (set by the handler).
     pub client: Option<std::net::SocketAddr>,
+    /// The canonical name the client asked for, when a `[[rewrite]]` serves
+    /// it from `canonical` instead.
+    pub rewritten_from: Option<String>,
 }
 
 /// Picks upstreams for names; built from the config's upstream list.
@@ -204,7 +207,19 @@ impl Router {
             canonical,
             client_name: name.clone(),
             client: None,
+            rewritten_from: None,
         })
+    }
+
+    /// Applies a rewrite: the route of `to` (a canonical name), remembering
+    /// what the client asked for.
+    pub fn rewritten(&self, from: Route, to: &str) -> Result<Route, ApiError> {
+        let name: RepoName = to.parse()?;
+        let mut route = self.route(&name, None)?;
+        route.client_name = from.client_name;
+        route.client = from.client;
+        route.rewritten_from = Some(from.canonical);
+        Ok(route)
     }
 
     fn find(&self, host: &str) -> Option<usize> {

@@ -6,6 +6,9 @@
 //! blobs/sha256/<2 hex>/<64 hex>        blob and manifest bytes, by digest
 //! manifests/sha256/<2 hex>/<64 hex>    a manifest's media type
 //! tags/<upstream>/<repo>/_tags/<tag>   {"digest": ..., "checked": unix secs}
+//! tags/<upstream>/<repo>/_approved/<tag>   {"digest": ...}, the last digest
+//!                                      policy approved for the tag
+//! bases/history.json                   every digest each base tag has had
 //! tmp/                                 files being written; emptied at start-up
 //! ```
 //!
@@ -49,6 +52,11 @@ pub struct TagKey {
     pub upstream: Arc<str>,
     pub repo: RepoName,
     pub tag: Tag,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ApprovedFile {
+    digest: Digest,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -109,6 +117,8 @@ pub struct Store {
     manifests: moka::sync::Cache<Digest, Arc<StoredManifest>>,
     /// Tag records read or written since start-up.
     tags: moka::sync::Cache<TagKey, TagRecord>,
+    /// Last approved digest per tag, as read or written since start-up.
+    approved: moka::sync::Cache<TagKey, Option<Digest>>,
     temp_seq: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -201,6 +211,7 @@ impl Store {
                 .weigher(|_, m: &Arc<StoredManifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
                 .build(),
             tags: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            approved: moka::sync::Cache::builder().max_capacity(100_000).build(),
             temp_seq: AtomicU64::new(0),
             metrics,
         };
@@ -424,6 +435,54 @@ impl Store {
     pub fn remove_tag(&self, key: &TagKey) {
         self.tags.invalidate(key);
         let _ = fs::remove_file(self.tag_path(key));
+    }
+
+    /// The last digest policy approved for a tag (for tag-drift protection).
+    pub fn get_approved_tag(&self, key: &TagKey) -> Option<Digest> {
+        if let Some(d) = self.approved.get(key) {
+            return d;
+        }
+        let file = fs::read(self.tag_dir(key).join("_approved").join(key.tag.as_str()))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<ApprovedFile>(&t).ok());
+        let d = file.map(|f| f.digest);
+        self.approved.insert(key.clone(), d);
+        d
+    }
+
+    /// Records the digest policy approved for a tag, when it changed.
+    /// Blocking when it writes: call from a blocking context.
+    pub fn put_approved_tag(&self, key: &TagKey, digest: Digest) -> io::Result<()> {
+        if self.get_approved_tag(key) == Some(digest) {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(&ApprovedFile { digest }).expect("approved tag to JSON");
+        let path = self.tag_dir(key).join("_approved").join(key.tag.as_str());
+        write_atomic(self, &path, &bytes)?;
+        self.approved.insert(key.clone(), Some(digest));
+        Ok(())
+    }
+
+    /// Writes a metadata file under the store root (`rel` is a fixed,
+    /// trusted path) through a temp file and a rename.
+    pub fn write_meta(&self, rel: &str, bytes: &[u8]) -> io::Result<()> {
+        write_atomic(self, &self.root.join(rel), bytes)
+    }
+
+    /// Reads a metadata file written by [`Store::write_meta`]; `None` when absent.
+    pub fn read_meta(&self, rel: &str) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.root.join(rel)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tag_dir(&self, key: &TagKey) -> PathBuf {
+        self.root
+            .join("tags")
+            .join(&*key.upstream)
+            .join(key.repo.as_str())
     }
 
     fn tag_path(&self, key: &TagKey) -> PathBuf {

@@ -1,5 +1,5 @@
-//! The verify step: does a fetched manifest meet its policy's signature
-//! requirement?
+//! The verify step: does a fetched manifest meet its policy's content
+//! requirements, signatures (`signed_by`) and bases (`bases`)?
 //!
 //! Runs between "manifest fetched" and "response". Signatures are read from
 //! approvals pullgate holds locally and from the legacy cosign tag
@@ -13,7 +13,10 @@
 //!
 //! Multi-arch: an index passes when it is signed, or when every manifest it
 //! lists is signed; the manifests of a passed index then pass too.
-//! Depends on `cosign`, `policy`, `upstream`, `store`, `names`, `metrics`.
+//! The base check (`bases`) reads the [`BaseTable`] the base refresher
+//! publishes here; a new table empties the verdict cache.
+//! Depends on `bases`, `cosign`, `policy`, `upstream`, `store`, `names`,
+//! `metrics`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 
 use crate::approvals;
+use crate::bases::{self, BaseTable};
 use crate::config::PolicyConfig;
 use crate::cosign::{self, Rejected};
 use crate::keys::PublicKey;
@@ -32,11 +36,14 @@ use crate::policy::{reason, Verdict};
 use crate::store::StoredManifest;
 use crate::upstream::{BodyError, RequestOptions, UpstreamClient};
 
+/// How long a fresh verdict waits for the first resolution of its bases.
+pub const BASE_WAIT: Duration = Duration::from_secs(30);
+
 /// A denial is re-evaluated after this long.
 pub const DENIAL_RECHECK: Duration = Duration::from_secs(60);
 
 /// At most this many manifests of an index are checked one by one.
-const MAX_INDEX_CHILDREN: usize = 64;
+pub(crate) const MAX_INDEX_CHILDREN: usize = 64;
 
 /// Largest signature manifest read.
 const MAX_SIGNATURE_MANIFEST: usize = 1024 * 1024;
@@ -113,6 +120,10 @@ pub struct Verifier {
     /// `pullgate_verifications_total{result="cached"}`, resolved once.
     cached: prometheus::IntCounter,
     metrics: Arc<Metrics>,
+    /// The base images, as last resolved.
+    bases: arc_swap::ArcSwap<BaseTable>,
+    /// Bumped whenever `bases` is replaced.
+    bases_version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Verifier {
@@ -122,12 +133,45 @@ impl Verifier {
             verdicts: Memo::new(100_000),
             cached: metrics.verifications.with_label_values(&["cached"]),
             metrics,
+            bases: arc_swap::ArcSwap::from_pointee(BaseTable::default()),
+            bases_version: tokio::sync::watch::Sender::new(0),
         }
     }
 
+    /// Publishes newly resolved base images. Verdicts reached with the old
+    /// table are forgotten, so a denied image is looked at again.
+    pub fn set_bases(&self, table: BaseTable) {
+        self.bases.store(Arc::new(table));
+        self.verdicts.clear();
+        self.bases_version.send_modify(|v| *v += 1);
+    }
+
+    pub fn bases(&self) -> Arc<BaseTable> {
+        self.bases.load_full()
+    }
+
+    /// Waits (at most [`BASE_WAIT`]) until every set of `sets` was looked
+    /// at by a refresh: pulls right after start-up or a reload wait for
+    /// their bases instead of failing.
+    async fn wait_for_bases(&self, sets: &[String]) {
+        if self.bases.load().covers(sets) {
+            return;
+        }
+        let mut rx = self.bases_version.subscribe();
+        let _ = tokio::time::timeout(BASE_WAIT, async {
+            while !self.bases.load().covers(sets) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
     /// The verdict for `manifest` under `policy` (already known to match and
-    /// not to deny by name).
-    pub async fn verdict(
+    /// not to deny by name). `source` fetches what the base check needs.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn verdict<S: bases::Source>(
         &self,
         generation: u64,
         policy: &PolicyConfig,
@@ -135,13 +179,10 @@ impl Verifier {
         repo: &RepoName,
         canonical: &str,
         manifest: &StoredManifest,
+        source: &S,
     ) -> Verdict {
-        let pass = Verdict {
-            policy: Some(policy.name.clone()),
-            mode: policy.mode,
-            reasons: Vec::new(),
-        };
-        if policy.signed_by.is_empty() {
+        let pass = Verdict::of(policy, Vec::new());
+        if !policy.checks_content() {
             return pass;
         }
         let known = self.verdicts.get(&manifest.digest, generation, canonical);
@@ -155,27 +196,39 @@ impl Verifier {
                 return c.verdict.clone();
             }
         }
+        if !policy.bases.is_empty() {
+            self.wait_for_bases(&policy.bases).await;
+        }
         let started = Instant::now();
-        let keys: Vec<&PublicKey> = policy.signed_by.iter().map(|k| &k.key).collect();
-        let names: Vec<&str> = policy.signed_by.iter().map(|k| k.name.as_str()).collect();
-        let result = self.evaluate(upstream, repo, manifest, &keys, &names).await;
+        let result = self
+            .evaluate(upstream, repo, manifest, policy, source)
+            .await;
         self.metrics
             .verify_duration
             .observe(started.elapsed().as_secs_f64());
         let verdict = match result {
-            Ok((reasons, children)) => {
+            Ok((reasons, detail)) => {
                 // The manifests of an index that passed pass too, even if
                 // one was denied when asked for alone before.
                 if reasons.is_empty() {
-                    for child in children {
+                    let by_index: Arc<str> =
+                        Arc::from(format!("listed by index {} that passed", manifest.digest));
+                    for child in index_children(manifest).unwrap_or_default() {
                         let cached = Cached {
-                            verdict: pass.clone(),
+                            verdict: Verdict {
+                                detail: Some(by_index.clone()),
+                                ..pass.clone()
+                            },
                             at: Instant::now(),
                         };
                         self.verdicts.insert(child, generation, canonical, cached);
                     }
                 }
-                Verdict { reasons, ..pass }
+                Verdict {
+                    reasons,
+                    detail: detail.map(Arc::from),
+                    ..pass
+                }
             }
             Err(why) => {
                 self.metrics
@@ -189,6 +242,7 @@ impl Verifier {
                 }
                 return Verdict {
                     reasons: vec![reason::VERIFICATION_UNAVAILABLE],
+                    detail: Some(Arc::from(why)),
                     ..pass
                 };
             }
@@ -204,26 +258,59 @@ impl Verifier {
         verdict
     }
 
-    /// Reasons the manifest fails (empty: it passes), and the manifests it
-    /// approves when it is an index that passed.
-    async fn evaluate(
+    /// Reasons the manifest fails (empty: it passes), with the base check's
+    /// words when the policy has bases.
+    async fn evaluate<S: bases::Source>(
+        &self,
+        upstream: &UpstreamClient,
+        repo: &RepoName,
+        manifest: &StoredManifest,
+        policy: &PolicyConfig,
+        source: &S,
+    ) -> Result<(Vec<&'static str>, Option<String>), String> {
+        let mut reasons = Vec::new();
+        if !policy.signed_by.is_empty() {
+            let keys: Vec<&PublicKey> = policy.signed_by.iter().map(|k| &k.key).collect();
+            let names: Vec<&str> = policy.signed_by.iter().map(|k| k.name.as_str()).collect();
+            if let Some(why) = self
+                .signatures(upstream, repo, manifest, &keys, &names)
+                .await?
+            {
+                reasons.push(why);
+            }
+        }
+        let mut detail = None;
+        if !policy.bases.is_empty() {
+            let table = self.bases.load_full();
+            let out = bases::check_manifest(&table, &policy.bases, manifest, source).await?;
+            tracing::debug!(%repo, digest = %manifest.digest, passes = out.passes, "base check: {}", out.detail);
+            if !out.passes {
+                reasons.push(reason::BASE_NOT_ALLOWED);
+            }
+            detail = Some(out.detail);
+        }
+        Ok((reasons, detail))
+    }
+
+    /// Why the manifest fails the signature requirement (`None`: it passes).
+    async fn signatures(
         &self,
         upstream: &UpstreamClient,
         repo: &RepoName,
         manifest: &StoredManifest,
         keys: &[&PublicKey],
         names: &[&str],
-    ) -> Result<(Vec<&'static str>, Vec<Digest>), String> {
+    ) -> Result<Option<&'static str>, String> {
         let children = index_children(manifest);
         // Approvals held locally first: no upstream needed.
         if let Ok(i) = approvals::check(&self.store, &manifest.digest, keys) {
             tracing::debug!(%repo, digest = %manifest.digest, key = names[i], "approved locally");
-            return Ok((Vec::new(), children.unwrap_or_default()));
+            return Ok(None);
         }
         let own = check_signatures(upstream, repo, &manifest.digest, keys, names).await?;
         log_finding(repo, &manifest.digest, &own);
         if let Finding::Signed(_) = own {
-            return Ok((Vec::new(), children.unwrap_or_default()));
+            return Ok(None);
         }
         // An unsigned index passes when every manifest it lists is signed.
         if let Some(children) = children.filter(|c| !c.is_empty() && c.len() <= MAX_INDEX_CHILDREN)
@@ -241,14 +328,13 @@ impl Verifier {
                 }
             }
             if all {
-                return Ok((Vec::new(), children));
+                return Ok(None);
             }
         }
-        let why = match own {
+        Ok(Some(match own {
             Finding::BadSignatures(_) => reason::BAD_SIGNATURE,
             _ => reason::UNSIGNED,
-        };
-        Ok((vec![why], Vec::new()))
+        }))
     }
 }
 
@@ -263,7 +349,7 @@ fn log_finding(repo: &RepoName, digest: &Digest, f: &Finding) {
 }
 
 /// The manifests an index lists, or `None` when `m` is not an index.
-fn index_children(m: &StoredManifest) -> Option<Vec<Digest>> {
+pub(crate) fn index_children(m: &StoredManifest) -> Option<Vec<Digest>> {
     let v: serde_json::Value = serde_json::from_slice(&m.bytes).ok()?;
     let list = v["manifests"].as_array()?;
     Some(
@@ -544,7 +630,7 @@ async fn check_legacy(
 }
 
 /// Reads at most `max` bytes; `None` when the body is longer.
-async fn read_limited(
+pub(crate) async fn read_limited(
     upstream: &UpstreamClient,
     resp: reqwest::Response,
     max: usize,
@@ -555,190 +641,4 @@ async fn read_limited(
         Err(BodyError::Stalled) => Err(format!("upstream {} stalled", upstream.name)),
         Err(BodyError::Broken(e)) => Err(format!("upstream {}: {e}", upstream.name)),
     }
-}
-
-/// How `pullgate verify` ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Allowed,
-    Denied,
-}
-
-/// Evaluates policy for `image` (`NAME[:TAG]` or `NAME@DIGEST`) without
-/// serving it, writing each step as a line of `out`. Nothing is stored.
-/// `Err` when the image or its signatures cannot be fetched.
-pub async fn explain(
-    config: &crate::config::Config,
-    image: &str,
-    out: &mut Vec<String>,
-) -> Result<Outcome, String> {
-    use crate::names::Reference;
-    let (name, reference) = split_image(image)?;
-    let router = crate::route::Router::for_upstreams(&config.upstreams);
-    let route = router.route(&name, None).map_err(|e| e.message)?;
-    out.push(format!(
-        "name: {} (upstream {}, repository {})",
-        route.canonical, route.upstream_name, route.repo
-    ));
-    let policies = crate::policy::Policies::new(config.policies.clone());
-    let Some(policy) = policies.matching(&route.canonical) else {
-        out.push("policy: none matches this name; unmatched names are denied (no-policy)".into());
-        return Ok(Outcome::Denied);
-    };
-    let keys: Vec<&PublicKey> = policy.signed_by.iter().map(|k| &k.key).collect();
-    let names: Vec<&str> = policy.signed_by.iter().map(|k| k.name.as_str()).collect();
-    out.push(format!(
-        "policy: {:?} (mode {}, patterns {:?}){}",
-        policy.name,
-        policy.mode.as_str(),
-        policy.patterns,
-        if policy.deny {
-            ", deny = true".to_owned()
-        } else if names.is_empty() {
-            ", no requirements".to_owned()
-        } else {
-            format!(", signed_by {names:?}")
-        }
-    ));
-    if policy.deny {
-        out.push("verdict: denied (denied-by-policy)".into());
-        return Ok(Outcome::Denied);
-    }
-    let metrics = Arc::new(Metrics::new());
-    let upstream_cfg = config
-        .upstream(&route.upstream_name)
-        .expect("routed to a configured upstream");
-    let upstream = UpstreamClient::new(upstream_cfg, metrics)?;
-    let opts = RequestOptions {
-        accept: Some(HeaderValue::from_static(crate::handler::DEFAULT_ACCEPT)),
-        ..RequestOptions::default()
-    };
-    let resp = upstream
-        .send(
-            Method::GET,
-            &route.repo,
-            &format!("manifests/{reference}"),
-            &opts,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    if resp.status() != StatusCode::OK {
-        return Err(format!(
-            "upstream {} answered {} for {}:{reference}",
-            upstream.name,
-            resp.status(),
-            route.repo
-        ));
-    }
-    let bytes = read_limited(&upstream, resp, config.server.max_manifest_size as usize)
-        .await?
-        .ok_or("manifest over server.max_manifest_size")?;
-    let digest = Digest::of(&bytes);
-    if let Reference::Digest(want) = &reference {
-        if *want != digest {
-            return Err(format!(
-                "upstream sent bytes for {want} that hash to {digest}"
-            ));
-        }
-    }
-    let manifest = StoredManifest {
-        digest,
-        media_type: String::new(),
-        bytes,
-    };
-    let children = index_children(&manifest);
-    out.push(format!(
-        "manifest: {digest}{}",
-        match &children {
-            Some(c) => format!(" (an index of {} manifests)", c.len()),
-            None => String::new(),
-        }
-    ));
-    if keys.is_empty() {
-        out.push("verdict: allowed (the policy has no requirements)".into());
-        return Ok(Outcome::Allowed);
-    }
-    let store = &config.storage.path;
-    let signed = |finding: &Finding| matches!(finding, Finding::Signed(_));
-    let explain_one =
-        async |d: &Digest, label: &str, out: &mut Vec<String>| -> Result<bool, String> {
-            match approvals::check(store, d, &keys) {
-                Ok(i) => {
-                    out.push(format!(
-                        "  {label}: approved locally, verified with key {:?}",
-                        names[i]
-                    ));
-                    return Ok(true);
-                }
-                Err(why) if !why.is_empty() => {
-                    for w in why {
-                        out.push(format!("  {label}: {w}"));
-                    }
-                }
-                Err(_) => out.push(format!("  {label}: no local approvals")),
-            }
-            let f = check_signatures(&upstream, &route.repo, d, &keys, &names).await?;
-            match &f {
-                Finding::Signed(k) => out.push(format!(
-                    "  {label}: signature in {} verified with key {k:?}",
-                    cosign::signature_tag(d)
-                )),
-                Finding::Unsigned => out.push(format!(
-                    "  {label}: no signatures ({} is absent or empty)",
-                    cosign::signature_tag(d)
-                )),
-                Finding::BadSignatures(why) => {
-                    for w in why {
-                        out.push(format!("  {label}: signature rejected: {w}"));
-                    }
-                }
-            }
-            Ok(signed(&f))
-        };
-    out.push("signatures:".into());
-    if explain_one(&digest, "manifest", out).await? {
-        out.push("verdict: allowed (signed)".into());
-        return Ok(Outcome::Allowed);
-    }
-    if let Some(children) = children.filter(|c| !c.is_empty() && c.len() <= MAX_INDEX_CHILDREN) {
-        out.push("the index is not signed itself; checking every manifest it lists:".into());
-        let mut all = true;
-        for c in &children {
-            all &= explain_one(c, &c.to_string(), out).await?;
-        }
-        if all {
-            out.push("verdict: allowed (every manifest of the index is signed)".into());
-            return Ok(Outcome::Allowed);
-        }
-    }
-    out.push(format!(
-        "verdict: {} (unsigned or bad-signature)",
-        if policy.mode == crate::config::Mode::Audit {
-            "would be denied; served with a warning in audit mode"
-        } else {
-            "denied"
-        }
-    ));
-    Ok(Outcome::Denied)
-}
-
-/// Splits `NAME[:TAG]` or `NAME@DIGEST`.
-fn split_image(image: &str) -> Result<(RepoName, crate::names::Reference), String> {
-    use crate::names::Reference;
-    if let Some((name, digest)) = image.rsplit_once('@') {
-        let d: Digest = digest.parse().map_err(|e| format!("{e}"))?;
-        return Ok((
-            name.parse().map_err(|e| format!("{e}"))?,
-            Reference::Digest(d),
-        ));
-    }
-    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
-    let (name, tag) = match image[last_slash..].rfind(':') {
-        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
-        None => (image, "latest"),
-    };
-    Ok((
-        name.parse().map_err(|e| format!("{e}"))?,
-        Reference::Tag(tag.parse().map_err(|e| format!("{e}"))?),
-    ))
 }

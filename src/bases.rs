@@ -1,0 +1,849 @@
+//! The base-image allow-list: is an image built on a vetted base?
+//!
+//! An image manifest is on a base when its layer list begins with the base
+//! manifest's complete layer list (for a multi-arch base, the manifest of
+//! the same platform). Only layer digests count, which pullgate can verify;
+//! what an image says about itself (config `rootfs.diff_ids`, the
+//! `org.opencontainers.image.base.*` annotations) is never read. An index
+//! is on a base when every platform manifest it lists is.
+//!
+//! Bases given by tag move: [`refresh`] resolves them at start-up and every
+//! `storage.base_refresh`, and every digest a base tag has had stays allowed
+//! ([`History`], persisted in the store, bounded by `storage.base_keep`).
+//! The result is a [`BaseTable`] held in memory, so a check is a prefix
+//! compare. Depends on `config`, `names`, `store`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BaseRef, BaseSet};
+use crate::names::{Digest, Reference};
+use crate::store::StoredManifest;
+
+/// At most this many manifests of one index are looked at.
+pub const MAX_INDEX_MANIFESTS: usize = 64;
+
+/// Where base history lives under the store root.
+pub const HISTORY_FILE: &str = "bases/history.json";
+
+/// An image's platform, as an index lists it or a config states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// Reads `{"os", "architecture", "variant"}` (an index entry's
+    /// `platform`, or an image config).
+    pub fn from_json(v: &serde_json::Value) -> Option<Platform> {
+        Some(Platform {
+            os: v["os"].as_str()?.to_owned(),
+            architecture: v["architecture"].as_str()?.to_owned(),
+            variant: v["variant"].as_str().map(str::to_owned),
+        })
+    }
+
+    /// Same OS and architecture, and the same variant when both name one.
+    pub fn matches(&self, other: &Platform) -> bool {
+        self.os == other.os
+            && self.architecture == other.architecture
+            && match (&self.variant, &other.variant) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One base image manifest (one platform of a multi-arch base).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseImage {
+    /// The `[bases]` set it belongs to.
+    pub set: Arc<str>,
+    /// The reference as configured, e.g. `gcr.io/distroless/static:nonroot`.
+    pub image: Arc<str>,
+    /// The image manifest's digest.
+    pub digest: Digest,
+    /// `None` when the base is a single image manifest (any platform).
+    pub platform: Option<Platform>,
+    pub layers: Vec<Digest>,
+}
+
+/// Every base image manifest images may be built on, per set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BaseTable {
+    pub images: Vec<BaseImage>,
+    /// Sets with a reference that could not be resolved at all.
+    pub unresolved: HashSet<String>,
+    /// Sets a refresh has looked at (resolved or not).
+    pub attempted: HashSet<String>,
+}
+
+/// What the base check found for one image manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Built on this base.
+    Base {
+        set: String,
+        image: String,
+        digest: Digest,
+    },
+    /// On no allowed base; the closest: (set, layers matched, base layers).
+    NoBase {
+        closest: Option<(String, usize, usize)>,
+    },
+    /// No verdict: an allowed set has no resolved image yet.
+    Unresolved(String),
+}
+
+impl BaseTable {
+    /// Checks an image manifest's layer list against the bases of `sets`.
+    /// `platform` is the image's platform when known; a base of another
+    /// platform is not compared.
+    pub fn check(&self, sets: &[String], layers: &[Digest], platform: Option<&Platform>) -> Found {
+        let mut closest: Option<(&BaseImage, usize)> = None;
+        for base in self
+            .images
+            .iter()
+            .filter(|b| sets.iter().any(|s| **s == *b.set))
+        {
+            if base.layers.is_empty() {
+                continue;
+            }
+            if let (Some(p), Some(bp)) = (platform, &base.platform) {
+                if !p.matches(bp) {
+                    continue;
+                }
+            }
+            let common = layers
+                .iter()
+                .zip(&base.layers)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if common == base.layers.len() {
+                return Found::Base {
+                    set: base.set.to_string(),
+                    image: base.image.to_string(),
+                    digest: base.digest,
+                };
+            }
+            if closest.is_none_or(|(_, c)| common > c) {
+                closest = Some((base, common));
+            }
+        }
+        if let Some(s) = sets.iter().find(|s| self.unresolved.contains(*s)) {
+            return Found::Unresolved(s.clone());
+        }
+        Found::NoBase {
+            closest: closest.map(|(b, c)| (b.set.to_string(), c, b.layers.len())),
+        }
+    }
+
+    /// Whether every set of `sets` has been looked at by a refresh.
+    pub fn covers(&self, sets: &[String]) -> bool {
+        sets.iter().all(|s| self.attempted.contains(s))
+    }
+
+    /// Whether any base of `sets` is per platform (so an image's platform
+    /// matters).
+    pub fn needs_platform(&self, sets: &[String]) -> bool {
+        self.images
+            .iter()
+            .any(|b| b.platform.is_some() && sets.iter().any(|s| **s == *b.set))
+    }
+}
+
+/// The layer digests of an image manifest; `None` when `m` is an index.
+pub fn image_layers(m: &serde_json::Value) -> Option<Vec<Digest>> {
+    if m.get("manifests").is_some() {
+        return None;
+    }
+    Some(
+        m["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["digest"].as_str()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// The platform manifests an index lists, with their platforms. Entries
+/// that are not images (buildx attestations, `unknown/unknown`) are left
+/// out.
+pub fn index_platforms(m: &serde_json::Value) -> Option<Vec<(Digest, Option<Platform>)>> {
+    let list = m["manifests"].as_array()?;
+    Some(
+        list.iter()
+            .filter(|e| {
+                e["annotations"]["vnd.docker.reference.type"].is_null()
+                    && e["platform"]["os"].as_str() != Some("unknown")
+            })
+            .filter_map(|e| {
+                Some((
+                    e["digest"].as_str()?.parse().ok()?,
+                    Platform::from_json(&e["platform"]),
+                ))
+            })
+            .collect(),
+    )
+}
+
+/// Fetches what a base check needs. The server fetches through its store
+/// and single-flight machinery; `pullgate verify` asks the upstream.
+pub trait Source {
+    /// A manifest of the image's repository, by digest.
+    fn manifest(
+        &self,
+        digest: Digest,
+    ) -> impl std::future::Future<Output = Result<Arc<StoredManifest>, String>> + Send;
+    /// The platform an image config blob states (`None` when unreadable).
+    fn platform(
+        &self,
+        config: Digest,
+    ) -> impl std::future::Future<Output = Option<Platform>> + Send;
+}
+
+/// The outcome of the base check on a fetched manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub passes: bool,
+    /// "built on X (image@digest)", or why not: "first 0 of 3 layers match X".
+    pub detail: String,
+}
+
+/// Checks a manifest (image or index) against `sets`. `Err` when no
+/// verdict can be reached (a base not resolved, a child not fetched).
+pub async fn check_manifest<S: Source>(
+    table: &BaseTable,
+    sets: &[String],
+    m: &StoredManifest,
+    source: &S,
+) -> Result<Outcome, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&m.bytes).map_err(|e| format!("manifest is not JSON: {e}"))?;
+    if let Some(children) = index_platforms(&v) {
+        if children.is_empty() {
+            return Ok(Outcome {
+                passes: false,
+                detail: "the index lists no image manifests".into(),
+            });
+        }
+        if children.len() > MAX_INDEX_MANIFESTS {
+            return Ok(Outcome {
+                passes: false,
+                detail: format!(
+                    "the index lists {} manifests, over the limit of {MAX_INDEX_MANIFESTS}",
+                    children.len()
+                ),
+            });
+        }
+        let mut on = Vec::new();
+        for (digest, platform) in children {
+            let child = source.manifest(digest).await?;
+            let cv: serde_json::Value = serde_json::from_slice(&child.bytes)
+                .map_err(|e| format!("manifest {digest} is not JSON: {e}"))?;
+            let Some(layers) = image_layers(&cv) else {
+                return Ok(Outcome {
+                    passes: false,
+                    detail: format!("{digest} is an index inside an index"),
+                });
+            };
+            let label = platform
+                .as_ref()
+                .map_or_else(|| digest.to_string(), |p| format!("{p} ({digest})"));
+            match describe(table.check(sets, &layers, platform.as_ref()), sets)? {
+                Outcome {
+                    passes: true,
+                    detail,
+                } => on.push(detail),
+                Outcome { detail, .. } => {
+                    return Ok(Outcome {
+                        passes: false,
+                        detail: format!("platform {label}: {detail}"),
+                    })
+                }
+            }
+        }
+        on.sort();
+        on.dedup();
+        return Ok(Outcome {
+            passes: true,
+            detail: format!("every platform is {}", on.join("; ")),
+        });
+    }
+    let layers = image_layers(&v).unwrap_or_default();
+    let platform = match v["config"]["digest"].as_str().and_then(|d| d.parse().ok()) {
+        Some(config) if table.needs_platform(sets) => source.platform(config).await,
+        _ => None,
+    };
+    describe(table.check(sets, &layers, platform.as_ref()), sets)
+}
+
+fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
+    match found {
+        Found::Base { set, image, digest } => Ok(Outcome {
+            passes: true,
+            detail: format!("built on {set} ({image}, {digest})"),
+        }),
+        Found::NoBase { closest } => {
+            let closest = match closest {
+                Some((set, n, of)) => format!("first {n} of {of} layers match {set}"),
+                None => "no base image to compare with".to_owned(),
+            };
+            Ok(Outcome {
+                passes: false,
+                detail: format!("{closest}; allowed bases: {}", sets.join(", ")),
+            })
+        }
+        Found::Unresolved(set) => Err(format!(
+            "base {set:?} has not been resolved (its upstream has not answered yet)"
+        )),
+    }
+}
+
+// ---- history ----------------------------------------------------------------
+
+/// Every digest each base tag has resolved to, newest last, keyed by the
+/// canonical `name:tag`. Persisted as JSON in the store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct History {
+    tags: BTreeMap<String, Vec<Seen>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Seen {
+    digest: Digest,
+    /// Unix seconds when pullgate first saw the tag at this digest.
+    first_seen: u64,
+}
+
+impl History {
+    pub fn from_json(bytes: &[u8]) -> Result<History, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("history to JSON")
+    }
+
+    /// Notes that `tag` resolves to `digest` now; keeps the newest `keep`.
+    /// Returns whether anything changed.
+    pub fn record(&mut self, tag: &str, digest: Digest, keep: Option<usize>) -> bool {
+        let seen = self.tags.entry(tag.to_owned()).or_default();
+        let mut changed = false;
+        if seen.last().map(|s| s.digest) != Some(digest) {
+            // A tag that moves back to an older digest makes it the newest.
+            seen.retain(|s| s.digest != digest);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            seen.push(Seen {
+                digest,
+                first_seen: now,
+            });
+            changed = true;
+        }
+        if let Some(keep) = keep {
+            if seen.len() > keep {
+                let drop = seen.len() - keep;
+                seen.drain(..drop);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The digests `tag` has had, newest first.
+    pub fn digests(&self, tag: &str) -> Vec<Digest> {
+        self.tags
+            .get(tag)
+            .map(|s| s.iter().rev().map(|s| s.digest).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Resolves base references for [`refresh`].
+pub trait Resolver {
+    /// What a base tag points at now; `Err` when neither the upstream nor
+    /// the store can say.
+    fn resolve(
+        &self,
+        base: &BaseRef,
+    ) -> impl std::future::Future<Output = Result<Digest, String>> + Send;
+    /// A manifest of the base's repository, by digest (stored once fetched).
+    fn manifest(
+        &self,
+        base: &BaseRef,
+        digest: Digest,
+    ) -> impl std::future::Future<Output = Result<Arc<StoredManifest>, String>> + Send;
+}
+
+/// What a refresh did, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    pub table: BaseTable,
+    /// References whose tag could not be resolved (message per reference).
+    pub failures: Vec<String>,
+}
+
+/// Resolves every base reference and builds the table. `history` gains the
+/// digests tags resolve to now; digests it already holds stay allowed.
+pub async fn refresh<R: Resolver>(
+    sets: &[BaseSet],
+    history: &mut History,
+    keep: Option<usize>,
+    resolver: &R,
+) -> Refreshed {
+    let mut out = Refreshed::default();
+    // Manifests already turned into base images, per reference digest.
+    let mut done: HashMap<Digest, Vec<Expanded>> = HashMap::new();
+    for set in sets {
+        out.table.attempted.insert(set.name.clone());
+        for base in &set.images {
+            let digests = match &base.reference {
+                Reference::Digest(d) => vec![*d],
+                Reference::Tag(tag) => {
+                    let key = format!("{}:{tag}", base.canonical);
+                    match resolver.resolve(base).await {
+                        Ok(d) => {
+                            history.record(&key, d, keep);
+                        }
+                        Err(e) => out.failures.push(format!("{}: {e}", base.image)),
+                    }
+                    history.digests(&key)
+                }
+            };
+            let mut any = false;
+            for digest in digests {
+                if let std::collections::hash_map::Entry::Vacant(slot) = done.entry(digest) {
+                    match expand(resolver, base, digest).await {
+                        Ok(images) => {
+                            slot.insert(images);
+                        }
+                        Err(e) => {
+                            out.failures.push(format!("{}@{digest}: {e}", base.image));
+                            continue;
+                        }
+                    }
+                }
+                for (platform, d, layers) in &done[&digest] {
+                    any = true;
+                    out.table.images.push(BaseImage {
+                        set: Arc::from(set.name.as_str()),
+                        image: Arc::from(base.image.as_str()),
+                        digest: *d,
+                        platform: platform.clone(),
+                        layers: layers.clone(),
+                    });
+                }
+            }
+            if !any {
+                out.table.unresolved.insert(set.name.clone());
+            }
+        }
+    }
+    out
+}
+
+/// One image manifest of a base: platform, digest, layers.
+type Expanded = (Option<Platform>, Digest, Vec<Digest>);
+
+/// The image manifests behind one base digest: itself, or every platform
+/// of an index.
+async fn expand<R: Resolver>(
+    resolver: &R,
+    base: &BaseRef,
+    digest: Digest,
+) -> Result<Vec<Expanded>, String> {
+    let m = resolver.manifest(base, digest).await?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&m.bytes).map_err(|e| format!("not JSON: {e}"))?;
+    if let Some(layers) = image_layers(&v) {
+        return Ok(vec![(None, digest, layers)]);
+    }
+    let children = index_platforms(&v).unwrap_or_default();
+    let mut out = Vec::new();
+    for (child, platform) in children.into_iter().take(MAX_INDEX_MANIFESTS) {
+        let cm = resolver.manifest(base, child).await?;
+        let cv: serde_json::Value =
+            serde_json::from_slice(&cm.bytes).map_err(|e| format!("{child} is not JSON: {e}"))?;
+        if let Some(layers) = image_layers(&cv) {
+            out.push((platform, child, layers));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    pub fn layer(n: u32) -> Digest {
+        Digest::of(format!("layer {n}").as_bytes())
+    }
+
+    fn base(set: &str, platform: Option<(&str, &str)>, layers: &[u32]) -> BaseImage {
+        BaseImage {
+            set: Arc::from(set),
+            image: Arc::from(format!("gcr.io/distroless/{set}:nonroot").as_str()),
+            digest: Digest::of(format!("{set}{platform:?}{layers:?}").as_bytes()),
+            platform: platform.map(|(os, arch)| Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: None,
+            }),
+            layers: layers.iter().map(|&n| layer(n)).collect(),
+        }
+    }
+
+    fn table(images: Vec<BaseImage>) -> BaseTable {
+        let attempted = images.iter().map(|b| b.set.to_string()).collect();
+        BaseTable {
+            images,
+            unresolved: HashSet::new(),
+            attempted,
+        }
+    }
+
+    fn layers(ns: &[u32]) -> Vec<Digest> {
+        ns.iter().map(|&n| layer(n)).collect()
+    }
+
+    fn sets(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_prefix_decides() {
+        let t = table(vec![
+            base("static", None, &[1, 2, 3]),
+            base("base", None, &[7, 8]),
+        ]);
+        let allowed = sets(&["static"]);
+        // The base itself, and the base plus the image's own layers.
+        assert!(
+            matches!(t.check(&allowed, &layers(&[1, 2, 3]), None), Found::Base { set, .. } if set == "static")
+        );
+        assert!(matches!(
+            t.check(&allowed, &layers(&[1, 2, 3, 10, 11]), None),
+            Found::Base { .. }
+        ));
+        // Another base, allowed elsewhere but not by this policy.
+        assert_eq!(
+            t.check(&allowed, &layers(&[7, 8, 9]), None),
+            Found::NoBase {
+                closest: Some(("static".into(), 0, 3))
+            }
+        );
+        // A partial prefix, the base's layers out of order, and layers
+        // inserted before the base's.
+        assert_eq!(
+            t.check(&allowed, &layers(&[1, 2, 9]), None),
+            Found::NoBase {
+                closest: Some(("static".into(), 2, 3))
+            }
+        );
+        assert!(matches!(
+            t.check(&allowed, &layers(&[2, 1, 3]), None),
+            Found::NoBase { .. }
+        ));
+        assert!(matches!(
+            t.check(&allowed, &layers(&[0, 1, 2, 3]), None),
+            Found::NoBase { .. }
+        ));
+        // Fewer layers than the base: not on it.
+        assert!(matches!(
+            t.check(&allowed, &layers(&[1, 2]), None),
+            Found::NoBase { .. }
+        ));
+        assert!(matches!(
+            t.check(&sets(&["static", "base"]), &layers(&[7, 8, 9]), None),
+            Found::Base { set, .. } if set == "base"
+        ));
+    }
+
+    #[test]
+    fn empty_layer_lists_match_nothing() {
+        // A base without layers would make every image "built on" it.
+        let t = table(vec![base("scratch", None, &[]), base("static", None, &[1])]);
+        assert!(matches!(
+            t.check(&sets(&["scratch"]), &layers(&[5]), None),
+            Found::NoBase { closest: None }
+        ));
+        assert!(matches!(
+            t.check(&sets(&["static"]), &[], None),
+            Found::NoBase {
+                closest: Some((_, 0, 1))
+            }
+        ));
+        assert!(matches!(
+            t.check(&sets(&["scratch"]), &[], None),
+            Found::NoBase { .. }
+        ));
+    }
+
+    #[test]
+    fn index_bases_compare_the_same_platform() {
+        let t = table(vec![
+            base("static", Some(("linux", "amd64")), &[1, 2]),
+            base("static", Some(("linux", "arm64")), &[3, 4]),
+        ]);
+        let amd64 = Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        };
+        let arm64 = Platform {
+            architecture: "arm64".into(),
+            variant: Some("v8".into()),
+            ..amd64.clone()
+        };
+        let allowed = sets(&["static"]);
+        assert!(matches!(
+            t.check(&allowed, &layers(&[1, 2, 9]), Some(&amd64)),
+            Found::Base { .. }
+        ));
+        assert!(matches!(
+            t.check(&allowed, &layers(&[3, 4, 9]), Some(&arm64)),
+            Found::Base { .. }
+        ));
+        // amd64 layers under an arm64 platform: not that platform's base.
+        assert!(matches!(
+            t.check(&allowed, &layers(&[1, 2, 9]), Some(&arm64)),
+            Found::NoBase { .. }
+        ));
+        // Unknown platform: compared with every platform of the base.
+        assert!(matches!(
+            t.check(&allowed, &layers(&[3, 4]), None),
+            Found::Base { .. }
+        ));
+        let v7 = Platform {
+            architecture: "arm".into(),
+            variant: Some("v7".into()),
+            ..amd64.clone()
+        };
+        let v6 = Platform {
+            variant: Some("v6".into()),
+            ..v7.clone()
+        };
+        assert!(!v7.matches(&v6));
+        assert!(v7.matches(&Platform {
+            variant: None,
+            ..v7.clone()
+        }));
+    }
+
+    #[test]
+    fn unresolved_sets_give_no_verdict_instead_of_a_denial() {
+        let mut t = table(vec![base("static", None, &[1])]);
+        t.unresolved.insert("other".into());
+        t.attempted.insert("other".into());
+        assert!(matches!(
+            t.check(&sets(&["static", "other"]), &layers(&[1]), None),
+            Found::Base { .. }
+        ));
+        assert_eq!(
+            t.check(&sets(&["static", "other"]), &layers(&[9]), None),
+            Found::Unresolved("other".into())
+        );
+        assert!(!t.covers(&sets(&["new"])));
+    }
+
+    /// A source holding manifests by digest.
+    struct Manifests(HashMap<Digest, Arc<StoredManifest>>, Option<Platform>);
+
+    impl Source for Manifests {
+        async fn manifest(&self, d: Digest) -> Result<Arc<StoredManifest>, String> {
+            self.0.get(&d).cloned().ok_or(format!("{d} missing"))
+        }
+        async fn platform(&self, _: Digest) -> Option<Platform> {
+            self.1.clone()
+        }
+    }
+
+    pub fn image_manifest(
+        config: &[u8],
+        layers: &[Digest],
+        annotations: serde_json::Value,
+    ) -> StoredManifest {
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|d| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": 1}))
+            .collect();
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::of(config).to_string(), "size": config.len()},
+            "layers": layers,
+            "annotations": annotations,
+        }))
+        .unwrap();
+        StoredManifest {
+            digest: Digest::of(&bytes),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes: bytes.into(),
+        }
+    }
+
+    #[test]
+    fn claims_inside_the_image_are_not_evidence() {
+        // The image's config names the base's diff_ids and the annotations
+        // name the base, but its layers are different.
+        let t = table(vec![base("static", None, &[1, 2])]);
+        let config = serde_json::to_vec(&serde_json::json!({
+            "rootfs": {"type": "layers", "diff_ids": [layer(1).to_string(), layer(2).to_string()]},
+        }))
+        .unwrap();
+        let forged = image_manifest(
+            &config,
+            &layers(&[8, 9]),
+            serde_json::json!({
+                "org.opencontainers.image.base.name": "gcr.io/distroless/static:nonroot",
+                "org.opencontainers.image.base.digest": t.images[0].digest.to_string(),
+            }),
+        );
+        let src = Manifests(HashMap::new(), None);
+        let out = futures_lite(check_manifest(&t, &sets(&["static"]), &forged, &src)).unwrap();
+        assert!(!out.passes);
+        assert_eq!(
+            out.detail,
+            "first 0 of 2 layers match static; allowed bases: static"
+        );
+        let honest = image_manifest(&config, &layers(&[1, 2, 3]), serde_json::json!({}));
+        let out = futures_lite(check_manifest(&t, &sets(&["static"]), &honest, &src)).unwrap();
+        assert!(out.passes, "{out:?}");
+    }
+
+    #[test]
+    fn an_index_passes_when_every_platform_does() {
+        let t = table(vec![
+            base("static", Some(("linux", "amd64")), &[1]),
+            base("static", Some(("linux", "arm64")), &[2]),
+        ]);
+        let amd = image_manifest(b"a", &layers(&[1, 5]), serde_json::json!({}));
+        let arm = image_manifest(b"b", &layers(&[2, 6]), serde_json::json!({}));
+        let bad = image_manifest(b"c", &layers(&[9]), serde_json::json!({}));
+        let attestation = image_manifest(b"d", &layers(&[42]), serde_json::json!({}));
+        let index = |entries: &[(&StoredManifest, &str)]| {
+            let list: Vec<_> = entries
+                .iter()
+                .map(|(m, arch)| {
+                    if *arch == "attestation" {
+                        serde_json::json!({"digest": m.digest.to_string(), "platform": {"os": "unknown", "architecture": "unknown"},
+                            "annotations": {"vnd.docker.reference.type": "attestation-manifest"}})
+                    } else {
+                        serde_json::json!({"digest": m.digest.to_string(), "platform": {"os": "linux", "architecture": arch}})
+                    }
+                })
+                .collect();
+            let bytes =
+                serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": list}))
+                    .unwrap();
+            StoredManifest {
+                digest: Digest::of(&bytes),
+                media_type: "application/vnd.oci.image.index.v1+json".into(),
+                bytes: bytes.into(),
+            }
+        };
+        let src = Manifests(
+            [&amd, &arm, &bad, &attestation]
+                .iter()
+                .map(|m| (m.digest, Arc::new((*m).clone())))
+                .collect(),
+            None,
+        );
+        let good = index(&[
+            (&amd, "amd64"),
+            (&arm, "arm64"),
+            (&attestation, "attestation"),
+        ]);
+        let out = futures_lite(check_manifest(&t, &sets(&["static"]), &good, &src)).unwrap();
+        assert!(out.passes, "{out:?}");
+        // The arm64 image listed as amd64: compared with the amd64 base.
+        let swapped = index(&[(&amd, "amd64"), (&arm, "amd64")]);
+        let out = futures_lite(check_manifest(&t, &sets(&["static"]), &swapped, &src)).unwrap();
+        assert!(!out.passes);
+        assert!(
+            out.detail.starts_with("platform linux/amd64"),
+            "{}",
+            out.detail
+        );
+        let mixed = index(&[(&amd, "amd64"), (&bad, "arm64")]);
+        let out = futures_lite(check_manifest(&t, &sets(&["static"]), &mixed, &src)).unwrap();
+        assert!(!out.passes);
+        assert!(
+            out.detail.contains("first 0 of 1 layers match static"),
+            "{}",
+            out.detail
+        );
+        // A child that cannot be fetched: no verdict.
+        let lonely = index(&[(&amd, "amd64")]);
+        let empty = Manifests(HashMap::new(), None);
+        assert!(futures_lite(check_manifest(&t, &sets(&["static"]), &lonely, &empty)).is_err());
+    }
+
+    #[test]
+    fn a_standalone_image_is_compared_with_its_configs_platform() {
+        let t = table(vec![
+            base("static", Some(("linux", "amd64")), &[1]),
+            base("static", Some(("linux", "arm64")), &[2]),
+        ]);
+        let arm_layers_claiming_amd = image_manifest(b"x", &layers(&[2, 3]), serde_json::json!({}));
+        let amd = Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        };
+        let src = Manifests(HashMap::new(), Some(amd));
+        let out = futures_lite(check_manifest(
+            &t,
+            &sets(&["static"]),
+            &arm_layers_claiming_amd,
+            &src,
+        ))
+        .unwrap();
+        assert!(!out.passes);
+    }
+
+    #[test]
+    fn history_keeps_every_digest_a_tag_had_up_to_keep() {
+        let (a, b, c) = (layer(1), layer(2), layer(3));
+        let mut h = History::default();
+        assert!(h.record("gcr.io/d/s:nonroot", a, None));
+        assert!(!h.record("gcr.io/d/s:nonroot", a, None));
+        assert!(h.record("gcr.io/d/s:nonroot", b, None));
+        assert_eq!(h.digests("gcr.io/d/s:nonroot"), [b, a]);
+        let back = History::from_json(&h.to_json()).unwrap();
+        assert_eq!(back, h);
+        assert!(h.record("gcr.io/d/s:nonroot", c, Some(2)));
+        assert_eq!(h.digests("gcr.io/d/s:nonroot"), [c, b]);
+        // Moving back to an old digest makes it the newest.
+        h.record("gcr.io/d/s:nonroot", b, Some(2));
+        assert_eq!(h.digests("gcr.io/d/s:nonroot"), [b, c]);
+        assert!(h.digests("other:tag").is_empty());
+    }
+
+    /// Runs a future that never waits on I/O.
+    fn futures_lite<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+}
