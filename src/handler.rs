@@ -101,6 +101,9 @@ pub struct App {
     approved_manifests: crate::verify::Memo<()>,
     /// Wakes the base refresher early (a reload changed `[bases]`).
     bases_changed: Arc<tokio::sync::Notify>,
+    /// Every digest each base tag has had; loaded at the first refresh.
+    /// The lock also keeps refreshes one at a time.
+    base_history: tokio::sync::Mutex<Option<crate::bases::History>>,
 }
 
 impl App {
@@ -144,6 +147,7 @@ impl App {
             manifests: SingleFlight::default(),
             tags: SingleFlight::default(),
             bases_changed: Arc::new(tokio::sync::Notify::new()),
+            base_history: tokio::sync::Mutex::new(None),
         });
         // Outside a runtime (benchmarks, unit tests) nothing runs in the
         // background; the server always has one.
@@ -201,16 +205,11 @@ impl App {
         let weak = Arc::downgrade(self);
         let wake = self.bases_changed.clone();
         tokio::spawn(async move {
-            let mut history = match weak.upgrade() {
-                Some(app) => app.load_base_history(),
-                None => return,
-            };
             loop {
                 let Some(app) = weak.upgrade() else { return };
-                let gen = app.generation.load_full();
-                let every = gen.config.storage.base_refresh;
-                app.refresh_bases(&gen, &mut history).await;
-                drop((app, gen));
+                let every = app.config().storage.base_refresh;
+                app.refresh_bases().await;
+                drop(app);
                 tokio::select! {
                     () = tokio::time::sleep(every) => {}
                     () = wake.notified() => {}
@@ -236,13 +235,13 @@ impl App {
         }
     }
 
-    /// One refresh: resolve every base, persist the tags' history, publish
-    /// the table to the verifier.
-    async fn refresh_bases(
-        self: &Arc<Self>,
-        gen: &Arc<Generation>,
-        history: &mut crate::bases::History,
-    ) {
+    /// Resolves every base now: persists the tags' history and publishes
+    /// the table to the verifier. Also runs at start-up, every
+    /// `storage.base_refresh`, and after a reload that changed `[bases]`.
+    pub async fn refresh_bases(self: &Arc<Self>) {
+        let mut guard = self.base_history.lock().await;
+        let history = guard.get_or_insert_with(|| self.load_base_history());
+        let gen = &self.generation.load_full();
         let sets = &gen.config.bases;
         if sets.is_empty() {
             if !self.verifier.bases().images.is_empty() {

@@ -501,3 +501,143 @@ async fn cosign_v3_bundles_are_found_through_referrers_or_their_fallback_tag() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_tag_moved_to_unsigned_content_keeps_its_last_signed_digest() {
+    let fake = Fake::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let (v1, _) = fake.put_image("library/app", "stable", &[noise(100, 40)]);
+    sign(
+        &fake,
+        "library/app",
+        &v1,
+        &v1,
+        Signer_::Ecdsa(release_key()),
+    );
+    let opts = |drift: &str| Options {
+        tag_ttl: "0s".into(),
+        policies: format!(
+            "{}\n{}tag_drift = \"{drift}\"\n",
+            keys_toml(keys.path()),
+            policies("enforce")
+        ),
+        ..Options::default()
+    };
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let proxy = Proxy::start_in(dir.clone(), &fake, opts("keep-approved")).await;
+    let r = proxy.get("/v2/library/app/manifests/stable").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], v1.as_str());
+    assert!(r.headers().get("warning").is_none());
+
+    // The tag moves upstream to an unsigned image.
+    let (v2, v2_layers) = fake.put_image("library/app", "stable", &[noise(100, 41)]);
+    let drift = "pullgate_tag_drift_total{policy=\"signed library\",upstream=\"docker.io\"}";
+    assert_eq!(proxy.metric(drift), 0.0);
+    for n in 1..=2 {
+        let r = proxy.get("/v2/library/app/manifests/stable").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], v1.as_str());
+        let w = r.headers()["warning"].to_str().unwrap().to_owned();
+        assert!(
+            w.starts_with("299 - \"pullgate: tag drift: tag stable moved to"),
+            "{w}"
+        );
+        assert!(w.contains(&v2) && w.contains(&v1), "{w}");
+        assert_eq!(proxy.metric(drift), f64::from(n));
+    }
+    // The new content itself stays denied, blobs included.
+    let (status, _, v) =
+        error_code(proxy.get(&format!("/v2/library/app/manifests/{v2}")).await).await;
+    assert_eq!(status, 403, "{v}");
+    let r = proxy
+        .get(&format!("/v2/library/app/blobs/{}", v2_layers[0]))
+        .await;
+    assert_eq!(r.status(), 403);
+
+    // A restart keeps the last approved digest.
+    let dir = proxy.stop().await;
+    let proxy = Proxy::start_in(dir.clone(), &fake, opts("keep-approved")).await;
+    let r = proxy.get("/v2/library/app/manifests/stable").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], v1.as_str());
+    let dir = proxy.stop().await;
+
+    // tag_drift = "deny": the pull is denied like any other.
+    let proxy = Proxy::start_in(dir.clone(), &fake, opts("deny")).await;
+    let (status, _, v) = error_code(proxy.get("/v2/library/app/manifests/stable").await).await;
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["errors"][0]["detail"]["reasons"][0], "unsigned");
+    assert_eq!(v["errors"][0]["detail"]["digest"], v2.as_str());
+    let dir = proxy.stop().await;
+
+    // Once the new content is signed, it becomes the tag's approved digest.
+    sign(
+        &fake,
+        "library/app",
+        &v2,
+        &v2,
+        Signer_::Ecdsa(release_key()),
+    );
+    let proxy = Proxy::start_in(dir.clone(), &fake, opts("keep-approved")).await;
+    let r = proxy.get("/v2/library/app/manifests/stable").await;
+    assert_eq!(r.headers()["docker-content-digest"], v2.as_str());
+    let (v3, _) = fake.put_image("library/app", "stable", &[noise(100, 42)]);
+    let r = proxy.get("/v2/library/app/manifests/stable").await;
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        v2.as_str(),
+        "{v3} denied, {v2} kept"
+    );
+}
+
+#[tokio::test]
+async fn signed_by_and_bases_must_both_hold() {
+    let fake = Fake::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let base_layer = noise(64, 50);
+    fake.put_image("library/base", "1", &[base_layer.clone()]);
+    let (both, _) = fake.put_image("library/both", "v1", &[base_layer.clone(), noise(64, 51)]);
+    sign(
+        &fake,
+        "library/both",
+        &both,
+        &both,
+        Signer_::Ecdsa(release_key()),
+    );
+    let (off_base, _) = fake.put_image("library/offbase", "v1", &[noise(64, 52)]);
+    sign(
+        &fake,
+        "library/offbase",
+        &off_base,
+        &off_base,
+        Signer_::Ecdsa(release_key()),
+    );
+    fake.put_image("library/unsigned", "v1", &[base_layer, noise(64, 53)]);
+    let proxy = Proxy::start(
+        &fake,
+        Options {
+            policies: format!(
+                "{}\n[bases]\nmine = [\"library/base:1\"]\n\n{}bases = [\"mine\"]\n",
+                keys_toml(keys.path()),
+                policies("enforce")
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        proxy.get("/v2/library/both/manifests/v1").await.status(),
+        200
+    );
+    for (repo, why) in [("offbase", "base-not-allowed"), ("unsigned", "unsigned")] {
+        let (status, _, v) =
+            error_code(proxy.get(&format!("/v2/library/{repo}/manifests/v1")).await).await;
+        assert_eq!(status, 403, "{repo}: {v}");
+        assert_eq!(
+            v["errors"][0]["detail"]["reasons"],
+            serde_json::json!([why]),
+            "{repo}"
+        );
+    }
+}
