@@ -596,7 +596,7 @@ async fn signed_by_and_bases_must_both_hold() {
     let fake = Fake::start().await;
     let keys = tempfile::tempdir().unwrap();
     let base_layer = noise(64, 50);
-    fake.put_image("library/base", "1", &[base_layer.clone()]);
+    fake.put_image("library/base", "1", std::slice::from_ref(&base_layer));
     let (both, _) = fake.put_image("library/both", "v1", &[base_layer.clone(), noise(64, 51)]);
     sign(
         &fake,
