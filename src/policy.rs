@@ -69,7 +69,12 @@ impl Verdict {
 
     /// The reason in words, as sent to clients.
     pub fn message(&self, canonical: &str) -> String {
-        let words: Vec<&str> = self.reasons.iter().map(|r| describe(r)).collect();
+        // The slug goes with the words: clients show only the message.
+        let words: Vec<String> = self
+            .reasons
+            .iter()
+            .map(|r| format!("{} [{r}]", describe(r)))
+            .collect();
         match &self.policy {
             Some(p) => match &self.detail {
                 Some(d) => format!(
@@ -82,7 +87,7 @@ impl Verdict {
                 ),
             },
             None => {
-                format!("blocked: no policy matches {canonical:?}, and unmatched names are denied")
+                format!("blocked: no policy matches {canonical:?}, and unmatched names are denied [no-policy]")
             }
         }
     }

@@ -303,28 +303,6 @@ async fn skopeo_shows_the_denial_reason() {
     .unwrap_or_else(|e| panic!("audit mode serves: {e}"));
 }
 
-/// A cosign-format signature of `image` by `key`, added to `layout` under
-/// the tag `sha256-<hex>.sig`.
-fn sign_into(
-    layout: &mut Layout,
-    repo: &str,
-    image: &str,
-    key: &p256::ecdsa::SigningKey,
-) -> String {
-    use signature::Signer;
-    let d: pullgate::names::Digest = image.parse().unwrap();
-    let payload = pullgate::cosign::payload(repo, &d);
-    let sig: p256::ecdsa::Signature = key.sign(&payload);
-    let (manifest, config) = pullgate::cosign::signature_manifest(&[(
-        payload.clone(),
-        sig.to_der().as_bytes().to_vec(),
-    )]);
-    let w = layout.raw_manifest(&manifest, &[&payload, &config]);
-    let tag = pullgate::cosign::signature_tag(&d);
-    layout.tag(&tag, &w);
-    tag
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containerd() {
     use p256::pkcs8::{EncodePublicKey, LineEnding};
@@ -345,12 +323,12 @@ async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containe
     let arm = layout.image("arm64", &[("etc/arch", b"arm64\n".to_vec())]);
     let multi = layout.index(&[("amd64", &amd), ("arm64", &arm)]);
     layout.tag("signed", &multi);
-    let sig_tag = sign_into(&mut layout, "docker.io/library/app", &multi.digest, &key);
+    let sig_tag = real::sign_into(&mut layout, "docker.io/library/app", &multi.digest, &key);
     let unsigned = layout.image("amd64", &[("etc/os", b"unsigned\n".to_vec())]);
     layout.tag("unsigned", &unsigned);
     let wrong = layout.image("amd64", &[("etc/os", b"wrong key\n".to_vec())]);
     layout.tag("wrong", &wrong);
-    let wrong_sig = sign_into(
+    let wrong_sig = real::sign_into(
         &mut layout,
         "docker.io/library/app",
         &wrong.digest,

@@ -344,6 +344,28 @@ impl Layout {
     }
 }
 
+/// A cosign-format signature of `image` by `key`, added to `layout` under
+/// the tag `sha256-<hex>.sig`.
+pub fn sign_into(
+    layout: &mut Layout,
+    repo: &str,
+    image: &str,
+    key: &p256::ecdsa::SigningKey,
+) -> String {
+    use signature::Signer;
+    let d: pullgate::names::Digest = image.parse().unwrap();
+    let payload = pullgate::cosign::payload(repo, &d);
+    let sig: p256::ecdsa::Signature = key.sign(&payload);
+    let (manifest, config) = pullgate::cosign::signature_manifest(&[(
+        payload.clone(),
+        sig.to_der().as_bytes().to_vec(),
+    )]);
+    let w = layout.raw_manifest(&manifest, &[&payload, &config]);
+    let tag = pullgate::cosign::signature_tag(&d);
+    layout.tag(&tag, &w);
+    tag
+}
+
 // ---- skopeo -------------------------------------------------------------------
 
 /// `skopeo` with an accept-anything signature policy of the test's own.
