@@ -599,3 +599,157 @@ async fn verify_explains_the_verdict_step_by_step() {
         .unwrap();
     assert_eq!(code, Some(69));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_writes_approved_digests_and_refuses_denied_ones() {
+    let fake = Fake::start().await;
+    let (app, _) = fake.put_image("library/app", "1", &[noise(10, 1)]);
+    fake.put_image("library/evil", "1", &[noise(10, 2)]);
+    let base_layer = noise(10, 3);
+    fake.put_image(
+        "distroless/static",
+        "nonroot",
+        std::slice::from_ref(&base_layer),
+    );
+    fake.put_image("acme/app", "good", &[base_layer.clone(), noise(10, 4)]);
+    fake.put_image("acme/app", "bad", &[noise(10, 5)]);
+    fake.put_image("mirror/redis", "7", &[noise(10, 6)]);
+    let dir = tempfile::tempdir().unwrap();
+    let policies = r#"
+[bases]
+distroless = ["docker.io/distroless/static:nonroot"]
+[[rewrite]]
+from = "docker.io/bitnami/redis"
+to = "docker.io/mirror/redis"
+[[policy]]
+name = "no evil"
+match = ["docker.io/library/evil"]
+deny = true
+[[policy]]
+name = "acme"
+match = ["docker.io/acme/**"]
+bases = ["distroless"]
+[[policy]]
+name = "rest"
+match = ["**"]
+"#;
+    let config = write_config(dir.path(), free_port(), free_port(), &fake.url(), policies);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without_pins = dir.path().join("no-pins.toml");
+    std::fs::write(&without_pins, &text).unwrap();
+    std::fs::write(&config, format!("pins_file = \"pins.toml\"\n{text}")).unwrap();
+    let pins = dir.path().join("pins.toml");
+    let run = move |args: Vec<String>| {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let cfg = config.display().to_string();
+    let args = |cmd: &str, image: &str, cfg: &str| {
+        vec![
+            cmd.to_owned(),
+            image.to_owned(),
+            "--config".to_owned(),
+            cfg.to_owned(),
+        ]
+    };
+    let call = |a: Vec<String>| {
+        let run = run.clone();
+        tokio::task::spawn_blocking(move || run(a))
+    };
+
+    let (code, out) = call(args("pin", "app:1", &cfg)).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("pinned docker.io/library/app:1 to {app}")),
+        "{out}"
+    );
+    let written = std::fs::read_to_string(&pins).unwrap();
+    assert!(
+        written.contains(&format!("\"docker.io/library/app:1\" = \"{app}\"")),
+        "{written}"
+    );
+    let (code, out) = call(args("pin", "docker.io/library/app:1", &cfg))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("already pinned"), "{out}");
+    // The config still loads with the file `pin` wrote, and verify honours it.
+    let (code, out) = call(args("verify", "app:1", &cfg)).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("pin: tag 1 is pinned to {app}")),
+        "{out}"
+    );
+
+    // Denied: nothing is pinned, the file is untouched.
+    let (code, out) = call(args("pin", "library/evil:1", &cfg)).await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("not allowed by policy; nothing pinned"),
+        "{out}"
+    );
+    let (code, out) = call(args("pin", "acme/app:bad", &cfg)).await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("first 0 of 1 layers match distroless"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&pins).unwrap(), written);
+    let (code, out) = call(args("pin", "acme/app:good", &cfg)).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("built on distroless (docker.io/distroless/static:nonroot"),
+        "{out}"
+    );
+
+    // verify explains a rewrite.
+    let (code, out) = call(args("verify", "docker.io/bitnami/redis:7", &cfg))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("rewrite: served from docker.io/mirror/redis"),
+        "{out}"
+    );
+
+    // No pins_file, a digest, and a pins file that cannot be written.
+    let (code, out) = call(args("pin", "app:1", &without_pins.display().to_string()))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("has no pins_file"), "{out}");
+    let (code, out) = call(args("pin", &format!("app@{app}"), &cfg))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("NAME:TAG"), "{out}");
+    // Nothing can be created in /proc, not even by root.
+    let blocked = dir.path().join("blocked.toml");
+    std::fs::write(&blocked, format!("pins_file = \"/proc/pins.toml\"\n{text}")).unwrap();
+    let (code, out) = call(args("pin", "app:1", &blocked.display().to_string()))
+        .await
+        .unwrap();
+    assert!(
+        code == Some(73) && out.contains("cannot write") && out.contains("old file is unchanged"),
+        "{code:?} {out}"
+    );
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    if !root {
+        // A read-only directory (root would write anyway): the old file stays.
+        use std::os::unix::fs::PermissionsExt;
+        let before = std::fs::read_to_string(&pins).unwrap();
+        std::fs::write(dir.path().join("pins.toml"), &before).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+        let (code, out) = call(args("pin", "acme/app:good", &cfg)).await.unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(code, Some(73), "{out}");
+        assert_eq!(std::fs::read_to_string(&pins).unwrap(), before);
+    }
+}
