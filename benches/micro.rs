@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of pullgate's hot paths: route parsing, digest
-//! hashing, store lookups, and a whole cached manifest request through the
-//! handler (no network).
+//! hashing, store lookups, a whole cached manifest request through the
+//! handler (no network), signature and base checks, and the cost of
+//! configured rewrites and pins.
 //!
 //! Run: `cargo bench --bench micro`
 
@@ -196,12 +197,121 @@ fn cached_verdict(c: &mut Criterion) {
     );
 }
 
+/// The base check of a fresh verdict once the base manifests are cached: a
+/// 30-layer image against 10 base images (6 layers each), on the last one
+/// checked (the worst case), as a pure prefix compare and with the manifest
+/// parse in front.
+fn base_check(c: &mut Criterion) {
+    use pullgate::bases::{check_manifest, BaseImage, BaseTable, Platform, Source};
+    let layer = |set: usize, n: usize| Digest::of(format!("{set}/{n}").as_bytes());
+    let mut table = BaseTable::default();
+    for set in 0..10 {
+        table.images.push(BaseImage {
+            set: Arc::from(format!("base{set}").as_str()),
+            image: Arc::from(format!("gcr.io/base{set}:latest").as_str()),
+            digest: layer(set, 999),
+            platform: None,
+            layers: (0..6).map(|n| layer(set, n)).collect(),
+        });
+        table.attempted.insert(format!("base{set}"));
+    }
+    let sets: Vec<String> = (0..10).map(|s| format!("base{s}")).collect();
+    let image: Vec<Digest> = (0..30)
+        .map(|n| if n < 6 { layer(9, n) } else { layer(100, n) })
+        .collect();
+    c.bench_function("bases: prefix check, 30 layers vs 10 bases", |b| {
+        b.iter(|| black_box(table.check(black_box(&sets), black_box(&image), None)))
+    });
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": layer(0, 1000).to_string(), "size": 1000},
+        "layers": image.iter().map(|d| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": 12345678
+        })).collect::<Vec<_>>(),
+    }))
+    .unwrap();
+    let m = StoredManifest {
+        digest: Digest::of(&manifest),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        bytes: Bytes::from(manifest),
+    };
+    struct NoFetch;
+    impl Source for NoFetch {
+        async fn manifest(&self, _: Digest) -> Result<Arc<StoredManifest>, String> {
+            Err("not needed".into())
+        }
+        async fn platform(&self, _: Digest) -> Option<Platform> {
+            None
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    c.bench_function(
+        "bases: check a 30-layer manifest (parse + prefix) vs 10 bases",
+        |b| {
+            b.iter(|| {
+                let out = rt
+                    .block_on(check_manifest(&table, &sets, black_box(&m), &NoFetch))
+                    .unwrap();
+                assert!(out.passes);
+                black_box(out)
+            })
+        },
+    );
+}
+
+/// The cached manifest request with 100 rewrite rules and 1000 pins
+/// configured, none of them for the name pulled: the cost of the lookups.
+fn rewrites_and_pins(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut extra = String::from("[pins]\n");
+    for i in 0..1000 {
+        extra.push_str(&format!(
+            "\"docker.io/library/img{i}:1\" = \"{}\"\n",
+            Digest::of(format!("{i}").as_bytes())
+        ));
+    }
+    let mut rules = String::new();
+    for i in 0..100 {
+        rules.push_str(&format!(
+            "[[rewrite]]\nfrom = \"docker.io/team{i}/**\"\nto = \"docker.io/mirror/team{i}/**\"\n"
+        ));
+    }
+    let (app, _) = app_with_cached_manifest(
+        dir.path(),
+        &extra,
+        &format!("{rules}[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    c.bench_function(
+        "handler: cached manifest by tag, 100 rewrites + 1000 pins configured",
+        |b| {
+            b.iter(|| {
+                let req = Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = rt.block_on(app.clone().handle(req, peer));
+                assert_eq!(resp.status(), 200);
+                black_box(resp)
+            })
+        },
+    );
+}
+
 criterion_group!(
     benches,
     routing,
     hashing,
     store_and_handler,
     signatures,
-    cached_verdict
+    cached_verdict,
+    base_check,
+    rewrites_and_pins
 );
 criterion_main!(benches);

@@ -282,14 +282,23 @@ fn reload(app: &Arc<App>, path: Option<&std::path::Path>) {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
         Ok(c) => {
-            println!(
-                "{}: ok ({} upstream{}, {} polic{})",
-                file.display(),
-                c.upstreams.len(),
-                if c.upstreams.len() == 1 { "" } else { "s" },
-                c.policies.len(),
-                if c.policies.len() == 1 { "y" } else { "ies" },
-            );
+            let plural = |n: usize, one: &str, many: &str| {
+                format!("{n} {}", if n == 1 { one } else { many })
+            };
+            let mut parts = vec![
+                plural(c.upstreams.len(), "upstream", "upstreams"),
+                plural(c.policies.len(), "policy", "policies"),
+            ];
+            for (n, one, many) in [
+                (c.bases.len(), "base set", "base sets"),
+                (c.rewrites.len(), "rewrite", "rewrites"),
+                (c.pins.len(), "pin", "pins"),
+            ] {
+                if n > 0 {
+                    parts.push(plural(n, one, many));
+                }
+            }
+            println!("{}: ok ({})", file.display(), parts.join(", "));
             ExitCode::SUCCESS
         }
         Err(e) => {

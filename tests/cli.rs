@@ -659,10 +659,7 @@ match = ["**"]
             cfg.to_owned(),
         ]
     };
-    let call = |a: Vec<String>| {
-        let run = run.clone();
-        tokio::task::spawn_blocking(move || run(a))
-    };
+    let call = |a: Vec<String>| tokio::task::spawn_blocking(move || run(a));
 
     let (code, out) = call(args("pin", "app:1", &cfg)).await.unwrap();
     assert_eq!(code, Some(0), "{out}");
