@@ -197,6 +197,25 @@ RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-audit.toml" > "$WORK/pu
 PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PGA/v2/" >/dev/null && break; sleep 0.1; done
 
+# A fourth pullgate with 100 name rewrites and 1000 tag pins configured,
+# none of them for the image pulled: what the rewrite step costs a pull it
+# does not change.
+PGR=$(port); PGRADMIN=$(port)
+sed -e "s/127.0.0.1:$PG\"/127.0.0.1:$PGR\"/" -e "s/127.0.0.1:$PGADMIN\"/127.0.0.1:$PGRADMIN\"/" \
+    -e "s|$WORK/pullgate-data|$WORK/pullgate-rewrites-data|" "$WORK/pullgate.toml" > "$WORK/pullgate-rewrites.toml"
+{
+  for i in $(seq 100); do
+    printf '[[rewrite]]\nfrom = "docker.io/team%d/**"\nto = "docker.io/mirror/team%d/**"\n' "$i" "$i"
+  done
+  printf '[pins]\n'
+  for i in $(seq 1000); do
+    printf '"docker.io/library/img%d:1" = "sha256:%064x"\n' "$i" "$i"
+  done
+} >> "$WORK/pullgate-rewrites.toml"
+RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-rewrites.toml" > "$WORK/pullgate-rewrites.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PGR/v2/" >/dev/null && break; sleep 0.1; done
+
 # nginx: one worker, sendfile, the same manifest and blob bytes as files.
 mkdir -p "$WORK/static/v2/bench/app/manifests" "$WORK/static/v2/bench/app/blobs" "$WORK/nginx"
 cp "$WORK/layout/blobs/sha256/${SMALL_M#sha256:}" "$WORK/static/v2/bench/app/manifests/small"
@@ -244,7 +263,9 @@ done
 warm "$N_URL/manifests/small"
 S_URL="http://127.0.0.1:$PGS/v2/bench/app"
 A_URL="http://127.0.0.1:$PGA/v2/bench/app"
+R_URL="http://127.0.0.1:$PGR/v2/bench/app"
 warm "$A_URL/manifests/small"
+warm "$R_URL/manifests/small"
 warm "$S_URL/manifests/small"
 
 wrk_run() { # url -> "req/s p99"
@@ -258,12 +279,12 @@ wrk_run() { # url -> "req/s p99"
 
 echo "load.sh: manifests (wrk, $CONNS connections, ${DURATION}s each; pullgates ${ROUNDS:-3} rounds, median)"
 read -r N_TAG N_TAG99 < <(wrk_run "$N_URL/manifests/small")
-# The three pullgates take turns, ROUNDS times, so that the machine's drift
+# The four pullgates take turns, ROUNDS times, so that the machine's drift
 # over the run falls on all of them; the median of each is reported.
 ROUNDS=${ROUNDS:-3}
 declare -A runs
 for _ in $(seq "$ROUNDS"); do
-  for who in P S A; do
+  for who in P S A R; do
     u="${who}_URL"
     runs[$who]+="$(wrk_run "${!u}/manifests/small")"$'\n'
   done
@@ -274,6 +295,7 @@ median() { # "rps p99" lines -> the line with the median rps
 read -r P_TAG P_TAG99 < <(printf '%s' "${runs[P]}" | median)
 read -r S_TAG S_TAG99 < <(printf '%s' "${runs[S]}" | median)
 read -r A_TAG A_TAG99 < <(printf '%s' "${runs[A]}" | median)
+read -r R_TAG R_TAG99 < <(printf '%s' "${runs[R]}" | median)
 read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
 read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
 read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
@@ -331,6 +353,7 @@ manifest by tag     req/s   p99
   pullgate          $P_TAG  $P_TAG99
   pullgate signed   $S_TAG  $S_TAG99   (signed_by policy, cached verdict)
   pullgate audited  $A_TAG  $A_TAG99   (audit log with approvals: a line per request)
+  pullgate rewrites $R_TAG  $R_TAG99   (100 rewrites + 1000 pins configured, none for this image)
   distribution      $D_TAG  $D_TAG99
 manifest by digest
   pullgate          $P_DIG  $P_DIG99
@@ -348,6 +371,7 @@ ratios
   pullgate / distribution, manifest by tag:   $(ratio "$P_TAG" "$D_TAG")
   signed_by policy / no policy, by tag:       $(ratio "$S_TAG" "$P_TAG")
   audit log on / off, by tag:                 $(ratio "$A_TAG" "$P_TAG")
+  rewrites and pins / none, by tag:           $(ratio "$R_TAG" "$P_TAG")
   pullgate / distribution, manifest by digest: $(ratio "$P_DIG" "$D_DIG")
   pullgate / nginx, blob throughput:          $(ratio "$P_BLOB" "$N_BLOB")
   pullgate / distribution, CPU per GiB:       $(ratio "$P_CPU" "$D_CPU")

@@ -86,6 +86,7 @@ fn app_with_cached_manifest(
             TagRecord {
                 digest,
                 checked: SystemTime::now(),
+                approved: None,
             },
         )
         .unwrap();
@@ -185,16 +186,32 @@ fn cached_verdict(c: &mut Criterion) {
         rt.block_on(app.clone().handle(request(), peer)).status(),
         200
     );
-    c.bench_function(
-        "handler: cached manifest by tag, signed_by policy (cached verdict)",
-        |b| {
+    // Paired with the same request under a policy without requirements,
+    // measured right after (see `rewrites_and_pins` on pairing).
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain, _) = app_with_cached_manifest(
+        plain_dir.path(),
+        "",
+        "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+    );
+    for (name, app) in [
+        (
+            "handler: cached manifest by tag, signed_by policy (cached verdict)",
+            &app,
+        ),
+        (
+            "handler: cached manifest by tag, paired baseline (no requirements)",
+            &plain,
+        ),
+    ] {
+        c.bench_function(name, |b| {
             b.iter(|| {
                 let resp = rt.block_on(app.clone().handle(request(), peer));
                 assert_eq!(resp.status(), 200);
                 black_box(resp)
             })
-        },
-    );
+        });
+    }
 }
 
 /// The base check of a fresh verdict once the base manifests are cached: a
@@ -284,14 +301,45 @@ fn rewrites_and_pins(c: &mut Criterion) {
         &extra,
         &format!("{rules}[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n"),
     );
+    let config = app.config();
+    let rewrites = pullgate::rewrite::Rewrites::new(&config.rewrites);
+    c.bench_function("rewrite: apply, 100 rules, no match", |b| {
+        b.iter(|| black_box(rewrites.apply(black_box("docker.io/library/alpine"))))
+    });
+    c.bench_function("pins: get, 1000 pins, no match", |b| {
+        b.iter(|| {
+            black_box(
+                config
+                    .pins
+                    .get(black_box("docker.io/library/alpine"), black_box("3.20")),
+            )
+        })
+    });
+    // The same request without rewrites or pins, from an app built at the
+    // same point of the process: later benchmarks in one process measure a
+    // little slower (heap state), so compare within this pair.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain, _) = app_with_cached_manifest(
+        plain_dir.path(),
+        "",
+        "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    c.bench_function(
-        "handler: cached manifest by tag, 100 rewrites + 1000 pins configured",
-        |b| {
+    for (name, app) in [
+        (
+            "handler: cached manifest by tag, 100 rewrites + 1000 pins configured",
+            &app,
+        ),
+        (
+            "handler: cached manifest by tag, paired baseline (no rewrites or pins)",
+            &plain,
+        ),
+    ] {
+        c.bench_function(name, |b| {
             b.iter(|| {
                 let req = Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
                     .body(Empty::<Bytes>::new())
@@ -300,8 +348,8 @@ fn rewrites_and_pins(c: &mut Criterion) {
                 assert_eq!(resp.status(), 200);
                 black_box(resp)
             })
-        },
-    );
+        });
+    }
 }
 
 criterion_group!(

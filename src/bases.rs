@@ -167,40 +167,80 @@ impl BaseTable {
     }
 }
 
-/// The layer digests of an image manifest; `None` when `m` is an index.
-pub fn image_layers(m: &serde_json::Value) -> Option<Vec<Digest>> {
-    if m.get("manifests").is_some() {
-        return None;
-    }
-    Some(
-        m["layers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l["digest"].as_str()?.parse().ok())
-            .collect(),
-    )
+/// What the base check reads of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    Image {
+        layers: Vec<Digest>,
+        config: Option<Digest>,
+    },
+    /// The platform manifests an index lists. Entries that are not images
+    /// (buildx attestations, `unknown/unknown`) are left out.
+    Index(Vec<(Digest, Option<Platform>)>),
 }
 
-/// The platform manifests an index lists, with their platforms. Entries
-/// that are not images (buildx attestations, `unknown/unknown`) are left
-/// out.
-pub fn index_platforms(m: &serde_json::Value) -> Option<Vec<(Digest, Option<Platform>)>> {
-    let list = m["manifests"].as_array()?;
-    Some(
-        list.iter()
-            .filter(|e| {
-                e["annotations"]["vnd.docker.reference.type"].is_null()
-                    && e["platform"]["os"].as_str() != Some("unknown")
-            })
-            .filter_map(|e| {
-                Some((
-                    e["digest"].as_str()?.parse().ok()?,
-                    Platform::from_json(&e["platform"]),
-                ))
-            })
-            .collect(),
-    )
+/// Only the fields the check needs; the rest of the manifest is skipped
+/// without being built into values.
+#[derive(Deserialize)]
+struct View<'a> {
+    #[serde(borrow, default)]
+    layers: Option<Vec<Desc<'a>>>,
+    #[serde(borrow, default)]
+    config: Option<Desc<'a>>,
+    #[serde(borrow, default)]
+    manifests: Option<Vec<Entry<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct Desc<'a> {
+    #[serde(borrow)]
+    digest: std::borrow::Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct Entry<'a> {
+    #[serde(borrow)]
+    digest: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    platform: Option<serde_json::Value>,
+    #[serde(default)]
+    annotations: Option<Annotations>,
+}
+
+#[derive(Deserialize)]
+struct Annotations {
+    #[serde(rename = "vnd.docker.reference.type")]
+    reference_type: Option<String>,
+}
+
+/// Reads the layers (image) or platform manifests (index) of a manifest.
+pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
+    let v: View = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+    let digest = |d: &str| {
+        d.parse::<Digest>()
+            .map_err(|e| format!("bad digest {d:?}: {e}"))
+    };
+    if let Some(entries) = v.manifests {
+        let mut out = Vec::new();
+        for e in entries {
+            let platform = e.platform.as_ref().and_then(Platform::from_json);
+            let attestation = e.annotations.is_some_and(|a| a.reference_type.is_some())
+                || platform.as_ref().is_some_and(|p| p.os == "unknown");
+            if !attestation {
+                out.push((digest(&e.digest)?, platform));
+            }
+        }
+        return Ok(Parsed::Index(out));
+    }
+    Ok(Parsed::Image {
+        layers: v
+            .layers
+            .unwrap_or_default()
+            .iter()
+            .map(|l| digest(&l.digest))
+            .collect::<Result<_, _>>()?,
+        config: v.config.map(|c| digest(&c.digest)).transpose()?,
+    })
 }
 
 /// Fetches what a base check needs. The server fetches through its store
@@ -234,64 +274,83 @@ pub async fn check_manifest<S: Source>(
     m: &StoredManifest,
     source: &S,
 ) -> Result<Outcome, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&m.bytes).map_err(|e| format!("manifest is not JSON: {e}"))?;
-    if let Some(children) = index_platforms(&v) {
-        if children.is_empty() {
-            return Ok(Outcome {
-                passes: false,
-                detail: "the index lists no image manifests".into(),
-            });
-        }
-        if children.len() > MAX_INDEX_MANIFESTS {
-            return Ok(Outcome {
-                passes: false,
-                detail: format!(
-                    "the index lists {} manifests, over the limit of {MAX_INDEX_MANIFESTS}",
-                    children.len()
-                ),
-            });
-        }
-        let mut on = Vec::new();
-        for (digest, platform) in children {
-            let child = source.manifest(digest).await?;
-            let cv: serde_json::Value = serde_json::from_slice(&child.bytes)
-                .map_err(|e| format!("manifest {digest} is not JSON: {e}"))?;
-            let Some(layers) = image_layers(&cv) else {
-                return Ok(Outcome {
-                    passes: false,
-                    detail: format!("{digest} is an index inside an index"),
-                });
-            };
-            let label = platform
-                .as_ref()
-                .map_or_else(|| digest.to_string(), |p| format!("{p} ({digest})"));
-            match describe(table.check(sets, &layers, platform.as_ref()), sets)? {
-                Outcome {
-                    passes: true,
-                    detail,
-                } => on.push(detail),
-                Outcome { detail, .. } => {
-                    return Ok(Outcome {
-                        passes: false,
-                        detail: format!("platform {label}: {detail}"),
-                    })
-                }
-            }
-        }
-        on.sort();
-        on.dedup();
-        return Ok(Outcome {
-            passes: true,
-            detail: format!("every platform is {}", on.join("; ")),
-        });
-    }
-    let layers = image_layers(&v).unwrap_or_default();
-    let platform = match v["config"]["digest"].as_str().and_then(|d| d.parse().ok()) {
+    let (layers, config) = match parse(&m.bytes) {
+        Ok(Parsed::Image { layers, config }) => (layers, config),
+        Ok(Parsed::Index(children)) => return check_index(table, sets, children, source).await,
+        Err(e) => return Ok(unreadable(m.digest, e)),
+    };
+    let platform = match config {
         Some(config) if table.needs_platform(sets) => source.platform(config).await,
         _ => None,
     };
     describe(table.check(sets, &layers, platform.as_ref()), sets)
+}
+
+/// An index passes when every platform manifest it lists does.
+async fn check_index<S: Source>(
+    table: &BaseTable,
+    sets: &[String],
+    children: Vec<(Digest, Option<Platform>)>,
+    source: &S,
+) -> Result<Outcome, String> {
+    if children.is_empty() {
+        return Ok(Outcome {
+            passes: false,
+            detail: "the index lists no image manifests".into(),
+        });
+    }
+    if children.len() > MAX_INDEX_MANIFESTS {
+        return Ok(Outcome {
+            passes: false,
+            detail: format!(
+                "the index lists {} manifests, over the limit of {MAX_INDEX_MANIFESTS}",
+                children.len()
+            ),
+        });
+    }
+    let mut on = Vec::new();
+    for (digest, platform) in children {
+        let child = source.manifest(digest).await?;
+        let layers = match parse(&child.bytes) {
+            Ok(Parsed::Image { layers, .. }) => layers,
+            Ok(Parsed::Index(_)) => {
+                return Ok(Outcome {
+                    passes: false,
+                    detail: format!("{digest} is an index inside an index"),
+                })
+            }
+            Err(e) => return Ok(unreadable(digest, e)),
+        };
+        let label = platform
+            .as_ref()
+            .map_or_else(|| digest.to_string(), |p| format!("{p} ({digest})"));
+        match describe(table.check(sets, &layers, platform.as_ref()), sets)? {
+            Outcome {
+                passes: true,
+                detail,
+            } => on.push(detail),
+            Outcome { detail, .. } => {
+                return Ok(Outcome {
+                    passes: false,
+                    detail: format!("platform {label}: {detail}"),
+                })
+            }
+        }
+    }
+    on.sort();
+    on.dedup();
+    Ok(Outcome {
+        passes: true,
+        detail: format!("every platform is {}", on.join("; ")),
+    })
+}
+
+/// A manifest whose layer list cannot be read is on no base.
+fn unreadable(digest: Digest, why: String) -> Outcome {
+    Outcome {
+        passes: false,
+        detail: format!("manifest {digest} cannot be read ({why})"),
+    }
 }
 
 fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
@@ -472,18 +531,14 @@ async fn expand<R: Resolver>(
     digest: Digest,
 ) -> Result<Vec<Expanded>, String> {
     let m = resolver.manifest(base, digest).await?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&m.bytes).map_err(|e| format!("not JSON: {e}"))?;
-    if let Some(layers) = image_layers(&v) {
-        return Ok(vec![(None, digest, layers)]);
-    }
-    let children = index_platforms(&v).unwrap_or_default();
+    let children = match parse(&m.bytes)? {
+        Parsed::Image { layers, .. } => return Ok(vec![(None, digest, layers)]),
+        Parsed::Index(children) => children,
+    };
     let mut out = Vec::new();
     for (child, platform) in children.into_iter().take(MAX_INDEX_MANIFESTS) {
         let cm = resolver.manifest(base, child).await?;
-        let cv: serde_json::Value =
-            serde_json::from_slice(&cm.bytes).map_err(|e| format!("{child} is not JSON: {e}"))?;
-        if let Some(layers) = image_layers(&cv) {
+        if let Parsed::Image { layers, .. } = parse(&cm.bytes)? {
             out.push((platform, child, layers));
         }
     }

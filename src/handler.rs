@@ -556,6 +556,8 @@ impl App {
                 .or_else(|| gen.config.pins.get(&route.canonical, tag.as_str())),
             _ => None,
         };
+        // For a tag: its key and the digest policy last approved for it.
+        let mut tag_state = None;
         let m = match (&reference, pinned) {
             (_, Some(d)) => {
                 tracing::debug!(%reference, digest = %d, "pinned tag");
@@ -563,7 +565,10 @@ impl App {
                     .await?
             }
             (Reference::Tag(tag), None) => {
-                self.resolve_tag(gen, upstream, route, tag, accept).await?
+                let (m, key, approved) =
+                    self.resolve_tag(gen, upstream, route, tag, accept).await?;
+                tag_state = Some((key, approved));
+                m
             }
             (Reference::Digest(d), None) => {
                 self.manifest_by_digest(gen, upstream, route, *d, accept)
@@ -579,20 +584,18 @@ impl App {
         );
         // Tag drift: the tag moved to content policy denies.
         let mut drift_warning = None;
-        if let (Reference::Tag(tag), None, Some(p)) = (&reference, pinned, policy) {
+        if let (Some((key, approved)), Some(p)) = (tag_state, policy) {
             if p.checks_content() && !sig_tag {
-                let key = TagKey {
-                    upstream: route.upstream_name.clone(),
-                    repo: route.repo.clone(),
-                    tag: tag.clone(),
-                };
                 if verdict.passes() {
-                    self.note_approved_tag(&key, m.digest).await;
+                    if approved != Some(m.digest) {
+                        self.note_approved_tag(key, m.digest).await;
+                    }
                 } else if verdict.blocks() && p.tag_drift == crate::config::TagDrift::KeepApproved {
-                    if let Some((kept, kept_verdict)) = self
-                        .last_approved(gen, upstream, route, p, &key, &m)
-                        .await?
+                    let prev = approved.filter(|d| *d != m.digest);
+                    if let Some((kept, kept_verdict)) =
+                        self.last_approved(gen, upstream, route, p, prev).await?
                     {
+                        let tag = &key.tag;
                         drift_warning = Some(self.record_drift(route, p, tag, &m, &verdict, &kept));
                         m = kept;
                         verdict = kept_verdict;
@@ -676,33 +679,28 @@ impl App {
         }
     }
 
-    /// Remembers the digest a tag was last approved at (tag drift), once
-    /// per change.
-    async fn note_approved_tag(&self, key: &TagKey, digest: Digest) {
-        if self.store.get_approved_tag(key) == Some(digest) {
-            return;
-        }
+    /// Remembers the digest a tag was last approved at (tag drift); called
+    /// when it changed.
+    async fn note_approved_tag(&self, key: TagKey, digest: Digest) {
         let store = self.store.clone();
-        let key = key.clone();
         let written =
-            tokio::task::spawn_blocking(move || store.put_approved_tag(&key, digest)).await;
+            tokio::task::spawn_blocking(move || store.set_tag_approved(&key, digest)).await;
         if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
             tracing::warn!(%digest, "cannot record the approved digest of a tag: {e}");
         }
     }
 
-    /// The tag's last approved manifest and its (passing) verdict, when the
-    /// tag now resolves to `m`, which policy denies.
+    /// The tag's last approved manifest (`prev`) and its verdict, when it
+    /// still passes.
     async fn last_approved(
         self: &Arc<Self>,
         gen: &Arc<Generation>,
         upstream: &Arc<UpstreamClient>,
         route: &Route,
         policy: &crate::config::PolicyConfig,
-        key: &TagKey,
-        m: &StoredManifest,
+        prev: Option<Digest>,
     ) -> Result<Option<(Arc<StoredManifest>, Verdict)>, ApiError> {
-        let Some(prev) = self.store.get_approved_tag(key).filter(|d| *d != m.digest) else {
+        let Some(prev) = prev else {
             return Ok(None);
         };
         let Some(kept) = self.stored_manifest(&prev)? else {
@@ -761,6 +759,8 @@ impl App {
         .unwrap_or(HeaderValue::from_static("299 - \"pullgate: tag drift\""))
     }
 
+    /// The manifest a tag names now, with the tag's key and the digest
+    /// policy last approved for it.
     async fn resolve_tag(
         self: &Arc<Self>,
         gen: &Arc<Generation>,
@@ -768,7 +768,7 @@ impl App {
         route: &Route,
         tag: &Tag,
         accept: HeaderValue,
-    ) -> Result<Arc<StoredManifest>, ApiError> {
+    ) -> Result<(Arc<StoredManifest>, TagKey, Option<Digest>), ApiError> {
         let key = TagKey {
             upstream: route.upstream_name.clone(),
             repo: route.repo.clone(),
@@ -782,7 +782,7 @@ impl App {
             if age < ttl {
                 if let Some(m) = self.stored_manifest(&rec.digest)? {
                     self.cache_result("manifest", "hit");
-                    return Ok(m);
+                    return Ok((m, key, rec.approved));
                 }
             }
         }
@@ -790,13 +790,16 @@ impl App {
         let this = self.clone();
         let upstream = upstream.clone();
         let max = gen.config.server.max_manifest_size;
+        let flight_key = key.clone();
         let (result, _) = self
             .tags
             .run(key.clone(), move || async move {
-                this.refresh_tag(&upstream, key, accept, max, ttl).await
+                this.refresh_tag(&upstream, flight_key, accept, max, ttl)
+                    .await
             })
             .await;
-        result
+        let approved = self.store.get_tag(&key).and_then(|r| r.approved);
+        Ok((result?, key, approved))
     }
 
     /// Resolves a tag upstream: HEAD when a digest is known (cheap, and it
@@ -902,7 +905,7 @@ impl App {
         let checked = SystemTime::now()
             .checked_sub(ttl.saturating_sub(STALE_RETRY))
             .unwrap_or(rec.checked);
-        self.store.defer_tag(key, rec.digest, checked);
+        self.store.defer_tag(key, rec, checked);
         Ok(m)
     }
 
@@ -910,11 +913,14 @@ impl App {
         let store = self.store.clone();
         let key = key.clone();
         tokio::task::spawn_blocking(move || {
+            // What policy approved last stays, whatever the tag says now.
+            let approved = store.get_tag(&key).and_then(|r| r.approved);
             store.put_tag(
                 &key,
                 TagRecord {
                     digest,
                     checked: SystemTime::now(),
+                    approved,
                 },
             )
         })

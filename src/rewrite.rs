@@ -30,8 +30,11 @@ pub struct Rewrite {
 #[derive(Debug, Clone, Default)]
 pub struct Rewrites {
     exact: HashMap<String, String>,
-    /// Longest `from` first.
-    prefixes: Vec<(String, String)>,
+    /// `/**` rules by their `from`.
+    prefixes: HashMap<String, String>,
+    /// How many segments the `from`s of `prefixes` have, most first: a name
+    /// is looked up once per distinct depth, however many rules there are.
+    depths: Vec<usize>,
 }
 
 impl Rewrites {
@@ -39,13 +42,14 @@ impl Rewrites {
         let mut r = Rewrites::default();
         for rule in rules {
             if rule.prefix {
-                r.prefixes.push((rule.from.clone(), rule.to.clone()));
+                r.prefixes.insert(rule.from.clone(), rule.to.clone());
+                r.depths.push(rule.from.split('/').count());
             } else {
                 r.exact.insert(rule.from.clone(), rule.to.clone());
             }
         }
-        r.prefixes
-            .sort_by_key(|(from, _)| std::cmp::Reverse(from.len()));
+        r.depths.sort_unstable_by(|a, b| b.cmp(a));
+        r.depths.dedup();
         r
     }
 
@@ -59,10 +63,16 @@ impl Rewrites {
         if let Some(to) = self.exact.get(canonical) {
             return Some(to.clone());
         }
-        self.prefixes.iter().find_map(|(from, to)| {
-            let rest = canonical.strip_prefix(from.as_str())?.strip_prefix('/')?;
-            Some(format!("{to}/{rest}"))
-        })
+        for &depth in &self.depths {
+            // The first `depth` segments, when more follow.
+            let Some((end, _)) = canonical.match_indices('/').nth(depth - 1) else {
+                continue;
+            };
+            if let Some(to) = self.prefixes.get(&canonical[..end]) {
+                return Some(format!("{to}{}", &canonical[end..]));
+            }
+        }
+        None
     }
 }
 

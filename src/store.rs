@@ -5,9 +5,8 @@
 //! ```text
 //! blobs/sha256/<2 hex>/<64 hex>        blob and manifest bytes, by digest
 //! manifests/sha256/<2 hex>/<64 hex>    a manifest's media type
-//! tags/<upstream>/<repo>/_tags/<tag>   {"digest": ..., "checked": unix secs}
-//! tags/<upstream>/<repo>/_approved/<tag>   {"digest": ...}, the last digest
-//!                                      policy approved for the tag
+//! tags/<upstream>/<repo>/_tags/<tag>   {"digest": ..., "checked": unix secs,
+//!                                       "approved": the last digest policy approved}
 //! bases/history.json                   every digest each base tag has had
 //! tmp/                                 files being written; emptied at start-up
 //! ```
@@ -44,6 +43,8 @@ pub struct StoredManifest {
 pub struct TagRecord {
     pub digest: Digest,
     pub checked: SystemTime,
+    /// The last digest policy approved for this tag (tag-drift protection).
+    pub approved: Option<Digest>,
 }
 
 /// Identifies a tag: upstream, repository, tag.
@@ -55,14 +56,11 @@ pub struct TagKey {
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct ApprovedFile {
-    digest: Digest,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
 struct TagFile {
     digest: Digest,
     checked: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    approved: Option<Digest>,
 }
 
 struct BlobInfo {
@@ -117,8 +115,6 @@ pub struct Store {
     manifests: moka::sync::Cache<Digest, Arc<StoredManifest>>,
     /// Tag records read or written since start-up.
     tags: moka::sync::Cache<TagKey, TagRecord>,
-    /// Last approved digest per tag, as read or written since start-up.
-    approved: moka::sync::Cache<TagKey, Option<Digest>>,
     temp_seq: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -211,7 +207,6 @@ impl Store {
                 .weigher(|_, m: &Arc<StoredManifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
                 .build(),
             tags: moka::sync::Cache::builder().max_capacity(100_000).build(),
-            approved: moka::sync::Cache::builder().max_capacity(100_000).build(),
             temp_seq: AtomicU64::new(0),
             metrics,
         };
@@ -408,6 +403,7 @@ impl Store {
         let rec = TagRecord {
             digest: file.digest,
             checked: UNIX_EPOCH + Duration::from_secs(file.checked),
+            approved: file.approved,
         };
         self.tags.insert(key.clone(), rec);
         Some(rec)
@@ -418,6 +414,7 @@ impl Store {
         let file = TagFile {
             digest: rec.digest,
             checked: unix(rec.checked),
+            approved: rec.approved,
         };
         let bytes = serde_json::to_vec(&file).expect("tag record to JSON");
         write_atomic(self, &self.tag_path(key), &bytes)?;
@@ -427,8 +424,8 @@ impl Store {
 
     /// Remembers a tag in memory only, as checked at `checked`: used after an
     /// upstream failure so the next re-check waits a little.
-    pub fn defer_tag(&self, key: &TagKey, digest: Digest, checked: SystemTime) {
-        self.tags.insert(key.clone(), TagRecord { digest, checked });
+    pub fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime) {
+        self.tags.insert(key.clone(), TagRecord { checked, ..rec });
     }
 
     /// Forgets a tag (the upstream says it no longer exists).
@@ -437,30 +434,21 @@ impl Store {
         let _ = fs::remove_file(self.tag_path(key));
     }
 
-    /// The last digest policy approved for a tag (for tag-drift protection).
-    pub fn get_approved_tag(&self, key: &TagKey) -> Option<Digest> {
-        if let Some(d) = self.approved.get(key) {
-            return d;
-        }
-        let file = fs::read(self.tag_dir(key).join("_approved").join(key.tag.as_str()))
-            .ok()
-            .and_then(|t| serde_json::from_slice::<ApprovedFile>(&t).ok());
-        let d = file.map(|f| f.digest);
-        self.approved.insert(key.clone(), d);
-        d
-    }
-
-    /// Records the digest policy approved for a tag, when it changed.
-    /// Blocking when it writes: call from a blocking context.
-    pub fn put_approved_tag(&self, key: &TagKey, digest: Digest) -> io::Result<()> {
-        if self.get_approved_tag(key) == Some(digest) {
-            return Ok(());
-        }
-        let bytes = serde_json::to_vec(&ApprovedFile { digest }).expect("approved tag to JSON");
-        let path = self.tag_dir(key).join("_approved").join(key.tag.as_str());
-        write_atomic(self, &path, &bytes)?;
-        self.approved.insert(key.clone(), Some(digest));
-        Ok(())
+    /// Records the digest policy approved for a tag, keeping what the tag
+    /// resolves to. Blocking: call from a blocking context.
+    pub fn set_tag_approved(&self, key: &TagKey, digest: Digest) -> io::Result<()> {
+        let rec = self.get_tag(key).unwrap_or(TagRecord {
+            digest,
+            checked: SystemTime::now(),
+            approved: None,
+        });
+        self.put_tag(
+            key,
+            TagRecord {
+                approved: Some(digest),
+                ..rec
+            },
+        )
     }
 
     /// Writes a metadata file under the store root (`rel` is a fixed,
@@ -476,13 +464,6 @@ impl Store {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
-    }
-
-    fn tag_dir(&self, key: &TagKey) -> PathBuf {
-        self.root
-            .join("tags")
-            .join(&*key.upstream)
-            .join(key.repo.as_str())
     }
 
     fn tag_path(&self, key: &TagKey) -> PathBuf {
@@ -655,6 +636,7 @@ mod tests {
                 TagRecord {
                     digest: d,
                     checked: when,
+                    approved: Some(d),
                 },
             )
             .unwrap();
@@ -667,7 +649,8 @@ mod tests {
             s.get_tag(&key),
             Some(TagRecord {
                 digest: d,
-                checked: when
+                checked: when,
+                approved: Some(d),
             })
         );
     }

@@ -365,7 +365,11 @@ async fn tags_are_revalidated_and_served_stale_when_the_upstream_fails() {
     // (The stale answer defers the next re-check a little; clear that.)
     proxy.app.store.defer_tag(
         &tag_key("library/app", "v1"),
-        d1.parse().unwrap(),
+        pullgate::store::TagRecord {
+            digest: d1.parse().unwrap(),
+            checked: std::time::UNIX_EPOCH,
+            approved: None,
+        },
         std::time::UNIX_EPOCH,
     );
     fake.fault(
@@ -383,7 +387,11 @@ async fn tags_are_revalidated_and_served_stale_when_the_upstream_fails() {
     // The tag moves upstream: the new digest is served.
     proxy.app.store.defer_tag(
         &tag_key("library/app", "v1"),
-        d1.parse().unwrap(),
+        pullgate::store::TagRecord {
+            digest: d1.parse().unwrap(),
+            checked: std::time::UNIX_EPOCH,
+            approved: None,
+        },
         std::time::UNIX_EPOCH,
     );
     let (d2, _) = fake.put_image("library/app", "v1", &[noise(100, 2)]);
