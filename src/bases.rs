@@ -91,6 +91,8 @@ pub struct BaseTable {
     pub unresolved: HashSet<String>,
     /// Sets a refresh has looked at (resolved or not).
     pub attempted: HashSet<String>,
+    /// The `[bases]` the table was built from.
+    pub source: Vec<BaseSet>,
 }
 
 /// What the base check found for one image manifest.
@@ -145,7 +147,10 @@ impl BaseTable {
                 closest = Some((base, common));
             }
         }
-        if let Some(s) = sets.iter().find(|s| self.unresolved.contains(*s)) {
+        if let Some(s) = sets
+            .iter()
+            .find(|s| self.unresolved.contains(*s) || !self.attempted.contains(*s))
+        {
             return Found::Unresolved(s.clone());
         }
         Found::NoBase {
@@ -153,9 +158,14 @@ impl BaseTable {
         }
     }
 
-    /// Whether every set of `sets` has been looked at by a refresh.
-    pub fn covers(&self, sets: &[String]) -> bool {
-        sets.iter().all(|s| self.attempted.contains(s))
+    /// Whether the table was built from `wanted` (the current config's
+    /// `[bases]`) as far as `sets` go: a refresh has looked at each of them
+    /// as configured now.
+    pub fn built_from(&self, wanted: &[BaseSet], sets: &[String]) -> bool {
+        let find = |list: &[BaseSet], name: &str| list.iter().find(|s| s.name == name).cloned();
+        sets.iter().all(|name| {
+            self.attempted.contains(name) && find(&self.source, name) == find(wanted, name)
+        })
     }
 
     /// Whether any base of `sets` is per platform (so an image's platform
@@ -216,6 +226,9 @@ struct Annotations {
 /// Reads the layers (image) or platform manifests (index) of a manifest.
 pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
     let v: View = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+    if v.manifests.is_some() && (v.layers.is_some() || v.config.is_some()) {
+        return Err("both an index and an image manifest (ambiguous)".into());
+    }
     let digest = |d: &str| {
         d.parse::<Digest>()
             .map_err(|e| format!("bad digest {d:?}: {e}"))
@@ -264,6 +277,9 @@ pub struct Outcome {
     pub passes: bool,
     /// "built on X (image@digest)", or why not: "first 0 of 3 layers match X".
     pub detail: String,
+    /// For an index that passed: the manifests checked and found on a base.
+    /// Entries left out of the check (attestations) are not among them.
+    pub checked: Vec<Digest>,
 }
 
 /// Checks a manifest (image or index) against `sets`. `Err` when no
@@ -294,63 +310,59 @@ async fn check_index<S: Source>(
     source: &S,
 ) -> Result<Outcome, String> {
     if children.is_empty() {
-        return Ok(Outcome {
-            passes: false,
-            detail: "the index lists no image manifests".into(),
-        });
+        return Ok(Outcome::fail("the index lists no image manifests".into()));
     }
     if children.len() > MAX_INDEX_MANIFESTS {
-        return Ok(Outcome {
-            passes: false,
-            detail: format!(
-                "the index lists {} manifests, over the limit of {MAX_INDEX_MANIFESTS}",
-                children.len()
-            ),
-        });
+        return Ok(Outcome::fail(format!(
+            "the index lists {} manifests, over the limit of {MAX_INDEX_MANIFESTS}",
+            children.len()
+        )));
     }
     let mut on = Vec::new();
+    let mut checked = Vec::new();
     for (digest, platform) in children {
         let child = source.manifest(digest).await?;
         let layers = match parse(&child.bytes) {
             Ok(Parsed::Image { layers, .. }) => layers,
             Ok(Parsed::Index(_)) => {
-                return Ok(Outcome {
-                    passes: false,
-                    detail: format!("{digest} is an index inside an index"),
-                })
+                return Ok(Outcome::fail(format!(
+                    "{digest} is an index inside an index"
+                )))
             }
             Err(e) => return Ok(unreadable(digest, e)),
         };
         let label = platform
             .as_ref()
             .map_or_else(|| digest.to_string(), |p| format!("{p} ({digest})"));
-        match describe(table.check(sets, &layers, platform.as_ref()), sets)? {
-            Outcome {
-                passes: true,
-                detail,
-            } => on.push(detail),
-            Outcome { detail, .. } => {
-                return Ok(Outcome {
-                    passes: false,
-                    detail: format!("platform {label}: {detail}"),
-                })
-            }
+        let one = describe(table.check(sets, &layers, platform.as_ref()), sets)?;
+        if !one.passes {
+            return Ok(Outcome::fail(format!("platform {label}: {}", one.detail)));
         }
+        on.push(one.detail);
+        checked.push(digest);
     }
     on.sort();
     on.dedup();
     Ok(Outcome {
         passes: true,
         detail: format!("every platform is {}", on.join("; ")),
+        checked,
     })
+}
+
+impl Outcome {
+    fn fail(detail: String) -> Outcome {
+        Outcome {
+            passes: false,
+            detail,
+            checked: Vec::new(),
+        }
+    }
 }
 
 /// A manifest whose layer list cannot be read is on no base.
 fn unreadable(digest: Digest, why: String) -> Outcome {
-    Outcome {
-        passes: false,
-        detail: format!("manifest {digest} cannot be read ({why})"),
-    }
+    Outcome::fail(format!("manifest {digest} cannot be read ({why})"))
 }
 
 fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
@@ -358,16 +370,17 @@ fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
         Found::Base { set, image, digest } => Ok(Outcome {
             passes: true,
             detail: format!("built on {set} ({image}, {digest})"),
+            checked: Vec::new(),
         }),
         Found::NoBase { closest } => {
             let closest = match closest {
                 Some((set, n, of)) => format!("first {n} of {of} layers match {set}"),
                 None => "no base image to compare with".to_owned(),
             };
-            Ok(Outcome {
-                passes: false,
-                detail: format!("{closest}; allowed bases: {}", sets.join(", ")),
-            })
+            Ok(Outcome::fail(format!(
+                "{closest}; allowed bases: {}",
+                sets.join(", ")
+            )))
         }
         Found::Unresolved(set) => Err(format!(
             "base {set:?} has not been resolved (its upstream has not answered yet)"
@@ -457,8 +470,10 @@ pub trait Resolver {
 #[derive(Debug, Default)]
 pub struct Refreshed {
     pub table: BaseTable,
-    /// References whose tag could not be resolved (message per reference).
+    /// What could not be resolved or fetched (one message each).
     pub failures: Vec<String>,
+    /// References that gave at least one base image.
+    pub resolved: usize,
 }
 
 /// Resolves every base reference and builds the table. `history` gains the
@@ -474,6 +489,7 @@ pub async fn refresh<R: Resolver>(
     let mut done: HashMap<Digest, Vec<Expanded>> = HashMap::new();
     for set in sets {
         out.table.attempted.insert(set.name.clone());
+        out.table.source.push(set.clone());
         for base in &set.images {
             let digests = match &base.reference {
                 Reference::Digest(d) => vec![*d],
@@ -512,7 +528,9 @@ pub async fn refresh<R: Resolver>(
                     });
                 }
             }
-            if !any {
+            if any {
+                out.resolved += 1;
+            } else {
                 out.table.unresolved.insert(set.name.clone());
             }
         }
@@ -573,6 +591,7 @@ pub mod tests {
             images,
             unresolved: HashSet::new(),
             attempted,
+            source: Vec::new(),
         }
     }
 
@@ -717,7 +736,13 @@ pub mod tests {
             t.check(&sets(&["static", "other"]), &layers(&[9]), None),
             Found::Unresolved("other".into())
         );
-        assert!(!t.covers(&sets(&["new"])));
+        assert!(!t.built_from(&[], &sets(&["new"])));
+        // A set no refresh has looked at yet: no verdict either.
+        assert_eq!(
+            t.check(&sets(&["never"]), &layers(&[9]), None),
+            Found::Unresolved("never".into())
+        );
+        assert!(t.built_from(&[], &sets(&["static"])));
     }
 
     /// A source holding manifests by digest.

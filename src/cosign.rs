@@ -310,6 +310,31 @@ pub fn is_bundle_manifest(manifest: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a manifest is content that cannot run by itself: an image
+/// manifest none of whose layers is a filesystem layer, or an index (the
+/// referrers list of a registry without the referrers API), whose
+/// manifests are checked on their own when fetched. Signature, attestation
+/// and SBOM manifests are served without a signature of their own;
+/// anything runnable has to pass the policy.
+pub fn is_signature_artifact(manifest: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+        return false;
+    };
+    if v.get("manifests").is_some() {
+        return v.get("layers").is_none() && v.get("config").is_none();
+    }
+    let Some(layers) = v["layers"].as_array() else {
+        return false;
+    };
+    !layers.is_empty()
+        && layers.iter().all(|l| {
+            let t = l["mediaType"].as_str().unwrap_or("");
+            !t.is_empty()
+                && !t.starts_with("application/vnd.oci.image.layer.")
+                && !t.starts_with("application/vnd.docker.image.rootfs.")
+        })
+}
+
 /// The bundle layer of a referrer manifest: (digest, size).
 pub fn bundle_layer(manifest: &[u8]) -> Option<(Digest, u64)> {
     let v: serde_json::Value = serde_json::from_slice(manifest).ok()?;

@@ -218,21 +218,38 @@ impl App {
         });
     }
 
+    /// The base history in the store. One that cannot be read is moved
+    /// aside (never overwritten), and base tags start without their earlier
+    /// digests.
     fn load_base_history(&self) -> crate::bases::History {
-        match self.store.read_meta(crate::bases::HISTORY_FILE) {
-            Ok(None) => crate::bases::History::default(),
-            Ok(Some(bytes)) => crate::bases::History::from_json(&bytes).unwrap_or_else(|e| {
-                tracing::error!(
-                    "{} is unreadable ({e}); base tags start without their earlier digests",
-                    crate::bases::HISTORY_FILE
-                );
-                crate::bases::History::default()
-            }),
-            Err(e) => {
-                tracing::error!("cannot read {}: {e}", crate::bases::HISTORY_FILE);
-                crate::bases::History::default()
-            }
+        let why = match self.store.read_meta(crate::bases::HISTORY_FILE) {
+            Ok(None) => return crate::bases::History::default(),
+            Ok(Some(bytes)) => match crate::bases::History::from_json(&bytes) {
+                Ok(h) => return h,
+                Err(e) => e,
+            },
+            Err(e) => e.to_string(),
+        };
+        let path = self.store.root().join(crate::bases::HISTORY_FILE);
+        let aside = path.with_extension(format!(
+            "unreadable-{}",
+            SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+        ));
+        match std::fs::rename(&path, &aside) {
+            Ok(()) => tracing::error!(
+                "{} is unreadable ({why}); moved to {}; base tags start without their earlier digests",
+                path.display(),
+                aside.display()
+            ),
+            Err(e) => tracing::error!(
+                "{} is unreadable ({why}) and cannot be moved aside ({e}); base tags start without their earlier digests",
+                path.display()
+            ),
         }
+        crate::bases::History::default()
     }
 
     /// Resolves every base now: persists the tags' history and publishes
@@ -269,15 +286,14 @@ impl App {
             }
         }
         let refs: usize = sets.iter().map(|s| s.images.len()).sum();
-        let failed = done.failures.len();
         self.metrics
             .base_refreshes
             .with_label_values(&["ok"])
-            .inc_by(refs.saturating_sub(failed) as u64);
+            .inc_by(done.resolved as u64);
         self.metrics
             .base_refreshes
             .with_label_values(&["error"])
-            .inc_by(failed as u64);
+            .inc_by(refs.saturating_sub(done.resolved) as u64);
         for f in &done.failures {
             tracing::warn!("base image: {f}");
         }
@@ -293,6 +309,10 @@ impl App {
         let current = self.verifier.bases();
         if *current != done.table || current.attempted.is_empty() {
             self.verifier.set_bases(done.table);
+            // Blobs approved through the old table are approved again
+            // with their manifests.
+            self.approved_blobs.clear();
+            self.approved_manifests.clear();
         }
     }
 
@@ -650,8 +670,8 @@ impl App {
         };
         // A signature artifact cannot be signed itself; it is served
         // whenever the name is allowed, so clients can verify through
-        // us. (The body is only parsed when the verdict fails.)
-        if sig_tag {
+        // us. Only content that cannot run as an image counts as one.
+        if sig_tag && crate::cosign::is_signature_artifact(&m.bytes) {
             return early;
         }
         let source = RouteSource {
@@ -664,6 +684,7 @@ impl App {
             .verifier
             .verdict(
                 gen.id,
+                &gen.config.bases,
                 policy,
                 upstream,
                 &route.repo,
@@ -672,10 +693,14 @@ impl App {
                 &source,
             )
             .await;
-        if v.passes() || !crate::cosign::is_bundle_manifest(&m.bytes) {
-            v
-        } else {
+        // (The body is only parsed when the verdict fails.)
+        let bundle = !v.passes()
+            && crate::cosign::is_bundle_manifest(&m.bytes)
+            && crate::cosign::is_signature_artifact(&m.bytes);
+        if bundle {
             early
+        } else {
+            v
         }
     }
 
@@ -914,15 +939,11 @@ impl App {
         let key = key.clone();
         tokio::task::spawn_blocking(move || {
             // What policy approved last stays, whatever the tag says now.
-            let approved = store.get_tag(&key).and_then(|r| r.approved);
-            store.put_tag(
-                &key,
-                TagRecord {
-                    digest,
-                    checked: SystemTime::now(),
-                    approved,
-                },
-            )
+            store.update_tag(&key, |old| TagRecord {
+                digest,
+                checked: SystemTime::now(),
+                approved: old.and_then(|r| r.approved),
+            })
         })
         .await
         .map_err(|e| ApiError::internal(format!("tag writer failed: {e}")))?
@@ -1653,6 +1674,13 @@ pub fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Result<S
     let v: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
     let obj = v.as_object().ok_or("not a JSON object")?;
+    // A body that is both an index and an image would be checked as one
+    // and used as the other (CVE-2021-41190): refused.
+    if obj.contains_key("manifests") && (obj.contains_key("layers") || obj.contains_key("config")) {
+        return Err(
+            "it has both \"manifests\" (an index) and \"config\"/\"layers\" (an image): ambiguous, refused".into(),
+        );
+    }
     let declared = obj.get("mediaType").and_then(|m| m.as_str());
     let is_manifest_type = |t: &str| {
         t.starts_with("application/vnd.oci.image.")

@@ -499,7 +499,33 @@ fn pin(image: &str, config_path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let old = pins.insert(key.clone(), digest.to_string());
+    // Entries written another way (`alpine:3.20`) for the same tag are
+    // replaced, not doubled.
+    let router = pullgate::route::Router::for_upstreams(&config.upstreams);
+    let same: Vec<String> = pins
+        .keys()
+        .filter(|k| {
+            pullgate::config::image_ref(k, &router)
+                .is_ok_and(|r| format!("{}:{}", r.canonical, r.reference) == key)
+        })
+        .cloned()
+        .collect();
+    let mut old = None;
+    for k in same {
+        old = pins.remove(&k);
+    }
+    // A pin in the config's own [pins] is not ours to change.
+    let tag = e.reference.to_string();
+    if let (None, Some(inline)) = (&old, config.pins.get(&e.asked, &tag)) {
+        if inline != digest {
+            eprintln!(
+                "pullgate: {key} is pinned to {inline} in [pins] of {}; change it there",
+                config_path.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    pins.insert(key.clone(), digest.to_string());
     if let Err(err) = pullgate::rewrite::write_pins_file(&pins_file, &pins) {
         eprintln!(
             "pullgate: cannot write {}: {err}; the old file is unchanged",

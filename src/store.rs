@@ -115,6 +115,8 @@ pub struct Store {
     manifests: moka::sync::Cache<Digest, Arc<StoredManifest>>,
     /// Tag records read or written since start-up.
     tags: moka::sync::Cache<TagKey, TagRecord>,
+    /// Serialises read-modify-write updates of tag records.
+    tag_updates: Mutex<()>,
     temp_seq: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -207,6 +209,7 @@ impl Store {
                 .weigher(|_, m: &Arc<StoredManifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
                 .build(),
             tags: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            tag_updates: Mutex::new(()),
             temp_seq: AtomicU64::new(0),
             metrics,
         };
@@ -437,18 +440,30 @@ impl Store {
     /// Records the digest policy approved for a tag, keeping what the tag
     /// resolves to. Blocking: call from a blocking context.
     pub fn set_tag_approved(&self, key: &TagKey, digest: Digest) -> io::Result<()> {
-        let rec = self.get_tag(key).unwrap_or(TagRecord {
-            digest,
-            checked: SystemTime::now(),
-            approved: None,
-        });
-        self.put_tag(
-            key,
+        self.update_tag(key, |old| {
+            let rec = old.unwrap_or(TagRecord {
+                digest,
+                checked: SystemTime::now(),
+                approved: None,
+            });
             TagRecord {
                 approved: Some(digest),
                 ..rec
-            },
-        )
+            }
+        })
+    }
+
+    /// Replaces a tag record with `f(current record)`, one update at a time,
+    /// so concurrent updates of different fields do not undo each other.
+    /// Blocking: call from a blocking context.
+    pub fn update_tag(
+        &self,
+        key: &TagKey,
+        f: impl FnOnce(Option<TagRecord>) -> TagRecord,
+    ) -> io::Result<()> {
+        let _one_at_a_time = self.tag_updates.lock().expect("tag update lock");
+        let rec = f(self.get_tag(key));
+        self.put_tag(key, rec)
     }
 
     /// Writes a metadata file under the store root (`rel` is a fixed,

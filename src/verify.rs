@@ -39,6 +39,10 @@ use crate::upstream::{BodyError, RequestOptions, UpstreamClient};
 /// How long a fresh verdict waits for the first resolution of its bases.
 pub const BASE_WAIT: Duration = Duration::from_secs(30);
 
+/// Reasons (empty: passes), words of the base check, and the manifests of
+/// an index the base check approved.
+type Evaluated = (Vec<&'static str>, Option<String>, Option<Vec<Digest>>);
+
 /// A denial is re-evaluated after this long.
 pub const DENIAL_RECHECK: Duration = Duration::from_secs(60);
 
@@ -52,6 +56,8 @@ const MAX_SIGNATURE_MANIFEST: usize = 1024 * 1024;
 struct Cached {
     verdict: Verdict,
     at: Instant,
+    /// The base table it was reached with (see [`Verifier::set_bases`]).
+    bases: u64,
 }
 
 /// What one signature check found.
@@ -141,25 +147,29 @@ impl Verifier {
     /// Publishes newly resolved base images. Verdicts reached with the old
     /// table are forgotten, so a denied image is looked at again.
     pub fn set_bases(&self, table: BaseTable) {
+        // Bump first: a verdict still being reached with the old table is
+        // stamped with the old number and not used once stored.
+        self.bases_version.send_modify(|v| *v += 1);
         self.bases.store(Arc::new(table));
         self.verdicts.clear();
-        self.bases_version.send_modify(|v| *v += 1);
     }
 
     pub fn bases(&self) -> Arc<BaseTable> {
         self.bases.load_full()
     }
 
-    /// Waits (at most [`BASE_WAIT`]) until every set of `sets` was looked
-    /// at by a refresh: pulls right after start-up or a reload wait for
-    /// their bases instead of failing.
-    async fn wait_for_bases(&self, sets: &[String]) {
-        if self.bases.load().covers(sets) {
+    /// Waits (at most [`BASE_WAIT`]) until a refresh has resolved `sets`
+    /// as the current config (`wanted`) defines them: pulls right after
+    /// start-up or a reload wait for their bases instead of being judged
+    /// against missing or outdated ones. After the wait, sets still not
+    /// resolved give no verdict (`verification-unavailable`).
+    async fn wait_for_bases(&self, wanted: &[crate::config::BaseSet], sets: &[String]) {
+        if self.bases.load().built_from(wanted, sets) {
             return;
         }
         let mut rx = self.bases_version.subscribe();
         let _ = tokio::time::timeout(BASE_WAIT, async {
-            while !self.bases.load().covers(sets) {
+            while !self.bases.load().built_from(wanted, sets) {
                 if rx.changed().await.is_err() {
                     return;
                 }
@@ -169,11 +179,13 @@ impl Verifier {
     }
 
     /// The verdict for `manifest` under `policy` (already known to match and
-    /// not to deny by name). `source` fetches what the base check needs.
+    /// not to deny by name). `wanted` is the config's `[bases]`; `source`
+    /// fetches what the base check needs.
     #[allow(clippy::too_many_arguments)]
     pub async fn verdict<S: bases::Source>(
         &self,
         generation: u64,
+        wanted: &[crate::config::BaseSet],
         policy: &PolicyConfig,
         upstream: &UpstreamClient,
         repo: &RepoName,
@@ -186,7 +198,10 @@ impl Verifier {
             return pass;
         }
         let known = self.verdicts.get(&manifest.digest, generation, canonical);
-        if let Some(c) = &known {
+        // Under `bases`, only a verdict reached with the current table counts.
+        let current =
+            |c: &Cached| policy.bases.is_empty() || c.bases == *self.bases_version.borrow();
+        if let Some(c) = known.as_ref().filter(|c| current(c)) {
             // A denial is looked at again after a while, or at once when an
             // approval was recorded locally since.
             let approved_since =
@@ -197,8 +212,9 @@ impl Verifier {
             }
         }
         if !policy.bases.is_empty() {
-            self.wait_for_bases(&policy.bases).await;
+            self.wait_for_bases(wanted, &policy.bases).await;
         }
+        let table_version = *self.bases_version.borrow();
         let started = Instant::now();
         let result = self
             .evaluate(upstream, repo, manifest, policy, source)
@@ -207,19 +223,22 @@ impl Verifier {
             .verify_duration
             .observe(started.elapsed().as_secs_f64());
         let verdict = match result {
-            Ok((reasons, detail)) => {
+            Ok((reasons, detail, checked)) => {
                 // The manifests of an index that passed pass too, even if
-                // one was denied when asked for alone before.
+                // one was denied when asked for alone before; under `bases`
+                // only those the base check looked at.
                 if reasons.is_empty() {
                     let by_index: Arc<str> =
                         Arc::from(format!("listed by index {} that passed", manifest.digest));
-                    for child in index_children(manifest).unwrap_or_default() {
+                    let children = checked.or_else(|| index_children(manifest));
+                    for child in children.unwrap_or_default() {
                         let cached = Cached {
                             verdict: Verdict {
                                 detail: Some(by_index.clone()),
                                 ..pass.clone()
                             },
                             at: Instant::now(),
+                            bases: table_version,
                         };
                         self.verdicts.insert(child, generation, canonical, cached);
                     }
@@ -252,6 +271,7 @@ impl Verifier {
         let cached = Cached {
             verdict: verdict.clone(),
             at: Instant::now(),
+            bases: table_version,
         };
         self.verdicts
             .insert(manifest.digest, generation, canonical, cached);
@@ -259,7 +279,8 @@ impl Verifier {
     }
 
     /// Reasons the manifest fails (empty: it passes), with the base check's
-    /// words when the policy has bases.
+    /// words and, for an index, the manifests it checked, when the policy
+    /// has bases.
     async fn evaluate<S: bases::Source>(
         &self,
         upstream: &UpstreamClient,
@@ -267,7 +288,7 @@ impl Verifier {
         manifest: &StoredManifest,
         policy: &PolicyConfig,
         source: &S,
-    ) -> Result<(Vec<&'static str>, Option<String>), String> {
+    ) -> Result<Evaluated, String> {
         let mut reasons = Vec::new();
         if !policy.signed_by.is_empty() {
             let keys: Vec<&PublicKey> = policy.signed_by.iter().map(|k| &k.key).collect();
@@ -280,6 +301,7 @@ impl Verifier {
             }
         }
         let mut detail = None;
+        let mut checked = None;
         if !policy.bases.is_empty() {
             let table = self.bases.load_full();
             let out = bases::check_manifest(&table, &policy.bases, manifest, source).await?;
@@ -288,8 +310,9 @@ impl Verifier {
                 reasons.push(reason::BASE_NOT_ALLOWED);
             }
             detail = Some(out.detail);
+            checked = Some(out.checked);
         }
-        Ok((reasons, detail))
+        Ok((reasons, detail, checked))
     }
 
     /// Why the manifest fails the signature requirement (`None`: it passes).

@@ -403,3 +403,119 @@ async fn multi_arch_bases_compare_each_platform_with_its_own() {
         single
     );
 }
+
+#[tokio::test]
+async fn forged_and_skipped_content_is_never_approved() {
+    let fake = Fake::start().await;
+    image(
+        &fake,
+        "distroless/static",
+        Some("nonroot"),
+        "amd64",
+        &[layer(1)],
+    );
+    let good = image(&fake, "acme/app", None, "amd64", &[layer(1), layer(10)]);
+    let evil = image(&fake, "acme/app", None, "amd64", &[layer(66)]);
+
+    // Both an index (with a child on the base) and an image (evil layers).
+    let evil_layer = common::sha(&layer(66));
+    let ambiguous = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": evil_layer, "size": 64},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": evil_layer, "size": 64}],
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": good.0, "size": good.1,
+                       "platform": {"os": "linux", "architecture": "amd64"}}],
+    }))
+    .unwrap();
+    fake.put_manifest("acme/app", Some("ambiguous"), OCI_MANIFEST, ambiguous);
+    // An index whose second entry is labelled an attestation: left out of
+    // the base check, so it must not pass with the index.
+    let bytes = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": good.0, "size": good.1,
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": OCI_MANIFEST, "digest": evil.0, "size": evil.1,
+             "platform": {"os": "unknown", "architecture": "unknown"},
+             "annotations": {"vnd.docker.reference.type": "attestation-manifest"}},
+        ],
+    }))
+    .unwrap();
+    fake.put_manifest("acme/app", Some("attested"), OCI_INDEX, bytes);
+    // A runnable image under a signature-shaped tag.
+    let sig_tag = format!("sha256-{}.sig", &good.0[7..]);
+    let (runnable, _) = image(&fake, "acme/app", Some(&sig_tag), "amd64", &[layer(66)]);
+
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let proxy = Proxy::with_config(dir.clone(), &config(dir.path(), &fake, "")).await;
+    let r = proxy.get("/v2/acme/app/manifests/ambiguous").await;
+    assert_eq!(r.status(), 502, "an ambiguous manifest is refused");
+    assert!(r.text().await.unwrap().contains("ambiguous"));
+
+    assert!(digest_of(&proxy, "/v2/acme/app/manifests/attested")
+        .await
+        .is_ok());
+    assert!(
+        digest_of(&proxy, &format!("/v2/acme/app/manifests/{}", good.0))
+            .await
+            .is_ok()
+    );
+    let v = digest_of(&proxy, &format!("/v2/acme/app/manifests/{}", evil.0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        v["errors"][0]["detail"]["reasons"][0], "base-not-allowed",
+        "{v}"
+    );
+
+    let v = digest_of(&proxy, &format!("/v2/acme/app/manifests/{sig_tag}"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        v["errors"][0]["detail"]["reasons"][0], "base-not-allowed",
+        "{runnable}: {v}"
+    );
+
+    let r = proxy.get(&format!("/v2/acme/app/blobs/{evil_layer}")).await;
+    assert_eq!(r.status(), 403, "no way to the evil layer");
+}
+
+#[tokio::test]
+async fn an_unreadable_base_history_is_moved_aside_not_overwritten() {
+    let fake = Fake::start().await;
+    image(
+        &fake,
+        "distroless/static",
+        Some("nonroot"),
+        "amd64",
+        &[layer(1)],
+    );
+    image(
+        &fake,
+        "acme/app",
+        Some("v1"),
+        "amd64",
+        &[layer(1), layer(10)],
+    );
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::create_dir_all(dir.path().join("data/bases")).unwrap();
+    std::fs::write(dir.path().join("data/bases/history.json"), "{not json").unwrap();
+    let proxy = Proxy::with_config(dir.clone(), &config(dir.path(), &fake, "")).await;
+    assert!(digest_of(&proxy, "/v2/acme/app/manifests/v1").await.is_ok());
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("data/bases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let aside = names
+        .iter()
+        .find(|n| n.starts_with("history.unreadable-"))
+        .unwrap_or_else(|| panic!("{names:?}"));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("data/bases").join(aside)).unwrap(),
+        "{not json"
+    );
+    let fresh = std::fs::read_to_string(dir.path().join("data/bases/history.json")).unwrap();
+    assert!(fresh.contains("sha256:"), "{fresh}");
+}

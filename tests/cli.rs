@@ -661,10 +661,15 @@ match = ["**"]
     };
     let call = |a: Vec<String>| tokio::task::spawn_blocking(move || run(a));
 
+    // An older pin of the same tag, written short: replaced, not doubled.
+    let (older, _) = fake.put_image("library/app", "older", &[noise(10, 9)]);
+    std::fs::write(&pins, format!("[pins]\n\"app:1\" = \"{older}\"\n")).unwrap();
     let (code, out) = call(args("pin", "app:1", &cfg)).await.unwrap();
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains(&format!("pinned docker.io/library/app:1 to {app}")),
+        out.contains(&format!(
+            "pinned docker.io/library/app:1 to {app} (was {older})"
+        )),
         "{out}"
     );
     let written = std::fs::read_to_string(&pins).unwrap();
@@ -672,6 +677,7 @@ match = ["**"]
         written.contains(&format!("\"docker.io/library/app:1\" = \"{app}\"")),
         "{written}"
     );
+    assert!(!written.contains("\"app:1\""), "{written}");
     let (code, out) = call(args("pin", "docker.io/library/app:1", &cfg))
         .await
         .unwrap();
@@ -715,6 +721,20 @@ match = ["**"]
         out.contains("rewrite: served from docker.io/mirror/redis"),
         "{out}"
     );
+
+    // A tag pinned in the config itself is not `pin`'s to change.
+    let inline = dir.path().join("inline.toml");
+    std::fs::write(
+        &inline,
+        format!("pins_file = \"pins-inline.toml\"\n{text}\n[pins]\n\"app:1\" = \"{older}\"\n"),
+    )
+    .unwrap();
+    let (code, out) = call(args("pin", "app:1", &inline.display().to_string()))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("change it there"), "{out}");
+    assert!(!dir.path().join("pins-inline.toml").exists());
 
     // No pins_file, a digest, and a pins file that cannot be written.
     let (code, out) = call(args("pin", "app:1", &without_pins.display().to_string()))
