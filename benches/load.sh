@@ -280,11 +280,15 @@ wrk_run() { # url -> "req/s p99"
 echo "load.sh: manifests (wrk, $CONNS connections, ${DURATION}s each; pullgates ${ROUNDS:-3} rounds, median)"
 read -r N_TAG N_TAG99 < <(wrk_run "$N_URL/manifests/small")
 # The four pullgates take turns, ROUNDS times, so that the machine's drift
-# over the run falls on all of them; the median of each is reported.
+# over the run falls on all of them; the median of each is reported. Each
+# round starts one further along the list, so no instance always runs
+# first or last.
 ROUNDS=${ROUNDS:-3}
 declare -A runs
-for _ in $(seq "$ROUNDS"); do
-  for who in P S A R; do
+order=(P S A R)
+for round in $(seq "$ROUNDS"); do
+  for k in 0 1 2 3; do
+    who=${order[$(( (round + k) % 4 ))]}
     u="${who}_URL"
     runs[$who]+="$(wrk_run "${!u}/manifests/small")"$'\n'
   done

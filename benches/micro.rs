@@ -93,6 +93,42 @@ fn app_with_cached_manifest(
     (app, digest)
 }
 
+/// The cached manifest request every handler benchmark sends.
+fn cached_request() -> Request<Empty<Bytes>> {
+    Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
+        .body(Empty::<Bytes>::new())
+        .unwrap()
+}
+
+/// Benchmarks the cached manifest request on `app`, then on a plain app
+/// (no requirements, no rewrites) built at this point of the process.
+/// Later benchmarks in one process measure a little slower (heap state), so
+/// a figure is compared with the baseline measured right after it.
+fn bench_with_baseline(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    app: &Arc<App>,
+    baseline: &str,
+) {
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain, _) = app_with_cached_manifest(
+        plain_dir.path(),
+        "",
+        "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+    );
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    for (name, app) in [(name, app), (baseline, &plain)] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let resp = rt.block_on(app.clone().handle(cached_request(), peer));
+                assert_eq!(resp.status(), 200);
+                black_box(resp)
+            })
+        });
+    }
+}
+
 fn store_and_handler(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (app, digest) = app_with_cached_manifest(
@@ -119,10 +155,7 @@ fn store_and_handler(c: &mut Criterion) {
     let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
     c.bench_function("handler: cached manifest by tag", |b| {
         b.iter(|| {
-            let req = Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            let resp = rt.block_on(app.clone().handle(req, peer));
+            let resp = rt.block_on(app.clone().handle(cached_request(), peer));
             assert_eq!(resp.status(), 200);
             black_box(resp)
         })
@@ -175,43 +208,20 @@ fn cached_verdict(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let request = || {
-        Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
     // The first request reaches the verdict; the rest find it cached.
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
     assert_eq!(
-        rt.block_on(app.clone().handle(request(), peer)).status(),
+        rt.block_on(app.clone().handle(cached_request(), peer))
+            .status(),
         200
     );
-    // Paired with the same request under a policy without requirements,
-    // measured right after (see `rewrites_and_pins` on pairing).
-    let plain_dir = tempfile::tempdir().unwrap();
-    let (plain, _) = app_with_cached_manifest(
-        plain_dir.path(),
-        "",
-        "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+    bench_with_baseline(
+        c,
+        &rt,
+        "handler: cached manifest by tag, signed_by policy (cached verdict)",
+        &app,
+        "handler: cached manifest by tag, paired baseline (no requirements)",
     );
-    for (name, app) in [
-        (
-            "handler: cached manifest by tag, signed_by policy (cached verdict)",
-            &app,
-        ),
-        (
-            "handler: cached manifest by tag, paired baseline (no requirements)",
-            &plain,
-        ),
-    ] {
-        c.bench_function(name, |b| {
-            b.iter(|| {
-                let resp = rt.block_on(app.clone().handle(request(), peer));
-                assert_eq!(resp.status(), 200);
-                black_box(resp)
-            })
-        });
-    }
 }
 
 /// The base check of a fresh verdict once the base manifests are cached: a
@@ -279,6 +289,78 @@ fn base_check(c: &mut Criterion) {
     );
 }
 
+/// The cached manifest request under a policy that requires a base image:
+/// the first request reaches the verdict (base table built from a base
+/// stored by digest, so no upstream is needed), the rest find it cached.
+fn cached_base_verdict(c: &mut Criterion) {
+    let manifest = |layers: &[Digest]| {
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::of(b"config").to_string(), "size": 6},
+            "layers": layers.iter().map(|d| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": 1000
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        StoredManifest {
+            digest: Digest::of(&bytes),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes: Bytes::from(bytes),
+        }
+    };
+    let layers: Vec<Digest> = (0..30)
+        .map(|n| Digest::of(format!("l{n}").as_bytes()))
+        .collect();
+    let base = manifest(&layers[..5]);
+    let image = manifest(&layers);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[storage]\npath = \"{}\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n\
+         [bases]\nmine = [\"docker.io/library/base@{}\"]\n\
+         [[policy]]\nname = \"on base\"\nmatch = [\"**\"]\nbases = [\"mine\"]\n",
+        dir.path().join("data").display(),
+        base.digest
+    );
+    let app = App::new(Config::parse(&text, "bench", dir.path()).unwrap()).unwrap();
+    let image_digest = image.digest;
+    app.store.put_manifest(Arc::new(base)).unwrap();
+    app.store.put_manifest(Arc::new(image)).unwrap();
+    let key = TagKey {
+        upstream: Arc::from("docker.io"),
+        repo: "library/alpine".parse().unwrap(),
+        tag: "3.20".parse().unwrap(),
+    };
+    app.store
+        .put_tag(
+            &key,
+            TagRecord {
+                digest: image_digest,
+                checked: SystemTime::now(),
+                approved: None,
+            },
+        )
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(app.refresh_bases());
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    assert_eq!(
+        rt.block_on(app.clone().handle(cached_request(), peer))
+            .status(),
+        200
+    );
+    bench_with_baseline(
+        c,
+        &rt,
+        "handler: cached manifest by tag, bases policy (cached verdict)",
+        &app,
+        "handler: cached manifest by tag, paired baseline (no bases)",
+    );
+}
+
 /// The cached manifest request with 100 rewrite rules and 1000 pins
 /// configured, none of them for the name pulled: the cost of the lookups.
 fn rewrites_and_pins(c: &mut Criterion) {
@@ -315,41 +397,17 @@ fn rewrites_and_pins(c: &mut Criterion) {
             )
         })
     });
-    // The same request without rewrites or pins, from an app built at the
-    // same point of the process: later benchmarks in one process measure a
-    // little slower (heap state), so compare within this pair.
-    let plain_dir = tempfile::tempdir().unwrap();
-    let (plain, _) = app_with_cached_manifest(
-        plain_dir.path(),
-        "",
-        "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
-    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    for (name, app) in [
-        (
-            "handler: cached manifest by tag, 100 rewrites + 1000 pins configured",
-            &app,
-        ),
-        (
-            "handler: cached manifest by tag, paired baseline (no rewrites or pins)",
-            &plain,
-        ),
-    ] {
-        c.bench_function(name, |b| {
-            b.iter(|| {
-                let req = Request::get("/v2/library/alpine/manifests/3.20?ns=docker.io")
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
-                let resp = rt.block_on(app.clone().handle(req, peer));
-                assert_eq!(resp.status(), 200);
-                black_box(resp)
-            })
-        });
-    }
+    bench_with_baseline(
+        c,
+        &rt,
+        "handler: cached manifest by tag, 100 rewrites + 1000 pins configured",
+        &app,
+        "handler: cached manifest by tag, paired baseline (no rewrites or pins)",
+    );
 }
 
 criterion_group!(
@@ -360,6 +418,7 @@ criterion_group!(
     signatures,
     cached_verdict,
     base_check,
+    cached_base_verdict,
     rewrites_and_pins
 );
 criterion_main!(benches);

@@ -608,12 +608,12 @@ impl App {
             if p.checks_content() && !sig_tag {
                 if verdict.passes() {
                     if approved != Some(m.digest) {
-                        self.note_approved_tag(key, m.digest).await;
+                        Box::pin(self.note_approved_tag(key, m.digest)).await;
                     }
                 } else if verdict.blocks() && p.tag_drift == crate::config::TagDrift::KeepApproved {
                     let prev = approved.filter(|d| *d != m.digest);
                     if let Some((kept, kept_verdict)) =
-                        self.last_approved(gen, upstream, route, p, prev).await?
+                        Box::pin(self.last_approved(gen, upstream, route, p, prev)).await?
                     {
                         let tag = &key.tag;
                         drift_warning = Some(self.record_drift(route, p, tag, &m, &verdict, &kept));

@@ -130,6 +130,8 @@ pub struct Verifier {
     bases: arc_swap::ArcSwap<BaseTable>,
     /// Bumped whenever `bases` is replaced.
     bases_version: tokio::sync::watch::Sender<u64>,
+    /// The same number, read on every cached pull without a lock.
+    bases_current: std::sync::atomic::AtomicU64,
 }
 
 impl Verifier {
@@ -141,6 +143,7 @@ impl Verifier {
             metrics,
             bases: arc_swap::ArcSwap::from_pointee(BaseTable::default()),
             bases_version: tokio::sync::watch::Sender::new(0),
+            bases_current: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -149,9 +152,15 @@ impl Verifier {
     pub fn set_bases(&self, table: BaseTable) {
         // Bump first: a verdict still being reached with the old table is
         // stamped with the old number and not used once stored.
+        self.bases_current
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.bases_version.send_modify(|v| *v += 1);
         self.bases.store(Arc::new(table));
         self.verdicts.clear();
+    }
+
+    fn bases_version(&self) -> u64 {
+        self.bases_current.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn bases(&self) -> Arc<BaseTable> {
@@ -199,8 +208,7 @@ impl Verifier {
         }
         let known = self.verdicts.get(&manifest.digest, generation, canonical);
         // Under `bases`, only a verdict reached with the current table counts.
-        let current =
-            |c: &Cached| policy.bases.is_empty() || c.bases == *self.bases_version.borrow();
+        let current = |c: &Cached| policy.bases.is_empty() || c.bases == self.bases_version();
         if let Some(c) = known.as_ref().filter(|c| current(c)) {
             // A denial is looked at again after a while, or at once when an
             // approval was recorded locally since.
@@ -214,11 +222,11 @@ impl Verifier {
         if !policy.bases.is_empty() {
             self.wait_for_bases(wanted, &policy.bases).await;
         }
-        let table_version = *self.bases_version.borrow();
+        let table_version = self.bases_version();
         let started = Instant::now();
-        let result = self
-            .evaluate(upstream, repo, manifest, policy, source)
-            .await;
+        // Boxed: the fresh-verdict future is large, and keeping it inline
+        // would make every cached pull carry (and move) it.
+        let result = Box::pin(self.evaluate(upstream, repo, manifest, policy, source)).await;
         self.metrics
             .verify_duration
             .observe(started.elapsed().as_secs_f64());
