@@ -27,7 +27,7 @@ use crate::error::{ApiError, Origin};
 use crate::fetch::{status_error, BlobFetches, BlobReader, FlightState, SingleFlight};
 use crate::metrics::Metrics;
 use crate::names::{Digest, Reference, Tag};
-use crate::policy::{Policies, Verdict};
+use crate::policy::{Policies, TagStep, Verdict};
 use crate::route::{parse_path, PathKind, Route, Router, Target};
 use crate::store::{Store, StoredManifest, TagKey, TagRecord};
 use crate::upstream::{BodyError, RequestOptions, UpstreamClient};
@@ -606,19 +606,20 @@ impl App {
         let mut drift_warning = None;
         if let (Some((key, approved)), Some(p)) = (tag_state, policy) {
             if p.checks_content() && !sig_tag {
-                if verdict.passes() {
-                    if approved != Some(m.digest) {
+                match crate::policy::tag_step(p, &verdict, approved, m.digest) {
+                    TagStep::Nothing => {}
+                    TagStep::RecordApproved => {
                         Box::pin(self.note_approved_tag(key, m.digest)).await;
                     }
-                } else if verdict.blocks() && p.tag_drift == crate::config::TagDrift::KeepApproved {
-                    let prev = approved.filter(|d| *d != m.digest);
-                    if let Some((kept, kept_verdict)) =
-                        Box::pin(self.last_approved(gen, upstream, route, p, prev)).await?
-                    {
-                        let tag = &key.tag;
-                        drift_warning = Some(self.record_drift(route, p, tag, &m, &verdict, &kept));
-                        m = kept;
-                        verdict = kept_verdict;
+                    TagStep::KeepApproved(prev) => {
+                        let last = self.last_approved(gen, upstream, route, p, Some(prev));
+                        if let Some((kept, kept_verdict)) = Box::pin(last).await? {
+                            let tag = &key.tag;
+                            drift_warning =
+                                Some(self.record_drift(route, p, tag, &m, &verdict, &kept));
+                            m = kept;
+                            verdict = kept_verdict;
+                        }
                     }
                 }
             }

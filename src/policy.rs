@@ -111,6 +111,43 @@ impl Verdict {
     }
 }
 
+/// What a tag pull under a content policy does about the tag's approved
+/// digest (tag-drift protection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagStep {
+    Nothing,
+    /// The digest passed and is not the one recorded: record it.
+    RecordApproved,
+    /// The digest is denied and `tag_drift = "keep-approved"`: serve this
+    /// last approved digest instead, if it still passes.
+    KeepApproved(Digest),
+}
+
+/// Decides [`TagStep`] from the verdict on the digest the tag names now
+/// (`now`) and the digest last approved for the tag.
+pub fn tag_step(
+    policy: &PolicyConfig,
+    verdict: &Verdict,
+    approved: Option<Digest>,
+    now: Digest,
+) -> TagStep {
+    if verdict.passes() {
+        return if approved == Some(now) {
+            TagStep::Nothing
+        } else {
+            TagStep::RecordApproved
+        };
+    }
+    // Audit mode serves the content anyway: nothing to keep.
+    if !verdict.blocks() || policy.tag_drift != crate::config::TagDrift::KeepApproved {
+        return TagStep::Nothing;
+    }
+    match approved {
+        Some(prev) if prev != now => TagStep::KeepApproved(prev),
+        _ => TagStep::Nothing,
+    }
+}
+
 fn describe(slug: &str) -> &'static str {
     match slug {
         reason::NO_POLICY => "no policy matches this name",
@@ -199,6 +236,38 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
             (None, &["no-policy"][..])
         );
         assert!(v.blocks());
+    }
+
+    #[test]
+    fn tag_drift_keeps_the_last_approved_digest_only_when_it_should() {
+        let mut keep = policies("[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n").list[0].clone();
+        let (old, new) = (Digest::of(b"old"), Digest::of(b"new"));
+        let pass = Verdict::of(&keep, Vec::new());
+        let deny = Verdict::of(&keep, vec![reason::UNSIGNED]);
+        // Passing content is recorded once.
+        assert_eq!(tag_step(&keep, &pass, None, new), TagStep::RecordApproved);
+        assert_eq!(
+            tag_step(&keep, &pass, Some(old), new),
+            TagStep::RecordApproved
+        );
+        assert_eq!(tag_step(&keep, &pass, Some(new), new), TagStep::Nothing);
+        // Denied content: the last approved digest is kept (the default).
+        assert_eq!(
+            tag_step(&keep, &deny, Some(old), new),
+            TagStep::KeepApproved(old)
+        );
+        // Nothing approved before, or the approved digest itself now denied
+        // (a key was removed): nothing to fall back to.
+        assert_eq!(tag_step(&keep, &deny, None, new), TagStep::Nothing);
+        assert_eq!(tag_step(&keep, &deny, Some(new), new), TagStep::Nothing);
+        // Audit mode serves anyway; tag_drift = "deny" denies.
+        let audit = Verdict {
+            mode: Mode::Audit,
+            ..deny.clone()
+        };
+        assert_eq!(tag_step(&keep, &audit, Some(old), new), TagStep::Nothing);
+        keep.tag_drift = crate::config::TagDrift::Deny;
+        assert_eq!(tag_step(&keep, &deny, Some(old), new), TagStep::Nothing);
     }
 
     #[test]
