@@ -197,7 +197,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     let upstream_names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-    tracing::info!(source = %config.source, upstreams = ?upstream_names, policies = config.policies.len(), "config loaded");
+    tracing::info!(
+        source = %config.source,
+        upstreams = ?upstream_names,
+        policies = config.policies.len(),
+        base_sets = config.bases.len(),
+        rewrites = config.rewrites.len(),
+        pins = config.pins.len(),
+        "config loaded"
+    );
 
     let app = App::new(config).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(listen)
