@@ -104,9 +104,10 @@ pub enum Found {
         image: String,
         digest: Digest,
     },
-    /// On no allowed base; the closest: (set, layers matched, base layers).
+    /// On no allowed base; the closest: (set, image, layers matched, base
+    /// layers).
     NoBase {
-        closest: Option<(String, usize, usize)>,
+        closest: Option<(String, String, usize, usize)>,
     },
     /// No verdict: an allowed set has no resolved image yet.
     Unresolved(String),
@@ -154,7 +155,8 @@ impl BaseTable {
             return Found::Unresolved(s.clone());
         }
         Found::NoBase {
-            closest: closest.map(|(b, c)| (b.set.to_string(), c, b.layers.len())),
+            closest: closest
+                .map(|(b, c)| (b.set.to_string(), b.image.to_string(), c, b.layers.len())),
         }
     }
 
@@ -374,7 +376,9 @@ fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
         }),
         Found::NoBase { closest } => {
             let closest = match closest {
-                Some((set, n, of)) => format!("first {n} of {of} layers match {set}"),
+                Some((set, image, n, of)) => {
+                    format!("first {n} of {of} layers match {set} ({image})")
+                }
                 None => "no base image to compare with".to_owned(),
             };
             Ok(Outcome::fail(format!(
@@ -622,7 +626,12 @@ pub mod tests {
         assert_eq!(
             t.check(&allowed, &layers(&[7, 8, 9]), None),
             Found::NoBase {
-                closest: Some(("static".into(), 0, 3))
+                closest: Some((
+                    "static".into(),
+                    "gcr.io/distroless/static:nonroot".into(),
+                    0,
+                    3
+                ))
             }
         );
         // A partial prefix, the base's layers out of order, and layers
@@ -630,7 +639,12 @@ pub mod tests {
         assert_eq!(
             t.check(&allowed, &layers(&[1, 2, 9]), None),
             Found::NoBase {
-                closest: Some(("static".into(), 2, 3))
+                closest: Some((
+                    "static".into(),
+                    "gcr.io/distroless/static:nonroot".into(),
+                    2,
+                    3
+                ))
             }
         );
         assert!(matches!(
@@ -663,7 +677,7 @@ pub mod tests {
         assert!(matches!(
             t.check(&sets(&["static"]), &[], None),
             Found::NoBase {
-                closest: Some((_, 0, 1))
+                closest: Some((_, _, 0, 1))
             }
         ));
         assert!(matches!(
@@ -803,7 +817,7 @@ pub mod tests {
         assert!(!out.passes);
         assert_eq!(
             out.detail,
-            "first 0 of 2 layers match static; allowed bases: static"
+            "first 0 of 2 layers match static (gcr.io/distroless/static:nonroot); allowed bases: static"
         );
         let honest = image_manifest(&config, &layers(&[1, 2, 3]), serde_json::json!({}));
         let out = futures_lite(check_manifest(&t, &sets(&["static"]), &honest, &src)).unwrap();

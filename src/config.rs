@@ -364,10 +364,16 @@ impl Config {
             Ok(raw) => raw,
             Err(e) => {
                 let line = e.span().map(|s| line_of(text, s.start));
+                let mut message = e.message().trim().to_owned();
+                if message.contains("unknown field `pins_file`") {
+                    message.push_str(
+                        " (pins_file is a top-level key: put it above the first [section])",
+                    );
+                }
                 v.problems.push(Problem {
                     key: "(syntax)".into(),
                     line,
-                    message: e.message().trim().to_owned(),
+                    message,
                 });
                 return Err(v.into_error(source));
             }
@@ -406,6 +412,39 @@ impl Validator<'_> {
         self.problems.push(Problem {
             key: key.into(),
             line: Some(line_of(self.text, at.span().start)),
+            message: message.into(),
+        });
+    }
+
+    /// A problem with one entry of a table: reported at the entry's own
+    /// line when it can be found, else at the table's.
+    fn entry_problem(
+        &mut self,
+        key: impl Into<String>,
+        table: &Spanned<toml::Table>,
+        entry: &str,
+        message: impl Into<String>,
+    ) {
+        let start = table.span().start.min(self.text.len());
+        let quoted = format!("\"{entry}\"");
+        let offset = self.text[start..]
+            .split_inclusive('\n')
+            .scan(start, |at, l| {
+                let here = *at;
+                *at += l.len();
+                Some((here, l))
+            })
+            .find(|(_, l)| {
+                let t = l.trim_start();
+                [entry, quoted.as_str()].iter().any(|k| {
+                    t.strip_prefix(k)
+                        .is_some_and(|rest| rest.trim_start().starts_with('='))
+                })
+            })
+            .map_or(start, |(at, _)| at);
+        self.problems.push(Problem {
+            key: key.into(),
+            line: Some(line_of(self.text, offset)),
             message: message.into(),
         });
     }
@@ -828,13 +867,18 @@ impl Validator<'_> {
         for (name, value) in table.get_ref() {
             let key = format!("keys.{name}");
             let Some(path) = value.as_str() else {
-                self.problem(key, table, "must be the path of a PEM public key file");
+                self.entry_problem(
+                    key,
+                    table,
+                    name,
+                    "must be the path of a PEM public key file",
+                );
                 continue;
             };
             let text = match std::fs::read_to_string(self.path(path)) {
                 Ok(t) => t,
                 Err(e) => {
-                    self.problem(key, table, format!("cannot read {path:?}: {e}"));
+                    self.entry_problem(key, table, name, format!("cannot read {path:?}: {e}"));
                     continue;
                 }
             };
@@ -843,7 +887,7 @@ impl Validator<'_> {
                     name: name.clone(),
                     key: k,
                 }),
-                Err(e) => self.problem(key, table, format!("{path:?}: {e}")),
+                Err(e) => self.entry_problem(key, table, name, format!("{path:?}: {e}")),
             }
         }
         out
@@ -1031,9 +1075,10 @@ impl Validator<'_> {
         for (name, value) in table.get_ref() {
             let key = format!("bases.{name}");
             let Some(list) = value.as_array().filter(|l| !l.is_empty()) else {
-                self.problem(
+                self.entry_problem(
                     key,
                     table,
+                    name,
                     "must be a non-empty list of image references, e.g. [\"gcr.io/distroless/static-debian12:nonroot\"]",
                 );
                 continue;
@@ -1041,12 +1086,17 @@ impl Validator<'_> {
             let mut images = Vec::new();
             for (j, v) in list.iter().enumerate() {
                 let Some(text) = v.as_str() else {
-                    self.problem(format!("{key}[{j}]"), table, "must be a string");
+                    self.entry_problem(format!("{key}[{j}]"), table, name, "must be a string");
                     continue;
                 };
                 match image_ref(text, router) {
                     Ok(r) => images.push(r),
-                    Err(e) => self.problem(format!("{key}[{j}]"), table, format!("{text:?}: {e}")),
+                    Err(e) => self.entry_problem(
+                        format!("{key}[{j}]"),
+                        table,
+                        name,
+                        format!("{text:?}: {e}"),
+                    ),
                 }
             }
             out.push(BaseSet {
@@ -1135,7 +1185,7 @@ impl Validator<'_> {
     ) {
         for (image, value) in table.get_ref() {
             if let Err(e) = pin_entry(pins, image, value, router) {
-                self.problem(format!("{key}.{image:?}"), table, e);
+                self.entry_problem(format!("{key}.{image:?}"), table, image, e);
             }
         }
     }
@@ -1466,6 +1516,12 @@ deny_tags = ["latest", "*-rc*", "[bad"]
     }
 
     #[test]
+    fn a_misplaced_pins_file_says_where_it_belongs() {
+        let err = parse("[storage]\npins_file = \"pins.toml\"\n").unwrap_err();
+        assert!(err.problems[0].message.contains("top-level key"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_line() {
         let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlissten = 1\n").unwrap_err();
         assert_eq!(err.problems[0].line, Some(3));
@@ -1565,6 +1621,9 @@ tag_drift = "sometimes"
             ],
             "{err}"
         );
+        // Entries are reported at their own lines, not the [bases] header's.
+        let lines: Vec<_> = err.problems.iter().map(|p| p.line.unwrap()).collect();
+        assert_eq!(lines[1] + 1, lines[2], "{err}");
         let text = err.to_string();
         assert!(text.contains("\"quay.io\" is not configured"), "{text}");
         assert!(

@@ -162,7 +162,14 @@ pub async fn explain(
         }
         None => reference.clone(),
     };
-    let (digest, bytes) = get_manifest(&upstream, &route.repo, &fetch_ref, max).await?;
+    let (digest, bytes) = get_manifest(&upstream, &route.repo, &fetch_ref, max)
+        .await
+        .map_err(|e| match pinned {
+            Some(d) => {
+                format!("{e} (the digest the tag is pinned to: {d}; check [pins] and pins_file)")
+            }
+            None => e,
+        })?;
     explained.digest = Some(digest);
     let manifest = StoredManifest {
         digest,
@@ -261,10 +268,53 @@ pub async fn explain(
     if failed.is_empty() {
         out.push("verdict: allowed".into());
         explained.outcome = Outcome::Allowed;
-    } else {
-        out.push(format!("verdict: {denied_word} ({})", failed.join(", ")));
+        return Ok(explained);
+    }
+    out.push(format!("verdict: {denied_word} ({})", failed.join(", ")));
+    // Tag drift: a pull of the tag gets the digest policy approved last,
+    // as the server's store records it.
+    let drift = matches!(&reference, Reference::Tag(_))
+        && pinned.is_none()
+        && pins == Pins::Honour
+        && policy.mode == Mode::Enforce
+        && policy.tag_drift == crate::config::TagDrift::KeepApproved;
+    if let (true, Reference::Tag(tag)) = (drift, &reference) {
+        if let Some(prev) = approved_digest(config, &route, tag.as_str()).filter(|d| *d != digest) {
+            out.push(format!(
+                "tag drift: the tag was last approved at {prev}; pulls get that digest (tag_drift = \"keep-approved\") if it still passes:"
+            ));
+            let mut inner = Vec::new();
+            let again = Box::pin(explain(
+                config,
+                &format!("{asked_name}@{prev}"),
+                Pins::Honour,
+                &mut inner,
+            ))
+            .await?;
+            out.extend(inner.into_iter().map(|l| format!("  {l}")));
+            if again.outcome == Outcome::Allowed {
+                out.push(format!("verdict: allowed: pulls of the tag are served {prev}, with a tag-drift warning"));
+                explained.outcome = Outcome::Allowed;
+                explained.digest = Some(prev);
+            }
+        }
     }
     Ok(explained)
+}
+
+/// The digest policy last approved for a tag, from the tag's record in the
+/// server's store (read only).
+fn approved_digest(config: &Config, route: &crate::route::Route, tag: &str) -> Option<Digest> {
+    let path = config
+        .storage
+        .path
+        .join("tags")
+        .join(&*route.upstream_name)
+        .join(route.repo.as_str())
+        .join("_tags")
+        .join(tag);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v["approved"].as_str()?.parse().ok()
 }
 
 /// GETs a manifest and checks it against its digest when asked by digest.
@@ -283,8 +333,12 @@ async fn get_manifest(
         .await
         .map_err(|e| e.to_string())?;
     if resp.status() != StatusCode::OK {
+        let sep = match reference {
+            Reference::Digest(_) => '@',
+            Reference::Tag(_) => ':',
+        };
         return Err(format!(
-            "upstream {} answered {} for {repo}:{reference}",
+            "upstream {} answered {} for {repo}{sep}{reference}",
             upstream.name,
             resp.status(),
         ));

@@ -484,7 +484,15 @@ impl App {
             }
             return Ok(None);
         }
-        let message = verdict.message(&route.canonical);
+        // Under a rewrite, say what the client asked for too.
+        let shown = match &route.rewritten_from {
+            Some(asked) => std::borrow::Cow::Owned(format!(
+                "{}, served for {asked} by a rewrite",
+                route.canonical
+            )),
+            None => std::borrow::Cow::Borrowed(route.canonical.as_str()),
+        };
+        let message = verdict.message(&shown);
         self.audit
             .record(self.audit_record(route, reference, verdict, digest, message));
         for reason in verdict.reasons.iter().filter(|_| count) {
@@ -500,7 +508,7 @@ impl App {
                 reasons = ?verdict.reasons,
                 "pull denied"
             );
-            return Err(verdict.denial(&route.canonical, digest));
+            return Err(verdict.denial(&shown, digest));
         }
         tracing::info!(
             canonical = %route.canonical,
@@ -508,7 +516,7 @@ impl App {
             reasons = ?verdict.reasons,
             "pull would be denied (audit mode): served"
         );
-        Ok(HeaderValue::from_str(&verdict.warning(&route.canonical)).ok())
+        Ok(HeaderValue::from_str(&verdict.warning(&shown)).ok())
     }
 
     fn audit_record(

@@ -525,13 +525,18 @@ fn pin(image: &str, config_path: &std::path::Path) -> ExitCode {
     // A pin in the config's own [pins] is not ours to change.
     let tag = e.reference.to_string();
     if let (None, Some(inline)) = (&old, config.pins.get(&e.asked, &tag)) {
-        if inline != digest {
-            eprintln!(
-                "pullgate: {key} is pinned to {inline} in [pins] of {}; change it there",
+        if inline == digest {
+            println!(
+                "{key} is already pinned to {digest} in [pins] of {}",
                 config_path.display()
             );
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::SUCCESS;
         }
+        eprintln!(
+            "pullgate: {key} is pinned to {inline} in [pins] of {}; change it there",
+            config_path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
     }
     pins.insert(key.clone(), digest.to_string());
     if let Err(err) = pullgate::rewrite::write_pins_file(&pins_file, &pins) {

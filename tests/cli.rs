@@ -735,6 +735,21 @@ match = ["**"]
     assert_eq!(code, Some(64), "{out}");
     assert!(out.contains("change it there"), "{out}");
     assert!(!dir.path().join("pins-inline.toml").exists());
+    // ...and when it already names the digest, there is nothing to do.
+    std::fs::write(
+        &inline,
+        format!("pins_file = \"pins-inline.toml\"\n{text}\n[pins]\n\"app:1\" = \"{app}\"\n"),
+    )
+    .unwrap();
+    let (code, out) = call(args("pin", "app:1", &inline.display().to_string()))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("already pinned") && out.contains("in [pins]"),
+        "{out}"
+    );
+    assert!(!dir.path().join("pins-inline.toml").exists());
 
     // No pins_file, a digest, and a pins file that cannot be written.
     let (code, out) = call(args("pin", "app:1", &without_pins.display().to_string()))

@@ -206,6 +206,26 @@ match = ["**"]
         1.0
     );
 
+    // `pullgate verify` explains what a pull of the drifted tag gets.
+    let out = real::run(
+        Command::new(env!("CARGO_BIN_EXE_pullgate"))
+            .args(["verify", "docker.io/library/app:stable", "--config"])
+            .arg(&config_path)
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY"),
+    );
+    assert!(
+        out.contains(&format!(
+            "tag drift: the tag was last approved at {}",
+            v1.digest
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("pulls of the tag are served {}", v1.digest)),
+        "{out}"
+    );
+
     // containerd gets the kept digest too.
     let ctrd = Containerd::start(&w.join("ctrd"));
     let hosts = ctrd.hosts_dir("docker.io", &format!("http://{p}"));

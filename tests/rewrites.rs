@@ -113,6 +113,11 @@ match = ["**"]
     let (status, code, v) = error_code(proxy.get("/v2/bitnami/blocked/manifests/1").await).await;
     assert_eq!((status, code.as_str()), (403, "DENIED"), "{v}");
     assert_eq!(v["errors"][0]["detail"]["policy"], "no blocked");
+    let msg = v["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("registry.internal/mirror/bitnami/blocked, served for docker.io/bitnami/blocked by a rewrite"),
+        "{msg}"
+    );
     let lines = audit_lines(dir.path(), 1).await;
     let denied = lines
         .iter()
