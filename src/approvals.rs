@@ -11,7 +11,7 @@
 //! checked by cosign. Depends on `cosign`, `keys`, `names`.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -60,16 +60,10 @@ pub fn record(
     fs::create_dir_all(&d)?;
     let name = format!("{}.json", Digest::of(&signature).hex());
     let dest = d.join(&name);
-    let temp = d.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = fs::File::create(&temp)?;
-    let result = f
-        .write_all(&serde_json::to_vec_pretty(&approval).expect("JSON of strings"))
-        .and_then(|()| f.sync_all())
-        .and_then(|()| fs::rename(&temp, &dest));
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result?;
+    crate::store::replace_file(
+        &dest,
+        &serde_json::to_vec_pretty(&approval).expect("JSON of strings"),
+    )?;
     Ok(dest)
 }
 

@@ -48,6 +48,11 @@ impl Platform {
         })
     }
 
+    /// The platform an image config blob states.
+    pub fn from_config(config: &[u8]) -> Option<Platform> {
+        Platform::from_json(&serde_json::from_slice(config).ok()?)
+    }
+
     /// Same OS and architecture, and the same variant when both name one.
     pub fn matches(&self, other: &Platform) -> bool {
         self.os == other.os
@@ -89,9 +94,8 @@ pub struct BaseTable {
     pub images: Vec<BaseImage>,
     /// Sets with a reference that could not be resolved at all.
     pub unresolved: HashSet<String>,
-    /// Sets a refresh has looked at (resolved or not).
-    pub attempted: HashSet<String>,
-    /// The `[bases]` the table was built from.
+    /// The `[bases]` the table was built from: the sets a refresh has
+    /// looked at (resolved or not).
     pub source: Vec<BaseSet>,
 }
 
@@ -150,7 +154,7 @@ impl BaseTable {
         }
         if let Some(s) = sets
             .iter()
-            .find(|s| self.unresolved.contains(*s) || !self.attempted.contains(*s))
+            .find(|s| self.unresolved.contains(*s) || self.set(s).is_none())
         {
             return Found::Unresolved(s.clone());
         }
@@ -164,10 +168,15 @@ impl BaseTable {
     /// `[bases]`) as far as `sets` go: a refresh has looked at each of them
     /// as configured now.
     pub fn built_from(&self, wanted: &[BaseSet], sets: &[String]) -> bool {
-        let find = |list: &[BaseSet], name: &str| list.iter().find(|s| s.name == name).cloned();
         sets.iter().all(|name| {
-            self.attempted.contains(name) && find(&self.source, name) == find(wanted, name)
+            self.set(name)
+                .is_some_and(|s| wanted.iter().any(|w| w == s))
         })
+    }
+
+    /// The set named `name` as the table was built from it.
+    fn set(&self, name: &str) -> Option<&BaseSet> {
+        self.source.iter().find(|s| s.name == name)
     }
 
     /// Whether any base of `sets` is per platform (so an image's platform
@@ -492,7 +501,6 @@ pub async fn refresh<R: Resolver>(
     // Manifests already turned into base images, per reference digest.
     let mut done: HashMap<Digest, Vec<Expanded>> = HashMap::new();
     for set in sets {
-        out.table.attempted.insert(set.name.clone());
         out.table.source.push(set.clone());
         for base in &set.images {
             let digests = match &base.reference {
@@ -590,12 +598,23 @@ pub mod tests {
     }
 
     fn table(images: Vec<BaseImage>) -> BaseTable {
-        let attempted = images.iter().map(|b| b.set.to_string()).collect();
+        let mut source: Vec<BaseSet> = Vec::new();
+        for b in &images {
+            if !source.iter().any(|s| *s.name == *b.set) {
+                source.push(set_named(&b.set));
+            }
+        }
         BaseTable {
             images,
             unresolved: HashSet::new(),
-            attempted,
-            source: Vec::new(),
+            source,
+        }
+    }
+
+    fn set_named(name: &str) -> BaseSet {
+        BaseSet {
+            name: name.into(),
+            images: Vec::new(),
         }
     }
 
@@ -741,7 +760,7 @@ pub mod tests {
     fn unresolved_sets_give_no_verdict_instead_of_a_denial() {
         let mut t = table(vec![base("static", None, &[1])]);
         t.unresolved.insert("other".into());
-        t.attempted.insert("other".into());
+        t.source.push(set_named("other"));
         assert!(matches!(
             t.check(&sets(&["static", "other"]), &layers(&[1]), None),
             Found::Base { .. }
@@ -751,12 +770,24 @@ pub mod tests {
             Found::Unresolved("other".into())
         );
         assert!(!t.built_from(&[], &sets(&["new"])));
+        assert!(t.built_from(&[set_named("static")], &sets(&["static"])));
+        // Built from another definition of the set (a reload changed it).
+        let changed = BaseSet {
+            images: vec![crate::config::BaseRef {
+                image: "x:1".into(),
+                upstream: "docker.io".into(),
+                repo: "library/x".parse().unwrap(),
+                canonical: "docker.io/library/x".into(),
+                reference: crate::names::Reference::Tag("1".parse().unwrap()),
+            }],
+            ..set_named("static")
+        };
+        assert!(!t.built_from(&[changed], &sets(&["static"])));
         // A set no refresh has looked at yet: no verdict either.
         assert_eq!(
             t.check(&sets(&["never"]), &layers(&[9]), None),
             Found::Unresolved("never".into())
         );
-        assert!(t.built_from(&[], &sets(&["static"])));
     }
 
     /// A source holding manifests by digest.

@@ -279,7 +279,7 @@ pub async fn explain(
         && policy.mode == Mode::Enforce
         && policy.tag_drift == crate::config::TagDrift::KeepApproved;
     if let (true, Reference::Tag(tag)) = (drift, &reference) {
-        if let Some(prev) = approved_digest(config, &route, tag.as_str()).filter(|d| *d != digest) {
+        if let Some(prev) = approved_digest(config, &route, tag).filter(|d| *d != digest) {
             out.push(format!(
                 "tag drift: the tag was last approved at {prev}; pulls get that digest (tag_drift = \"keep-approved\") if it still passes:"
             ));
@@ -304,17 +304,17 @@ pub async fn explain(
 
 /// The digest policy last approved for a tag, from the tag's record in the
 /// server's store (read only).
-fn approved_digest(config: &Config, route: &crate::route::Route, tag: &str) -> Option<Digest> {
-    let path = config
-        .storage
-        .path
-        .join("tags")
-        .join(&*route.upstream_name)
-        .join(route.repo.as_str())
-        .join("_tags")
-        .join(tag);
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    v["approved"].as_str()?.parse().ok()
+fn approved_digest(
+    config: &Config,
+    route: &crate::route::Route,
+    tag: &crate::names::Tag,
+) -> Option<Digest> {
+    let key = crate::store::TagKey {
+        upstream: route.upstream_name.clone(),
+        repo: route.repo.clone(),
+        tag: tag.clone(),
+    };
+    crate::store::read_tag_record(&config.storage.path, &key)?.approved
 }
 
 /// GETs a manifest and checks it against its digest when asked by digest.
@@ -430,26 +430,8 @@ impl bases::Source for Direct {
     }
 
     async fn platform(&self, config: Digest) -> Option<bases::Platform> {
-        let resp = self
-            .upstream
-            .send(
-                Method::GET,
-                &self.repo,
-                &format!("blobs/{config}"),
-                &RequestOptions::default(),
-            )
-            .await
-            .ok()?;
-        if resp.status() != StatusCode::OK {
-            return None;
-        }
-        let b = read_limited(&self.upstream, resp, 1024 * 1024)
-            .await
-            .ok()??;
-        if Digest::of(&b) != config {
-            return None;
-        }
-        bases::Platform::from_json(&serde_json::from_slice(&b).ok()?)
+        let b = crate::verify::get_blob(&self.upstream, &self.repo, config, 1024 * 1024).await?;
+        bases::Platform::from_config(&b)
     }
 }
 

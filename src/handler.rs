@@ -307,7 +307,7 @@ impl App {
             "base images resolved"
         );
         let current = self.verifier.bases();
-        if *current != done.table || current.attempted.is_empty() {
+        if *current != done.table || current.source.is_empty() {
             self.verifier.set_bases(done.table);
             // Blobs approved through the old table are approved again
             // with their manifests.
@@ -605,11 +605,10 @@ impl App {
         };
         // The verify step: the manifest is known, nothing has been sent yet.
         let sig_tag = matches!(&reference, Reference::Tag(t) if is_signature_tag(t));
-        let (mut m, mut verdict) = (
-            m.clone(),
-            self.verdict(gen, upstream, route, policy, &m, sig_tag, early)
-                .await,
-        );
+        let mut verdict = self
+            .verdict(gen, upstream, route, policy, &m, sig_tag, early)
+            .await;
+        let mut m = m;
         // Tag drift: the tag moved to content policy denies.
         let mut drift_warning = None;
         if let (Some((key, approved)), Some(p)) = (tag_state, policy) {
@@ -620,7 +619,7 @@ impl App {
                         Box::pin(self.note_approved_tag(key, m.digest)).await;
                     }
                     TagStep::KeepApproved(prev) => {
-                        let last = self.last_approved(gen, upstream, route, p, Some(prev));
+                        let last = self.last_approved(gen, upstream, route, p, prev);
                         if let Some((kept, kept_verdict)) = Box::pin(last).await? {
                             let tag = &key.tag;
                             drift_warning =
@@ -732,11 +731,8 @@ impl App {
         upstream: &Arc<UpstreamClient>,
         route: &Route,
         policy: &crate::config::PolicyConfig,
-        prev: Option<Digest>,
+        prev: Digest,
     ) -> Result<Option<(Arc<StoredManifest>, Verdict)>, ApiError> {
-        let Some(prev) = prev else {
-            return Ok(None);
-        };
         let Some(kept) = self.stored_manifest(&prev)? else {
             return Ok(None);
         };
@@ -1528,6 +1524,8 @@ struct RouteSource<'a> {
 
 impl crate::bases::Source for RouteSource<'_> {
     async fn manifest(&self, digest: Digest) -> Result<Arc<StoredManifest>, String> {
+        // Looked up here first so that the base check's own reads do not
+        // count as client cache lookups in the metrics.
         if let Ok(Some(m)) = self.app.store.get_manifest(&digest) {
             return Ok(m);
         }
@@ -1538,43 +1536,21 @@ impl crate::bases::Source for RouteSource<'_> {
             .map_err(|e| e.message)
     }
 
+    /// From the config blob in the store, else from the upstream (not
+    /// stored: the client fetching it next stores it the usual way).
     async fn platform(&self, config: Digest) -> Option<crate::bases::Platform> {
-        let bytes = small_blob(&self.app.store, self.upstream, &self.route.repo, config).await?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        crate::bases::Platform::from_json(&v)
+        const MAX: usize = 1024 * 1024;
+        let path = self.app.store.blob_path(&config);
+        let stored = std::fs::metadata(&path)
+            .is_ok_and(|m| m.len() <= MAX as u64)
+            .then(|| std::fs::read(&path).ok())
+            .flatten();
+        let bytes = match stored {
+            Some(b) => Bytes::from(b),
+            None => crate::verify::get_blob(self.upstream, &self.route.repo, config, MAX).await?,
+        };
+        crate::bases::Platform::from_config(&bytes)
     }
-}
-
-/// A small blob (an image config): from the store, else from the upstream,
-/// checked against its digest. Not stored: the client fetching it next
-/// stores it the usual way.
-pub async fn small_blob(
-    store: &Store,
-    upstream: &UpstreamClient,
-    repo: &crate::names::RepoName,
-    digest: Digest,
-) -> Option<Bytes> {
-    const MAX: u64 = 1024 * 1024;
-    let path = store.blob_path(&digest);
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() <= MAX) {
-        if let Ok(b) = std::fs::read(&path) {
-            return Some(Bytes::from(b));
-        }
-    }
-    let resp = upstream
-        .send(
-            Method::GET,
-            repo,
-            &format!("blobs/{digest}"),
-            &RequestOptions::default(),
-        )
-        .await
-        .ok()?;
-    if resp.status() != StatusCode::OK {
-        return None;
-    }
-    let b = upstream.read_body(resp, MAX).await.ok()?;
-    (Digest::of(&b) == digest).then_some(b)
 }
 
 /// `sha256-<64 hex>.sig` (a legacy cosign signature; `.att` and `.sbom` are

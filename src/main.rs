@@ -422,44 +422,48 @@ fn approve(
     ))
 }
 
-fn verify(image: &str, config: &std::path::Path) -> ExitCode {
-    let config = match Config::load(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
-        return ExitCode::FAILURE;
-    };
+/// Loads a config for a command; a bad one is reported (exit 64).
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Evaluates `image` step by step (`pullgate verify` and `pin`), printing
+/// each step; no verdict is exit 69.
+fn explain_printed(
+    config: &Config,
+    image: &str,
+    pins: explain::Pins,
+) -> Result<explain::Explained, ExitCode> {
+    let runtime =
+        runtime(tokio::runtime::Builder::new_current_thread()).ok_or(ExitCode::FAILURE)?;
     let mut lines = Vec::new();
-    let result = runtime.block_on(explain::explain(
-        &config,
-        image,
-        explain::Pins::Honour,
-        &mut lines,
-    ));
+    let result = runtime.block_on(explain::explain(config, image, pins, &mut lines));
     for l in &lines {
         println!("{l}");
     }
-    match result {
+    result.map_err(|e| {
+        eprintln!("pullgate: cannot reach a verdict: {e}");
+        ExitCode::from(69)
+    })
+}
+
+fn verify(image: &str, config: &std::path::Path) -> ExitCode {
+    let explained = load_config(config)
+        .and_then(|config| explain_printed(&config, image, explain::Pins::Honour));
+    match explained {
         Ok(e) if e.outcome == explain::Outcome::Allowed => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("pullgate: cannot reach a verdict: {e}");
-            ExitCode::from(69)
-        }
+        Err(code) => code,
     }
 }
 
 fn pin(image: &str, config_path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(config_path) {
+    let config = match load_config(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     let Some(pins_file) = config.pins_file.clone() else {
         eprintln!(
@@ -474,25 +478,9 @@ fn pin(image: &str, config_path: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
-    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
-        return ExitCode::FAILURE;
-    };
-    let mut lines = Vec::new();
-    let result = runtime.block_on(explain::explain(
-        &config,
-        image,
-        explain::Pins::Ignore,
-        &mut lines,
-    ));
-    for l in &lines {
-        println!("{l}");
-    }
-    let e = match result {
+    let e = match explain_printed(&config, image, explain::Pins::Ignore) {
         Ok(e) => e,
-        Err(e) => {
-            eprintln!("pullgate: cannot reach a verdict: {e}");
-            return ExitCode::from(69);
-        }
+        Err(code) => return code,
     };
     let (explain::Outcome::Allowed, Some(digest)) = (e.outcome, e.digest) else {
         eprintln!("pullgate: {image} is not allowed by policy; nothing pinned");

@@ -4,7 +4,7 @@
 //! and tag pins (`[pins]`, `pins_file`) fix a tag to a digest with no
 //! upstream call. Both are tables built once per config load; a request
 //! costs a hash lookup, and nothing at all when none are configured.
-//! Depends on `names`.
+//! Depends on `names`, and on `store` for writing the pins file.
 
 use std::collections::HashMap;
 
@@ -122,7 +122,6 @@ pub fn write_pins_file(
     path: &std::path::Path,
     pins: &std::collections::BTreeMap<String, String>,
 ) -> std::io::Result<()> {
-    use std::io::Write;
     let mut text = String::from(
         "# Tag pins: each tag resolves to its digest, with no upstream call.\n\
          # Written by `pullgate pin`; loaded through `pins_file` and reloaded on SIGHUP.\n\n[pins]\n",
@@ -134,29 +133,7 @@ pub fn write_pins_file(
             toml::Value::String(digest.clone())
         ));
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "pins".into());
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    written
+    crate::store::replace_file(path, text.as_bytes())
 }
 
 #[cfg(test)]

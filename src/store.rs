@@ -401,13 +401,7 @@ impl Store {
         if let Some(r) = self.tags.get(key) {
             return Some(r);
         }
-        let text = fs::read(self.tag_path(key)).ok()?;
-        let file: TagFile = serde_json::from_slice(&text).ok()?;
-        let rec = TagRecord {
-            digest: file.digest,
-            checked: UNIX_EPOCH + Duration::from_secs(file.checked),
-            approved: file.approved,
-        };
+        let rec = read_tag_record(&self.root, key)?;
         self.tags.insert(key.clone(), rec);
         Some(rec)
     }
@@ -482,14 +476,7 @@ impl Store {
     }
 
     fn tag_path(&self, key: &TagKey) -> PathBuf {
-        // Names and tags are validated: no `..`, no `/` in a tag, and `_tags`
-        // cannot be a repository component (components start alphanumeric).
-        self.root
-            .join("tags")
-            .join(&*key.upstream)
-            .join(key.repo.as_str())
-            .join("_tags")
-            .join(key.tag.as_str())
+        tag_path(&self.root, key)
     }
 
     /// Removes least recently used blobs until the store fits `max_size`.
@@ -549,21 +536,65 @@ impl Store {
     }
 }
 
+fn tag_path(root: &Path, key: &TagKey) -> PathBuf {
+    // Names and tags are validated: no `..`, no `/` in a tag, and `_tags`
+    // cannot be a repository component (components start alphanumeric).
+    root.join("tags")
+        .join(&*key.upstream)
+        .join(key.repo.as_str())
+        .join("_tags")
+        .join(key.tag.as_str())
+}
+
+/// A tag record as the store at `root` holds it on disk. Reads only, so
+/// it works next to a running server (which holds the store's lock).
+pub fn read_tag_record(root: &Path, key: &TagKey) -> Option<TagRecord> {
+    let file: TagFile = serde_json::from_slice(&fs::read(tag_path(root, key)).ok()?).ok()?;
+    Some(TagRecord {
+        digest: file.digest,
+        checked: UNIX_EPOCH + Duration::from_secs(file.checked),
+        approved: file.approved,
+    })
+}
+
 /// Writes `bytes` to `dest` through a synced temp file and a rename.
 fn write_atomic(store: &Store, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    fs::create_dir_all(dest.parent().expect("destination has a parent"))?;
+    let (temp, file) = store.temp_file()?;
+    finish_replace(&temp, file, dest, bytes)
+}
+
+/// Replaces `dest` with `bytes` through a synced temp file next to it and a
+/// rename: a failure (read-only directory, full disk) leaves `dest` as it
+/// was. For files outside the content store's own layout (approvals, the
+/// pins file); the store's files go through its `tmp/`.
+pub fn replace_file(dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let file = File::create(&temp)?;
+    finish_replace(&temp, file, dest, bytes)
+}
+
+fn finish_replace(temp: &Path, mut file: File, dest: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let dir = dest.parent().expect("destination has a parent");
-    fs::create_dir_all(dir)?;
-    let (temp, mut file) = store.temp_file()?;
     let result = file
         .write_all(bytes)
         .and_then(|()| file.sync_data())
-        .and_then(|()| fs::rename(&temp, dest));
+        .and_then(|()| fs::rename(temp, dest));
     if result.is_err() {
-        let _ = fs::remove_file(&temp);
+        let _ = fs::remove_file(temp);
     }
     result?;
-    sync_dir(dir);
+    if let Some(dir) = dest.parent() {
+        sync_dir(dir);
+    }
     Ok(())
 }
 

@@ -428,6 +428,21 @@ enum Got {
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
+/// A blob of at most `max` bytes from the upstream, checked against its
+/// digest; `None` when it cannot be had.
+pub(crate) async fn get_blob(
+    upstream: &UpstreamClient,
+    repo: &RepoName,
+    digest: Digest,
+    max: usize,
+) -> Option<Bytes> {
+    let path = format!("blobs/{digest}");
+    match get_small(upstream, repo, &path, None, None, max).await {
+        Ok(Got::Body(b)) if Digest::of(&b) == digest => Some(b),
+        _ => None,
+    }
+}
+
 /// GETs `/v2/<repo>/<path>` and reads at most `max` bytes of a 200 answer.
 /// `Err` only when the upstream could not be asked.
 async fn get_small(
