@@ -142,13 +142,7 @@ async fn containerd_pulls_through_pullgate_as_its_only_server() {
 
     let ctrd = Containerd::start(&w.join("ctrd"));
     let hosts = ctrd.hosts_dir("docker.io", &format!("http://{}", proxy.addr));
-    let pull = |ns: &str, image: &str| {
-        let mut c = ctrd.ctr(ns);
-        c.args(["image", "pull", "--snapshotter", "native", "--hosts-dir"])
-            .arg(&hosts)
-            .arg(image);
-        c
-    };
+    let pull = |ns: &str, image: &str| ctrd.pull(ns, &hosts, image);
     real::run(&mut pull("one", "docker.io/library/testimg:3.0"));
     let images = real::run(ctrd.ctr("one").args(["image", "ls", "-q"]));
     assert!(images.contains("docker.io/library/testimg:3.0"), "{images}");
@@ -440,13 +434,7 @@ async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containe
     // containerd: pulls the signed multi-arch image (index, then one child by digest).
     let ctrd = Containerd::start(&w.join("ctrd"));
     let hosts = ctrd.hosts_dir("docker.io", &format!("http://{p}"));
-    let ctr_pull = |image: &str| {
-        let mut c = ctrd.ctr("sig");
-        c.args(["image", "pull", "--snapshotter", "native", "--hosts-dir"])
-            .arg(&hosts)
-            .arg(image);
-        c
-    };
+    let ctr_pull = |image: &str| ctrd.pull("sig", &hosts, image);
     real::run(&mut ctr_pull("docker.io/library/app:signed"));
     let out = real::run_failing(&mut ctr_pull("docker.io/library/app:unsigned"));
     assert!(out.contains("403"), "{out}");

@@ -13,6 +13,17 @@ use std::sync::Arc;
 use common::Proxy;
 use real::{assert_same_blobs, noise, pull, push, Containerd, Layout, Registry, RegistryAuth};
 
+/// The pullgate binary, with `args` and `--config CONFIG`.
+fn pullgate(args: &[&str], config: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pullgate"));
+    c.args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY");
+    c
+}
+
 /// The manifest digest a pulled layout holds under `pulled`.
 fn pulled_digest(out: &Path) -> String {
     let index: serde_json::Value =
@@ -136,13 +147,10 @@ match = ["**"]
 
     // `pullgate pin` freezes library/pinned:1 at v1 through policy, then the
     // upstream tag moves to v2.
-    let out = real::run(
-        Command::new(env!("CARGO_BIN_EXE_pullgate"))
-            .args(["pin", "docker.io/library/pinned:1", "--config"])
-            .arg(&config_path)
-            .env_remove("HTTP_PROXY")
-            .env_remove("HTTPS_PROXY"),
-    );
+    let out = real::run(&mut pullgate(
+        &["pin", "docker.io/library/pinned:1"],
+        &config_path,
+    ));
     assert!(
         out.contains(&format!(
             "pinned docker.io/library/pinned:1 to {}",
@@ -207,13 +215,10 @@ match = ["**"]
     );
 
     // `pullgate verify` explains what a pull of the drifted tag gets.
-    let out = real::run(
-        Command::new(env!("CARGO_BIN_EXE_pullgate"))
-            .args(["verify", "docker.io/library/app:stable", "--config"])
-            .arg(&config_path)
-            .env_remove("HTTP_PROXY")
-            .env_remove("HTTPS_PROXY"),
-    );
+    let out = real::run(&mut pullgate(
+        &["verify", "docker.io/library/app:stable"],
+        &config_path,
+    ));
     assert!(
         out.contains(&format!(
             "tag drift: the tag was last approved at {}",
@@ -229,13 +234,7 @@ match = ["**"]
     // containerd gets the kept digest too.
     let ctrd = Containerd::start(&w.join("ctrd"));
     let hosts = ctrd.hosts_dir("docker.io", &format!("http://{p}"));
-    let ctr_pull = |ns: &str, image: &str| {
-        let mut c = ctrd.ctr(ns);
-        c.args(["image", "pull", "--snapshotter", "native", "--hosts-dir"])
-            .arg(&hosts)
-            .arg(image);
-        c
-    };
+    let ctr_pull = |ns: &str, image: &str| ctrd.pull(ns, &hosts, image);
     real::run(&mut ctr_pull("drift", "docker.io/library/app:stable"));
     let listed = real::run(ctrd.ctr("drift").args(["image", "ls"]));
     assert!(listed.contains(&v1.digest), "{listed}");
@@ -400,13 +399,7 @@ match = ["**"]
     // containerd: index, then its platform's manifest by digest.
     let ctrd = Containerd::start(&w.join("ctrd"));
     let hosts = ctrd.hosts_dir("docker.io", &format!("http://{p}"));
-    let ctr_pull = |ns: &str, image: &str| {
-        let mut c = ctrd.ctr(ns);
-        c.args(["image", "pull", "--snapshotter", "native", "--hosts-dir"])
-            .arg(&hosts)
-            .arg(image);
-        c
-    };
+    let ctr_pull = |ns: &str, image: &str| ctrd.pull(ns, &hosts, image);
     real::run(&mut ctr_pull("one", "docker.io/acme/app:1"));
     let out = real::run_failing(&mut ctr_pull("one", "docker.io/acme/app:other"));
     assert!(out.contains("403"), "{out}");

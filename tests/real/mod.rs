@@ -501,6 +501,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         c
     }
 
+    /// `ctr image pull IMAGE` in `namespace`, through the hosts directory
+    /// that [`Containerd::hosts_dir`] wrote.
+    pub fn pull(&self, namespace: &str, hosts: &Path, image: &str) -> Command {
+        let mut c = self.ctr(namespace);
+        c.args(["image", "pull", "--snapshotter", "native", "--hosts-dir"])
+            .arg(hosts)
+            .arg(image);
+        c
+    }
+
     /// Writes `hosts/<registry>/hosts.toml` making `server` the only host.
     pub fn hosts_dir(&self, registry: &str, server: &str) -> PathBuf {
         let hosts = self.dir.join("hosts");
