@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of pullgate's hot paths: route parsing, digest
 //! hashing, store lookups, a whole cached manifest request through the
-//! handler (no network), signature and base checks, and the cost of
+//! pipeline (no network), signature and base checks, and the cost of
 //! configured rewrites and pins.
 //!
 //! Run: `cargo bench --bench micro`
@@ -16,9 +16,51 @@ use http::Request;
 use http_body_util::Empty;
 
 use pullgate::names::{Digest, Hasher};
+use pullgate::oci::Manifest;
 use pullgate::route::{parse_path, PathKind, Router};
-use pullgate::store::{StoredManifest, TagKey, TagRecord};
+use pullgate::store::{TagKey, TagRecord};
 use pullgate::{App, Config};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A 1.5 KB image manifest (the size of a typical one).
+fn a_manifest() -> Manifest {
+    let config = Digest::of(b"config");
+    let layers: Vec<_> = (0..8)
+        .map(|n| {
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": Digest::of(format!("layer {n}").as_bytes()).to_string(), "size": 1000 + n})
+        })
+        .collect();
+    let bytes = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.to_string(), "size": 6},
+        "layers": layers,
+    }))
+    .unwrap();
+    Manifest::parse(Digest::of(&bytes), None, Bytes::from(bytes)).unwrap()
+}
+
+/// Records a fresh tag.
+fn put_tag(rt: &tokio::runtime::Runtime, app: &App, key: &TagKey, digest: Digest) {
+    rt.block_on(app.store.update_tag(
+        key,
+        Box::new(move |_| {
+            Some(TagRecord {
+                digest,
+                checked: SystemTime::now(),
+                approved: None,
+            })
+        }),
+    ))
+    .unwrap();
+}
 
 fn routing(c: &mut Criterion) {
     let router = Router::new([
@@ -66,30 +108,16 @@ fn app_with_cached_manifest(
         dir.join("data").display()
     );
     let app = App::new(Config::parse(&text, "bench", dir).unwrap()).unwrap();
-    let bytes = Bytes::from(vec![b' '; 1500]);
-    let digest = Digest::of(&bytes);
-    app.store
-        .put_manifest(Arc::new(StoredManifest {
-            digest,
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            bytes,
-        }))
-        .unwrap();
+    let m = a_manifest();
+    let digest = m.digest;
+    let rt = runtime();
+    rt.block_on(app.store.put_manifest(Arc::new(m))).unwrap();
     let key = TagKey {
         upstream: Arc::from("docker.io"),
         repo: "library/alpine".parse().unwrap(),
         tag: "3.20".parse().unwrap(),
     };
-    app.store
-        .put_tag(
-            &key,
-            TagRecord {
-                digest,
-                checked: SystemTime::now(),
-                approved: None,
-            },
-        )
-        .unwrap();
+    put_tag(&rt, &app, &key, digest);
     (app, digest)
 }
 
@@ -143,8 +171,8 @@ fn store_and_handler(c: &mut Criterion) {
     };
     c.bench_function("store: tag + manifest lookup (cached)", |b| {
         b.iter(|| {
-            let rec = app.store.get_tag(black_box(&key)).unwrap();
-            black_box(app.store.get_manifest(&rec.digest).unwrap().unwrap())
+            let rec = app.store.cached_tag(black_box(&key)).unwrap();
+            black_box(app.store.cached_manifest(&rec.digest).unwrap())
         })
     });
     let _ = digest;
@@ -196,18 +224,14 @@ fn cached_verdict(c: &mut Criterion) {
         "[keys]\nk = \"k.pub\"",
         "[[policy]]\nname = \"signed\"\nmatch = [\"**\"]\nsigned_by = [\"k\"]\n",
     );
-    pullgate::approvals::record(
-        &dir.path().join("data"),
+    let rt = runtime();
+    rt.block_on(pullgate::approvals::record(
+        &*app.store,
         "docker.io/library/alpine",
         &digest,
         &key,
-    )
+    ))
     .unwrap();
-    let _ = digest;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     // The first request reaches the verdict; the rest find it cached.
     let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
     assert_eq!(
@@ -229,7 +253,8 @@ fn cached_verdict(c: &mut Criterion) {
 /// checked (the worst case), as a pure prefix compare and with the manifest
 /// parse in front.
 fn base_check(c: &mut Criterion) {
-    use pullgate::bases::{check_manifest, BaseImage, BaseTable, Platform, Source};
+    use pullgate::bases::{check_manifest, BaseImage, BaseTable, Source};
+    use pullgate::oci::Platform;
     let layer = |set: usize, n: usize| Digest::of(format!("{set}/{n}").as_bytes());
     let mut table = BaseTable::default();
     for set in 0..10 {
@@ -261,14 +286,11 @@ fn base_check(c: &mut Criterion) {
         })).collect::<Vec<_>>(),
     }))
     .unwrap();
-    let m = StoredManifest {
-        digest: Digest::of(&manifest),
-        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-        bytes: Bytes::from(manifest),
-    };
+    let manifest = Bytes::from(manifest);
+    let digest = Digest::of(&manifest);
     struct NoFetch;
     impl Source for NoFetch {
-        async fn manifest(&self, _: Digest) -> Result<Arc<StoredManifest>, String> {
+        async fn manifest(&self, _: Digest) -> Result<Arc<Manifest>, String> {
             Err("not needed".into())
         }
         async fn platform(&self, _: Digest) -> Option<Platform> {
@@ -282,8 +304,10 @@ fn base_check(c: &mut Criterion) {
         "bases: check a 30-layer manifest (parse + prefix) vs 10 bases",
         |b| {
             b.iter(|| {
+                // The parse happens once per manifest, when it arrives.
+                let m = Manifest::parse(digest, None, black_box(manifest.clone())).unwrap();
                 let out = rt
-                    .block_on(check_manifest(&table, &sets, black_box(&m), &NoFetch))
+                    .block_on(check_manifest(&table, &sets, &m, &NoFetch))
                     .unwrap();
                 assert!(out.passes);
                 black_box(out)
@@ -306,11 +330,7 @@ fn cached_base_verdict(c: &mut Criterion) {
             })).collect::<Vec<_>>(),
         }))
         .unwrap();
-        StoredManifest {
-            digest: Digest::of(&bytes),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            bytes: Bytes::from(bytes),
-        }
+        Manifest::parse(Digest::of(&bytes), None, Bytes::from(bytes)).unwrap()
     };
     let layers: Vec<Digest> = (0..30)
         .map(|n| Digest::of(format!("l{n}").as_bytes()))
@@ -327,27 +347,16 @@ fn cached_base_verdict(c: &mut Criterion) {
     );
     let app = App::new(Config::parse(&text, "bench", dir.path()).unwrap()).unwrap();
     let image_digest = image.digest;
-    app.store.put_manifest(Arc::new(base)).unwrap();
-    app.store.put_manifest(Arc::new(image)).unwrap();
+    let rt = runtime();
+    rt.block_on(app.store.put_manifest(Arc::new(base))).unwrap();
+    rt.block_on(app.store.put_manifest(Arc::new(image)))
+        .unwrap();
     let key = TagKey {
         upstream: Arc::from("docker.io"),
         repo: "library/alpine".parse().unwrap(),
         tag: "3.20".parse().unwrap(),
     };
-    app.store
-        .put_tag(
-            &key,
-            TagRecord {
-                digest: image_digest,
-                checked: SystemTime::now(),
-                approved: None,
-            },
-        )
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    put_tag(&rt, &app, &key, image_digest);
     rt.block_on(app.refresh_bases());
     let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
     assert_eq!(
@@ -387,7 +396,7 @@ fn rewrites_and_pins(c: &mut Criterion) {
         &format!("{rules}[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n"),
     );
     let config = app.config();
-    let rewrites = pullgate::rewrite::Rewrites::new(&config.rewrites);
+    let rewrites = pullgate::route::rewrite::Rewrites::new(&config.rewrites);
     c.bench_function("rewrite: apply, 100 rules, no match", |b| {
         b.iter(|| black_box(rewrites.apply(black_box("docker.io/library/alpine"))))
     });

@@ -9,7 +9,8 @@
 //! file is reopened on SIGHUP, for logrotate. Without `[audit] path`, the
 //! same records go to the structured log. Denials also go to an in-memory
 //! ring and hourly counters that `/api/denials` and `/api/stats` read.
-//! Depends on `config`, `names`, `metrics`.
+//! [`probe`] checks at start-up that the file can be opened. Depends on
+//! `config`, `policy`, `oci`, `metrics`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -22,9 +23,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::config::Mode;
+use crate::config::{Config, ConfigError, Mode, Problem};
 use crate::metrics::Metrics;
-use crate::names::Digest;
+use crate::oci::names::Digest;
+use crate::policy::Reason;
 
 /// Recent denials kept for the dashboard.
 const RING: usize = 1000;
@@ -43,7 +45,7 @@ pub struct Record {
     pub policy: Option<String>,
     pub mode: &'static str,
     /// Empty for an approval.
-    pub reasons: Vec<&'static str>,
+    pub reasons: Vec<Reason>,
     /// `deny`, `would-deny` or `allow`.
     pub decision: &'static str,
     /// What the client was told.
@@ -71,7 +73,7 @@ impl Record {
         digest: Option<&Digest>,
         policy: Option<&str>,
         mode: Mode,
-        reasons: &[&'static str],
+        reasons: &[Reason],
         message: String,
     ) -> Record {
         let now = SystemTime::now();
@@ -281,7 +283,7 @@ impl Audit {
         for r in &recent.ring {
             *names.entry(&r.name).or_default() += 1;
             for reason in &r.reasons {
-                *reasons.entry(reason).or_default() += 1;
+                *reasons.entry(reason.slug()).or_default() += 1;
             }
         }
         let top = |m: HashMap<&str, u64>, key: &str| {
@@ -312,6 +314,22 @@ impl Audit {
             "bytes_served": {"cache": bytes("cache"), "upstream": bytes("upstream")},
         })
     }
+}
+
+/// Checks at start-up that the audit log can be opened for appending
+/// (creating it), reported like a config problem: `audit.path` and its line.
+pub fn probe(config: &Config) -> Result<(), ConfigError> {
+    let Some(path) = &config.audit.path else {
+        return Ok(());
+    };
+    open(path).map(drop).map_err(|e| ConfigError {
+        source: config.source.clone(),
+        problems: vec![Problem {
+            key: "audit.path".into(),
+            line: config.audit.path_line,
+            message: format!("cannot open {:?} for appending: {e}", path.display()),
+        }],
+    })
 }
 
 /// Opens (creating) a log file for appending.
@@ -356,7 +374,21 @@ fn write_loop(path: PathBuf, mut file: File, pending: Arc<Pending>, metrics: Arc
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_unwritable_audit_path_is_a_config_error() {
+        let config = Config::parse("[audit]\npath = \"/proc/no-such-dir/audit.jsonl\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n", "test.toml", Path::new("/etc/pullgate")).unwrap();
+        let err = probe(&config).unwrap_err();
+        assert_eq!(err.problems[0].key, "audit.path");
+        assert_eq!(err.problems[0].line, Some(2));
+        assert!(err.problems[0].message.contains("cannot open"), "{err}");
+    }
+
     fn record(name: &str, mode: Mode, reasons: &[&'static str]) -> Record {
+        let reasons: Vec<Reason> = reasons
+            .iter()
+            .map(|s| Reason::ALL.into_iter().find(|r| r.slug() == *s).unwrap())
+            .collect();
+        let reasons = &reasons[..];
         Record::new(
             "127.0.0.1:40000".parse().unwrap(),
             name,

@@ -1,49 +1,53 @@
 //! pullgate: a caching reverse proxy for OCI and Docker registries that
 //! serves only approved content.
 //!
-//! A request moves through these modules, each with one job; dependencies
-//! point down this list, never up:
+//! A request moves down these modules; dependencies point down this list,
+//! never up (a lower module never names a higher one):
 //!
-//! - [`server`]: listeners, connections, graceful shutdown.
-//! - [`zerocopy`]: cached blobs sent with `sendfile` under hyper.
-//! - [`handler`]: the pipeline, the only module that spells out the flow.
-//! - [`route`]: `/v2/<name>/...` to an upstream and a repository.
-//! - [`policy`]: which rule governs a name, and its verdict.
-//! - [`verify`]: the signature requirement, with cached verdicts.
-//! - [`fetch`]: one upstream fetch shared by every waiting client.
-//! - [`upstream`]: HTTP to registries, token auth, redirects.
-//! - [`store`]: content-addressed files, tags, LRU eviction.
-//! - [`config`]: the TOML file, validated before anything starts.
-//! - [`keys`]: trusted public keys and signature checks.
-//! - [`cosign`]: the cosign signature wire format.
-//! - [`approvals`]: approvals pullgate holds itself (`pullgate approve`).
-//! - [`audit`]: the audit log and the decisions behind the dashboard.
-//! - [`metrics`], [`error`], [`body`], [`names`]: shared vocabulary.
+//! - [`server`]: listeners, connections, graceful shutdown, the admin
+//!   endpoints.
+//! - [`pipeline`]: the only module that spells out the flow, one request
+//!   context per request, errors turned into responses in one place;
+//!   `pullgate verify` runs it with a trace.
+//! - [`route`]: `/v2/<name>/...` to an upstream and a repository; name
+//!   rewrites.
+//! - [`policy`]: which rule governs a name, its verdict and reasons.
+//! - [`verify`]: signatures (local approvals, cosign `.sig` tags, sigstore
+//!   bundles), base images, and the verdict cache.
+//! - [`content`]: the store first, then a remote; one fetch per blob,
+//!   manifest or tag however many clients ask; stale-if-error.
+//! - [`store`]: content by digest and its metadata, a trait with a
+//!   filesystem and a memory implementation.
+//! - [`remote`]: where content comes from when the store lacks it (an
+//!   upstream registry today).
+//! - [`audit`], [`metrics`]: what is recorded and counted.
+//! - [`oci`]: names, digests, typed manifests, the spec's error JSON.
+//! - [`config`] (with [`keys`]): the TOML file, validated before anything
+//!   starts; a leaf.
+//! - [`zerocopy`], [`body`], [`fsutil`], [`trace`]: small shared pieces.
 
 #![forbid(unsafe_code)]
 
-pub mod approvals;
 pub mod audit;
-pub mod bases;
 pub mod body;
 pub mod config;
-pub mod cosign;
-pub mod error;
-pub mod explain;
-pub mod fetch;
-pub mod handler;
+pub mod content;
+pub mod fsutil;
 pub mod keys;
 pub mod metrics;
-pub mod names;
+pub mod oci;
+pub mod pipeline;
 pub mod policy;
-pub mod rewrite;
+pub mod remote;
 pub mod route;
 pub mod server;
 pub mod store;
-pub mod upstream;
+pub mod trace;
 pub mod verify;
 pub mod zerocopy;
 
 pub use config::Config;
-pub use handler::App;
+pub use oci::names;
+pub use pipeline::App;
 pub use server::{serve, serve_admin, Shutdown};
+pub use verify::{approvals, bases, cosign};

@@ -3,13 +3,12 @@
 //! First matching `[[policy]]` wins; a name that matches none is denied.
 //! What the name alone decides (no policy, `deny = true`) is settled here;
 //! signature and base checks (`verify`) start from this verdict. Depends on
-//! `config`, `names`, `error`.
+//! `config`, `oci`.
 
-use serde_json::json;
+use std::sync::Arc;
 
 use crate::config::{Mode, PolicyConfig};
-use crate::error::ApiError;
-use crate::names::Digest;
+use crate::oci::names::Digest;
 
 /// The ordered policy list of one config generation.
 #[derive(Debug, Clone)]
@@ -17,34 +16,102 @@ pub struct Policies {
     list: Vec<PolicyConfig>,
 }
 
-/// Why something was (or would be) blocked; stable slugs used in responses,
-/// metrics and logs.
-pub mod reason {
-    pub const NO_POLICY: &str = "no-policy";
-    pub const DENIED_BY_POLICY: &str = "denied-by-policy";
-    pub const UNSIGNED: &str = "unsigned";
-    pub const BAD_SIGNATURE: &str = "bad-signature";
-    pub const VERIFICATION_UNAVAILABLE: &str = "verification-unavailable";
-    pub const NOT_APPROVED: &str = "not-approved";
-    pub const TAG_NOT_ALLOWED: &str = "tag-not-allowed";
-    pub const BASE_NOT_ALLOWED: &str = "base-not-allowed";
+/// Why something was (or would be) blocked: a stable slug in responses,
+/// metrics and logs, and words for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    NoPolicy,
+    DeniedByPolicy,
+    Unsigned,
+    BadSignature,
+    VerificationUnavailable,
+    NotApproved,
+    TagNotAllowed,
+    BaseNotAllowed,
+}
+
+impl Reason {
+    /// Every reason, for docs and for metrics that start at zero.
+    pub const ALL: [Reason; 8] = [
+        Reason::NoPolicy,
+        Reason::DeniedByPolicy,
+        Reason::Unsigned,
+        Reason::BadSignature,
+        Reason::VerificationUnavailable,
+        Reason::NotApproved,
+        Reason::TagNotAllowed,
+        Reason::BaseNotAllowed,
+    ];
+
+    /// The stable slug (`unsigned`, `base-not-allowed`, ...).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Reason::NoPolicy => "no-policy",
+            Reason::DeniedByPolicy => "denied-by-policy",
+            Reason::Unsigned => "unsigned",
+            Reason::BadSignature => "bad-signature",
+            Reason::VerificationUnavailable => "verification-unavailable",
+            Reason::NotApproved => "not-approved",
+            Reason::TagNotAllowed => "tag-not-allowed",
+            Reason::BaseNotAllowed => "base-not-allowed",
+        }
+    }
+
+    /// The reason in words, as sent to clients.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::NoPolicy => "no policy matches this name",
+            Reason::DeniedByPolicy => "the policy denies everything it matches",
+            Reason::Unsigned => "no signature by a trusted key was found",
+            Reason::BadSignature => "signatures were found but none verifies with a trusted key",
+            Reason::TagNotAllowed => {
+                "the policy does not allow pulling this tag (require_digest or deny_tags); pull by digest"
+            }
+            Reason::BaseNotAllowed => "the image is not built on an allowed base image",
+            Reason::NotApproved => {
+                "the blob is not part of an approved manifest of this repository"
+            }
+            Reason::VerificationUnavailable => {
+                "signatures could not be fetched from the upstream, and no earlier verdict is known"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.slug())
+    }
+}
+
+/// A reason equals its slug.
+impl PartialEq<&str> for Reason {
+    fn eq(&self, slug: &&str) -> bool {
+        self.slug() == *slug
+    }
+}
+
+impl serde::Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.slug())
+    }
 }
 
 /// The outcome of evaluating one name (and, for manifests, one digest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     /// The policy that matched, if any.
-    pub policy: Option<String>,
+    pub policy: Option<Arc<str>>,
     pub mode: Mode,
     /// Empty when the content passes.
-    pub reasons: Vec<&'static str>,
+    pub reasons: Vec<Reason>,
     /// Specifics in words: which base matched, or how close the image came.
     pub detail: Option<std::sync::Arc<str>>,
 }
 
 impl Verdict {
     /// A verdict of `policy`; it passes when `reasons` is empty.
-    pub fn of(policy: &PolicyConfig, reasons: Vec<&'static str>) -> Verdict {
+    pub fn of(policy: &PolicyConfig, reasons: Vec<Reason>) -> Verdict {
         Verdict {
             policy: Some(policy.name.clone()),
             mode: policy.mode,
@@ -73,7 +140,7 @@ impl Verdict {
         let words: Vec<String> = self
             .reasons
             .iter()
-            .map(|r| format!("{} [{r}]", describe(r)))
+            .map(|r| format!("{} [{r}]", r.describe()))
             .collect();
         match &self.policy {
             Some(p) => match &self.detail {
@@ -90,18 +157,6 @@ impl Verdict {
                 format!("blocked: no policy matches {canonical:?}, and unmatched names are denied [no-policy]")
             }
         }
-    }
-
-    /// The `403 DENIED` answer (see docs/configuration.md).
-    pub fn denial(&self, canonical: &str, digest: Option<&Digest>) -> ApiError {
-        let mut detail = json!({
-            "policy": self.policy,
-            "reasons": self.reasons,
-        });
-        if let Some(d) = digest {
-            detail["digest"] = json!(d.to_string());
-        }
-        ApiError::denied(self.message(canonical)).with_detail(detail)
     }
 
     /// The `Warning` header value for audit mode.
@@ -148,24 +203,6 @@ pub fn tag_step(
     }
 }
 
-fn describe(slug: &str) -> &'static str {
-    match slug {
-        reason::NO_POLICY => "no policy matches this name",
-        reason::DENIED_BY_POLICY => "the policy denies everything it matches",
-        reason::UNSIGNED => "no signature by a trusted key was found",
-        reason::BAD_SIGNATURE => "signatures were found but none verifies with a trusted key",
-        reason::TAG_NOT_ALLOWED => {
-            "the policy does not allow pulling this tag (require_digest or deny_tags); pull by digest"
-        }
-        reason::BASE_NOT_ALLOWED => "the image is not built on an allowed base image",
-        reason::NOT_APPROVED => "the blob is not part of an approved manifest of this repository",
-        reason::VERIFICATION_UNAVAILABLE => {
-            "signatures could not be fetched from the upstream, and no earlier verdict is known"
-        }
-        _ => "policy requirement not met",
-    }
-}
-
 impl Policies {
     pub fn new(list: Vec<PolicyConfig>) -> Policies {
         Policies { list }
@@ -189,10 +226,10 @@ impl Policies {
             None => Verdict {
                 policy: None,
                 mode: Mode::Enforce,
-                reasons: vec![reason::NO_POLICY],
+                reasons: vec![Reason::NoPolicy],
                 detail: None,
             },
-            Some(p) if p.deny => Verdict::of(p, vec![reason::DENIED_BY_POLICY]),
+            Some(p) if p.deny => Verdict::of(p, vec![Reason::DeniedByPolicy]),
             Some(p) => Verdict::of(p, Vec::new()),
         }
     }
@@ -233,7 +270,7 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
         let v = p.evaluate("ghcr.io/other/app");
         assert_eq!(
             (v.policy.as_deref(), v.reasons.as_slice()),
-            (None, &["no-policy"][..])
+            (None, &[Reason::NoPolicy][..])
         );
         assert!(v.blocks());
     }
@@ -243,7 +280,7 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
         let mut keep = policies("[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n").list[0].clone();
         let (old, new) = (Digest::of(b"old"), Digest::of(b"new"));
         let pass = Verdict::of(&keep, Vec::new());
-        let deny = Verdict::of(&keep, vec![reason::UNSIGNED]);
+        let deny = Verdict::of(&keep, vec![Reason::Unsigned]);
         // Passing content is recorded once.
         assert_eq!(tag_step(&keep, &pass, None, new), TagStep::RecordApproved);
         assert_eq!(
@@ -283,22 +320,5 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
             w.starts_with("299 - \"pullgate: would block: blocked by policy 'watch'"),
             "{w}"
         );
-    }
-
-    #[test]
-    fn denial_body_names_policy_reasons_and_digest() {
-        let p = policies("[[policy]]\nname = \"no\"\nmatch = [\"**\"]\ndeny = true\n");
-        let d = Digest::of(b"m");
-        let e = p.evaluate("ghcr.io/a/b").denial("ghcr.io/a/b", Some(&d));
-        let v: serde_json::Value = serde_json::from_slice(&e.body_json()).unwrap();
-        let err = &v["errors"][0];
-        assert_eq!(err["code"], "DENIED");
-        assert_eq!(err["detail"]["policy"], "no");
-        assert_eq!(err["detail"]["reasons"][0], "denied-by-policy");
-        assert_eq!(err["detail"]["digest"], d.to_string());
-        assert!(err["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("blocked by policy \"no\""));
     }
 }

@@ -12,7 +12,8 @@
 //! ranges are queued in the order hyper writes their frames; a placeholder
 //! and the range at the head of the queue always have the same length left,
 //! and any disagreement aborts the connection rather than send wrong bytes.
-//! Depends on `body`, `metrics`, `store`.
+//! The server wraps connections; the pipeline builds the bodies. Depends on
+//! `body`, `metrics`, `store`.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -168,7 +169,7 @@ impl AsyncWrite for Stream {
 /// A body that sends `[start, end)` of a stored blob through `queue`.
 pub fn body(
     queue: Queue,
-    file: File,
+    file: Arc<File>,
     start: u64,
     end: u64,
     guard: ReadGuard,
@@ -184,7 +185,7 @@ pub fn body(
     }
     let state = State {
         queue,
-        file: Arc::new(file),
+        file,
         pos: start,
         end,
         _guard: guard,

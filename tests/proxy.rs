@@ -1,5 +1,6 @@
 //! pullgate in-process in front of a fake upstream that counts requests and
-//! injects faults.
+//! injects faults. Every test runs twice: on the filesystem store (`fs::`)
+//! and on the memory store (`memory::`).
 
 mod common;
 
@@ -13,7 +14,6 @@ use tokio::sync::Semaphore;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-#[tokio::test]
 async fn manifest_by_tag_and_digest_is_fetched_once_then_served_from_cache() {
     let fake = Fake::start().await;
     let (digest, _) = fake.put_image("library/alpine", "3.20", &[noise(1000, 1)]);
@@ -67,7 +67,6 @@ async fn manifest_by_tag_and_digest_is_fetched_once_then_served_from_cache() {
     );
 }
 
-#[tokio::test]
 async fn a_client_accepting_anything_gets_the_manifest() {
     let fake = Fake::start().await;
     fake.put_image("library/app", "v1", &[noise(10, 1)]);
@@ -83,7 +82,6 @@ async fn a_client_accepting_anything_gets_the_manifest() {
     assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
 }
 
-#[tokio::test]
 async fn routing_styles_reach_the_right_upstream_repository() {
     let fake = Fake::start().await;
     let ghcr = Fake::start().await;
@@ -124,7 +122,6 @@ async fn routing_styles_reach_the_right_upstream_repository() {
         .contains("docker.io, ghcr.io"));
 }
 
-#[tokio::test]
 async fn concurrent_cold_blob_requests_cause_exactly_one_upstream_fetch() {
     let fake = Fake::start().await;
     let blob = noise(3 * 1024 * 1024 + 17, 7);
@@ -181,7 +178,6 @@ async fn concurrent_cold_blob_requests_cause_exactly_one_upstream_fetch() {
     );
 }
 
-#[tokio::test]
 async fn a_client_that_disconnects_does_not_stop_the_fetch() {
     let fake = Fake::start().await;
     let blob = noise(2 * 1024 * 1024, 3);
@@ -215,7 +211,6 @@ async fn a_client_that_disconnects_does_not_stop_the_fetch() {
     assert_eq!(fake.hits("GET", &path), 1);
 }
 
-#[tokio::test]
 async fn wrong_bytes_abort_every_transfer_and_store_nothing() {
     let fake = Fake::start().await;
     let blob = noise(300_000, 9);
@@ -230,7 +225,7 @@ async fn wrong_bytes_abort_every_transfer_and_store_nothing() {
     );
     let d: pullgate::names::Digest = digest.parse().unwrap();
     assert!(!proxy.app.store.has_blob(&d));
-    assert!(!proxy.app.store.blob_path(&d).exists());
+    assert!(proxy.app.store.open(&d).await.unwrap().is_none());
     assert_eq!(
         proxy.metric("pullgate_digest_mismatches_total{upstream=\"docker.io\"}"),
         1.0
@@ -241,7 +236,6 @@ async fn wrong_bytes_abort_every_transfer_and_store_nothing() {
     assert_eq!(fake.hits("GET", &path), 2);
 }
 
-#[tokio::test]
 async fn truncated_and_stalled_upstream_bodies_fail_cleanly() {
     let fake = Fake::start().await;
     let blob = noise(500_000, 11);
@@ -268,17 +262,20 @@ async fn truncated_and_stalled_upstream_bodies_fail_cleanly() {
 
     let d: pullgate::names::Digest = digest.parse().unwrap();
     assert!(!proxy.app.store.has_blob(&d));
-    let tmp = proxy.dir.path().join("data/tmp");
-    assert_eq!(
-        std::fs::read_dir(tmp).unwrap().count(),
-        0,
-        "failed fetches leave no temp files"
-    );
+    // (A memory store has no temp files; its writers' abort on drop is a
+    // unit test of the store.)
+    if common::store_kind() == common::StoreKind::Fs {
+        let tmp = proxy.dir.path().join("data/tmp");
+        assert_eq!(
+            std::fs::read_dir(tmp).unwrap().count(),
+            0,
+            "failed fetches leave no temp files"
+        );
+    }
     let r = proxy.get(&path).await;
     assert_eq!(r.bytes().await.unwrap(), blob);
 }
 
-#[tokio::test]
 async fn ranges_are_served_from_cache_and_while_fetching() {
     let fake = Fake::start().await;
     let blob = noise(1_000_000, 5);
@@ -329,7 +326,6 @@ async fn ranges_are_served_from_cache_and_while_fetching() {
     assert_eq!(fake.hits("GET", &path), 1);
 }
 
-#[tokio::test]
 async fn tags_are_revalidated_and_served_stale_when_the_upstream_fails() {
     let fake = Fake::start().await;
     let (d1, _) = fake.put_image("library/app", "v1", &[noise(100, 1)]);
@@ -438,7 +434,6 @@ fn tag_key(repo: &str, tag: &str) -> pullgate::store::TagKey {
     }
 }
 
-#[tokio::test]
 async fn a_restarted_proxy_serves_tags_and_blobs_with_the_upstream_gone() {
     let fake = Fake::start().await;
     let (digest, layers) = fake.put_image("library/app", "v1", &[noise(70_000, 4)]);
@@ -474,7 +469,6 @@ async fn a_restarted_proxy_serves_tags_and_blobs_with_the_upstream_gone() {
     assert_eq!(again, blob);
 }
 
-#[tokio::test]
 async fn token_auth_caches_tokens_and_refreshes_them_on_401() {
     let fake = Fake::start().await;
     fake.set_auth(Some(Auth::Token {
@@ -516,7 +510,6 @@ async fn token_auth_caches_tokens_and_refreshes_them_on_401() {
     );
 }
 
-#[tokio::test]
 async fn wrong_credentials_and_basic_auth() {
     let fake = Fake::start().await;
     fake.set_auth(Some(Auth::Basic {
@@ -540,7 +533,6 @@ async fn wrong_credentials_and_basic_auth() {
     assert!(v.to_string().contains("Basic credentials"), "{v}");
 }
 
-#[tokio::test]
 async fn redirects_to_another_host_get_no_credentials() {
     let fake = Fake::start().await;
     let cdn = Fake::start().await;
@@ -590,7 +582,6 @@ async fn redirects_to_another_host_get_no_credentials() {
         .all(|(_, a)| a.as_deref() != Some("Bearer client-secret")));
 }
 
-#[tokio::test]
 async fn bad_requests_get_precise_spec_errors() {
     let fake = Fake::start().await;
     let proxy = Proxy::start(&fake, Options::default()).await;
@@ -646,7 +637,6 @@ async fn bad_requests_get_precise_spec_errors() {
     assert_eq!(proxy.get("/v2/").await.status(), 200);
 }
 
-#[tokio::test]
 async fn bad_manifests_from_upstream_are_refused_and_not_stored() {
     let fake = Fake::start().await;
     let (digest, _) = fake.put_image("library/a", "1", &[noise(10, 1)]);
@@ -682,7 +672,7 @@ async fn bad_manifests_from_upstream_are_refused_and_not_stored() {
     .await;
     assert_eq!(s, 502, "{v}");
     let d: pullgate::names::Digest = digest.parse().unwrap();
-    assert!(proxy.app.store.get_manifest(&d).unwrap().is_none());
+    assert!(proxy.app.store.manifest(&d).await.unwrap().is_none());
     // Upstream trouble is passed on precisely: 429 keeps its Retry-After.
     fake.fault(
         Some(Method::GET),
@@ -697,7 +687,6 @@ async fn bad_manifests_from_upstream_are_refused_and_not_stored() {
     assert_eq!(proxy.get("/v2/library/a/manifests/1").await.status(), 200);
 }
 
-#[tokio::test]
 async fn policy_denies_with_spec_json_and_audit_mode_warns() {
     let fake = Fake::start().await;
     let (digest, layers) = fake.put_image("evil/app", "1", &[noise(10, 1)]);
@@ -764,7 +753,6 @@ match = ["docker.io/library/*"]
     assert!(m.contains("pullgate_blocked_pulls_total{mode=\"audit\",reason=\"denied-by-policy\",upstream=\"docker.io\"} 1"), "{m}");
 }
 
-#[tokio::test]
 async fn least_recently_used_blobs_are_evicted_beyond_max_size() {
     let fake = Fake::start().await;
     let blobs: Vec<Bytes> = (0..3).map(|i| noise(400_000, 100 + i)).collect();
@@ -794,7 +782,6 @@ async fn least_recently_used_blobs_are_evicted_beyond_max_size() {
     }
 }
 
-#[tokio::test]
 async fn tags_list_and_referrers_pass_through() {
     let fake = Fake::start().await;
     fake.put_image("acme/app", "v1", &[noise(10, 1)]);
@@ -859,7 +846,6 @@ async fn tags_list_and_referrers_pass_through() {
     assert_eq!(fake.total_hits("/referrers/"), 1);
 }
 
-#[tokio::test]
 async fn cached_blobs_sent_by_sendfile_keep_each_connection_in_step() {
     let fake = Fake::start().await;
     let a = noise(3 * 1024 * 1024 + 1, 21);
@@ -904,7 +890,6 @@ async fn cached_blobs_sent_by_sendfile_keep_each_connection_in_step() {
     assert_eq!(fake.hits("GET", &pa), 1);
 }
 
-#[tokio::test]
 async fn tag_rules_deny_tags_and_require_digests() {
     let fake = Fake::start().await;
     let (digest, _) = fake.put_image("library/app", "latest", &[noise(10, 1)]);
@@ -961,3 +946,44 @@ deny_tags = ["latest", "*-rc*"]
         "denied tags cost no upstream work"
     );
 }
+
+/// Runs each test on both stores.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod fs {
+            $(#[tokio::test]
+            async fn $name() {
+                crate::common::on_store(crate::common::StoreKind::Fs, super::$name()).await
+            })*
+        }
+        mod memory {
+            $(#[tokio::test]
+            async fn $name() {
+                crate::common::on_store(crate::common::StoreKind::Memory, super::$name()).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    manifest_by_tag_and_digest_is_fetched_once_then_served_from_cache,
+    a_client_accepting_anything_gets_the_manifest,
+    routing_styles_reach_the_right_upstream_repository,
+    concurrent_cold_blob_requests_cause_exactly_one_upstream_fetch,
+    a_client_that_disconnects_does_not_stop_the_fetch,
+    wrong_bytes_abort_every_transfer_and_store_nothing,
+    truncated_and_stalled_upstream_bodies_fail_cleanly,
+    ranges_are_served_from_cache_and_while_fetching,
+    tags_are_revalidated_and_served_stale_when_the_upstream_fails,
+    a_restarted_proxy_serves_tags_and_blobs_with_the_upstream_gone,
+    token_auth_caches_tokens_and_refreshes_them_on_401,
+    wrong_credentials_and_basic_auth,
+    redirects_to_another_host_get_no_credentials,
+    bad_requests_get_precise_spec_errors,
+    bad_manifests_from_upstream_are_refused_and_not_stored,
+    policy_denies_with_spec_json_and_audit_mode_warns,
+    least_recently_used_blobs_are_evicted_beyond_max_size,
+    tags_list_and_referrers_pass_through,
+    cached_blobs_sent_by_sendfile_keep_each_connection_in_step,
+    tag_rules_deny_tags_and_require_digests,
+);

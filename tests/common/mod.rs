@@ -526,6 +526,38 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
+/// Which store the pullgate under test keeps its content in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Fs,
+    Memory,
+}
+
+tokio::task_local! {
+    /// The store of the proxies a test starts (the filesystem when unset).
+    static STORE: StoreKind;
+}
+
+/// Runs a test with its proxies on `kind`.
+pub async fn on_store<F: std::future::Future>(kind: StoreKind, test: F) -> F::Output {
+    STORE.scope(kind, test).await
+}
+
+/// The store of the proxies this test starts.
+pub fn store_kind() -> StoreKind {
+    current_store()
+}
+
+fn current_store() -> StoreKind {
+    STORE.try_with(|k| *k).unwrap_or(StoreKind::Fs)
+}
+
+/// Memory stores by data directory, so that a restarted proxy finds what
+/// the one before it stored.
+static MEMORY_STORES: std::sync::LazyLock<
+    Mutex<HashMap<std::path::PathBuf, pullgate::store::MemoryStore>>,
+> = std::sync::LazyLock::new(Default::default);
+
 /// How to configure the pullgate under test.
 #[derive(Clone)]
 pub struct Options {
@@ -616,7 +648,23 @@ idle_timeout = "{idle}"
         // A stopped proxy's store is released when its last task ends.
         let mut tries = 0;
         let app = loop {
-            match App::new(config.clone()) {
+            let started = match current_store() {
+                StoreKind::Fs => App::new(config.clone()),
+                StoreKind::Memory => {
+                    let metrics = Arc::new(pullgate::metrics::Metrics::new());
+                    let max = config.storage.max_size;
+                    let store = MEMORY_STORES
+                        .lock()
+                        .unwrap()
+                        .entry(dir.path().to_path_buf())
+                        .or_insert_with(|| {
+                            pullgate::store::MemoryStore::new(max, Arc::new(Default::default()))
+                        })
+                        .restart(max, metrics.clone());
+                    App::with_store(config.clone(), Arc::new(store), metrics)
+                }
+            };
+            match started {
                 Ok(app) => break app,
                 Err(e) if e.contains("another pullgate") && tries < 100 => {
                     tries += 1;
@@ -675,10 +723,21 @@ idle_timeout = "{idle}"
         String::from_utf8(self.app.metrics.render()).unwrap()
     }
 
-    /// The value of one metric line (exact label set), or 0.
+    /// The value of one metric line (exact label set), or 0 when that
+    /// label set has not been counted yet. Panics for a metric pullgate
+    /// does not export, so a misspelt name cannot pass as zero.
     pub fn metric(&self, line_prefix: &str) -> f64 {
-        self.metrics()
-            .lines()
+        let text = self.metrics();
+        let family = line_prefix.split(['{', ' ']).next().unwrap_or(line_prefix);
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| family.strip_suffix(s))
+            .unwrap_or(family);
+        assert!(
+            self.app.metrics.names.contains(&family),
+            "pullgate exports no metric {family:?}"
+        );
+        text.lines()
             .find(|l| l.starts_with(line_prefix))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())

@@ -3,13 +3,29 @@
 //! Implements the routing contract (docs/configuration.md, "Routing"): `?ns=<host>` first, then a
 //! leading path component naming a configured upstream, then the default
 //! upstream; Docker Hub's one-component names get `library/`. Everything is
-//! validated here, before any other module sees it. Depends on `names`,
-//! `error`.
+//! validated here, before any other module sees it. Name rewrites and tag
+//! pins are in [`rewrite`]. Depends on `oci`, `config`.
+
+pub mod rewrite;
 
 use std::sync::Arc;
 
-use crate::error::ApiError;
-use crate::names::{Digest, Reference, RepoName};
+use crate::oci::names::{Digest, HostError, Hosts, NameError, Reference, RepoName};
+
+/// Why a request path cannot be routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("not a registry API path (expected /v2/...)")]
+    NotRegistryApi,
+    #[error("no registry endpoint at {0:?}")]
+    NoEndpoint(String),
+    #[error("percent-encoded characters are not allowed in repository names or references")]
+    PercentEncoded,
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
 
 /// What a `/v2/<name>/...` request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,19 +60,15 @@ pub enum PathKind {
 }
 
 /// Parses the path of a `/v2/` request.
-pub fn parse_path(path: &str) -> Result<PathKind, ApiError> {
+pub fn parse_path(path: &str) -> Result<PathKind, RouteError> {
     let Some(rest) = path.strip_prefix("/v2") else {
-        return Err(ApiError::name_unknown(
-            "not a registry API path (expected /v2/...)",
-        ));
+        return Err(RouteError::NotRegistryApi);
     };
     if rest.is_empty() || rest == "/" {
         return Ok(PathKind::Base);
     }
     let Some(rest) = rest.strip_prefix('/') else {
-        return Err(ApiError::name_unknown(
-            "not a registry API path (expected /v2/...)",
-        ));
+        return Err(RouteError::NotRegistryApi);
     };
     let segs: Vec<&str> = rest.split('/').collect();
     let n = segs.len();
@@ -65,10 +77,7 @@ pub fn parse_path(path: &str) -> Result<PathKind, ApiError> {
         return Ok(PathKind::Push);
     }
     if n < 3 {
-        return Err(ApiError::name_unknown(format!(
-            "no registry endpoint at {:?}",
-            shorten(path)
-        )));
+        return Err(RouteError::NoEndpoint(shorten(path).to_owned()));
     }
     let last = segs[n - 1];
     // Some clients encode the digest's `:`; nothing else may be encoded.
@@ -81,21 +90,14 @@ pub fn parse_path(path: &str) -> Result<PathKind, ApiError> {
     };
     let name_part = segs[..n - 2].join("/");
     if name_part.contains('%') || last.contains('%') {
-        return Err(ApiError::name_invalid(
-            "percent-encoded characters are not allowed in repository names or references",
-        ));
+        return Err(RouteError::PercentEncoded);
     }
     let target = match (segs[n - 2], last) {
         ("manifests", r) => Target::Manifest(Reference::parse(r)?),
         ("blobs", d) => Target::Blob(d.parse()?),
         ("tags", "list") => Target::TagsList,
         ("referrers", d) => Target::Referrers(d.parse()?),
-        _ => {
-            return Err(ApiError::name_unknown(format!(
-                "no registry endpoint at {:?}",
-                shorten(path)
-            )))
-        }
+        _ => return Err(RouteError::NoEndpoint(shorten(path).to_owned())),
     };
     let name: RepoName = name_part.parse()?;
     Ok(PathKind::Repo { name, target })
@@ -114,8 +116,6 @@ pub struct Route {
     pub canonical: String,
     /// The name as the client wrote it (for rewriting `Link` headers).
     pub client_name: RepoName,
-    /// Who asked, for the audit log (set by the handler).
-    pub client: Option<std::net::SocketAddr>,
     /// The canonical name the client asked for, when a `[[rewrite]]` serves
     /// it from `canonical` instead.
     pub rewritten_from: Option<String>,
@@ -124,125 +124,54 @@ pub struct Route {
 /// Picks upstreams for names; built from the config's upstream list.
 #[derive(Debug, Clone)]
 pub struct Router {
-    names: Vec<Arc<str>>,
-    /// Other spellings: (alias, upstream index).
-    aliases: Vec<(String, usize)>,
-    default: Option<usize>,
+    hosts: Hosts,
 }
 
 impl Router {
     pub fn new<'a>(upstreams: impl IntoIterator<Item = (&'a str, bool)>) -> Router {
-        let mut names = Vec::new();
-        let mut default = None;
-        for (i, (name, is_default)) in upstreams.into_iter().enumerate() {
-            names.push(Arc::from(name));
-            if is_default && default.is_none() {
-                default = Some(i);
-            }
-        }
         Router {
-            names,
-            aliases: Vec::new(),
-            default,
+            hosts: Hosts::new(upstreams),
         }
     }
 
     /// The router of a config's upstreams, aliases included.
     pub fn for_upstreams(upstreams: &[crate::config::UpstreamConfig]) -> Router {
-        let mut r = Router::new(upstreams.iter().map(|u| (u.name.as_str(), u.default)));
-        for (i, u) in upstreams.iter().enumerate() {
-            r = r.with_aliases(i, &u.aliases);
+        Router {
+            hosts: crate::config::hosts(upstreams),
         }
-        r
     }
 
     /// Adds other spellings of upstream `index`'s host.
-    pub fn with_aliases(mut self, index: usize, aliases: &[String]) -> Router {
-        self.aliases
-            .extend(aliases.iter().map(|a| (a.clone(), index)));
-        self
+    pub fn with_aliases(self, index: usize, aliases: &[String]) -> Router {
+        Router {
+            hosts: self.hosts.with_aliases(index, aliases),
+        }
     }
 
     /// Routes a client name, with containerd's `ns` query parameter if sent.
-    pub fn route(&self, name: &RepoName, ns: Option<&str>) -> Result<Route, ApiError> {
-        let (upstream, repo) = if let Some(ns) = ns {
-            let Some(i) = self.find(ns) else {
-                return Err(self.unknown(ns));
-            };
-            (i, name.clone())
-        } else {
-            let s = name.as_str();
-            match s
-                .split_once('/')
-                .and_then(|(first, rest)| Some((self.find(first)?, rest)))
-            {
-                Some((i, rest)) => (i, rest.parse()?),
-                // A first component that looks like a registry host (Docker's
-                // rule: it has a `.` or `:`, or is `localhost`) names a
-                // registry, which must be configured; it is never a
-                // repository on the default upstream.
-                None if looks_like_host(s.split('/').next().unwrap_or(s)) && s.contains('/') => {
-                    return Err(self.unknown(s.split('/').next().unwrap_or(s)));
-                }
-                None => match self.default {
-                    Some(i) => (i, name.clone()),
-                    None => {
-                        let first = s.split('/').next().unwrap_or(s);
-                        return Err(self.unknown(first));
-                    }
-                },
-            }
-        };
-        let upstream_name = self.names[upstream].clone();
-        let repo = if &*upstream_name == "docker.io" && repo.depth() == 1 {
-            repo.prefixed("library")?
-        } else {
-            repo
-        };
-        let canonical = format!("{upstream_name}/{repo}");
+    pub fn route(&self, name: &RepoName, ns: Option<&str>) -> Result<Route, RouteError> {
+        let r = self.hosts.resolve(name, ns)?;
+        let upstream_name = self.hosts.name(r.index).clone();
+        let canonical = self.hosts.canonical(&r);
         Ok(Route {
-            upstream,
+            upstream: r.index,
             upstream_name,
-            repo,
+            repo: r.repo,
             canonical,
             client_name: name.clone(),
-            client: None,
             rewritten_from: None,
         })
     }
 
     /// Applies a rewrite: the route of `to` (a canonical name), remembering
     /// what the client asked for.
-    pub fn rewritten(&self, from: Route, to: &str) -> Result<Route, ApiError> {
+    pub fn rewritten(&self, from: Route, to: &str) -> Result<Route, RouteError> {
         let name: RepoName = to.parse()?;
         let mut route = self.route(&name, None)?;
         route.client_name = from.client_name;
-        route.client = from.client;
         route.rewritten_from = Some(from.canonical);
         Ok(route)
     }
-
-    fn find(&self, host: &str) -> Option<usize> {
-        self.names.iter().position(|n| &**n == host).or_else(|| {
-            self.aliases
-                .iter()
-                .find(|(a, _)| a == host)
-                .map(|(_, i)| *i)
-        })
-    }
-
-    fn unknown(&self, host: &str) -> ApiError {
-        let list: Vec<&str> = self.names.iter().map(|n| &**n).collect();
-        ApiError::name_unknown(format!(
-            "registry {:?} is not configured as an upstream of this pullgate (configured: {})",
-            shorten(host),
-            list.join(", ")
-        ))
-    }
-}
-
-fn looks_like_host(component: &str) -> bool {
-    component.contains('.') || component.contains(':') || component == "localhost"
 }
 
 fn shorten(s: &str) -> &str {
@@ -256,15 +185,21 @@ fn shorten(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::ApiError;
+
+    /// What a client gets for a routing error.
+    fn api(e: RouteError) -> ApiError {
+        crate::pipeline::errors::Error::from(e).into_api()
+    }
 
     fn router() -> Router {
         Router::new([("docker.io", true), ("ghcr.io", false), ("quay.io", false)])
     }
 
     fn route(path: &str, ns: Option<&str>) -> Result<(String, String, Target), ApiError> {
-        match parse_path(path)? {
+        match parse_path(path).map_err(api)? {
             PathKind::Repo { name, target } => {
-                let r = router().route(&name, ns)?;
+                let r = router().route(&name, ns).map_err(api)?;
                 Ok((r.upstream_name.to_string(), r.repo.to_string(), target))
             }
             other => panic!("not a repo path: {other:?}"),
@@ -325,15 +260,15 @@ mod tests {
             e.message
         );
         // An unconfigured registry as a prefix is not a Docker Hub repository.
-        let e = router()
+        let e = api(router()
             .route(&"gcr.io/distroless/static".parse().unwrap(), None)
-            .unwrap_err();
+            .unwrap_err());
         assert_eq!(e.code, "NAME_UNKNOWN");
         assert!(e.message.contains("\"gcr.io\""), "{}", e.message);
         let no_default = Router::new([("ghcr.io", false)]);
-        let e = no_default
+        let e = api(no_default
             .route(&"foo/bar".parse().unwrap(), None)
-            .unwrap_err();
+            .unwrap_err());
         assert_eq!(e.code, "NAME_UNKNOWN");
     }
 
@@ -347,27 +282,27 @@ mod tests {
             PathKind::Push
         );
         assert_eq!(
-            parse_path("/v2/../etc/manifests/x").unwrap_err().code,
+            api(parse_path("/v2/../etc/manifests/x").unwrap_err()).code,
             "NAME_INVALID"
         );
         assert_eq!(
-            parse_path("/v2/a%2fb/manifests/x").unwrap_err().code,
+            api(parse_path("/v2/a%2fb/manifests/x").unwrap_err()).code,
             "NAME_INVALID"
         );
         assert_eq!(
-            parse_path("/v2/a/blobs/sha256:xyz").unwrap_err().code,
+            api(parse_path("/v2/a/blobs/sha256:xyz").unwrap_err()).code,
             "DIGEST_INVALID"
         );
         assert_eq!(
-            parse_path("/v2/a/manifests/-bad").unwrap_err().code,
+            api(parse_path("/v2/a/manifests/-bad").unwrap_err()).code,
             "MANIFEST_UNKNOWN"
         );
         assert_eq!(
-            parse_path("/v2/a/whatever/x").unwrap_err().code,
+            api(parse_path("/v2/a/whatever/x").unwrap_err()).code,
             "NAME_UNKNOWN"
         );
         let long = format!("/v2/{}/manifests/x", vec!["abcdefgh"; 40].join("/"));
-        assert_eq!(parse_path(&long).unwrap_err().code, "NAME_INVALID");
+        assert_eq!(api(parse_path(&long).unwrap_err()).code, "NAME_INVALID");
     }
 
     #[test]

@@ -16,13 +16,13 @@
 //!
 //! This module parses and checks both formats (and writes them, for tests
 //! and for signatures pullgate makes itself). Fetching is the caller's job.
-//! Depends on `names`, `keys`.
+//! Depends on `oci`, `keys`.
 
 use base64::Engine as _;
 use serde_json::json;
 
 use crate::keys::PublicKey;
-use crate::names::Digest;
+use crate::oci::names::Digest;
 
 pub const SIMPLESIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
@@ -49,31 +49,75 @@ pub struct SignatureLayer {
     pub signature: String,
 }
 
+/// What the cosign formats read of a manifest (a `.sig` manifest, a bundle
+/// referrer, a referrers index). Lenient where cosign is: a descriptor that
+/// cannot be read is skipped, not fatal to the others.
+#[derive(serde::Deserialize)]
+struct View<'a> {
+    #[serde(rename = "artifactType", default)]
+    artifact_type: Option<String>,
+    #[serde(borrow, default)]
+    layers: Option<Vec<&'a serde_json::value::RawValue>>,
+    #[serde(borrow, default)]
+    manifests: Option<Vec<&'a serde_json::value::RawValue>>,
+    #[serde(default)]
+    config: Option<serde::de::IgnoredAny>,
+}
+
+/// One descriptor of a [`View`].
+#[derive(serde::Deserialize)]
+struct Desc {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    #[serde(rename = "artifactType", default)]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    annotations: Option<std::collections::HashMap<String, String>>,
+}
+
+impl Desc {
+    fn digest(&self) -> Option<Digest> {
+        self.digest.as_deref()?.parse().ok()
+    }
+}
+
+fn view(bytes: &[u8]) -> Option<View<'_>> {
+    serde_json::from_slice(bytes).ok()
+}
+
+/// The descriptors of a list, those that can be read.
+fn descs<'a>(list: &'a [&'a serde_json::value::RawValue]) -> impl Iterator<Item = Desc> + 'a {
+    list.iter()
+        .filter_map(|raw| serde_json::from_str::<Desc>(raw.get()).ok())
+}
+
 /// Reads the signature layers of a `.sig` manifest. Layers of other media
 /// types, without a signature annotation or with a bad descriptor are
 /// skipped; more than [`MAX_SIGNATURE_LAYERS`] are ignored.
 pub fn parse_signature_manifest(bytes: &[u8]) -> Result<Vec<SignatureLayer>, String> {
-    let v: serde_json::Value = serde_json::from_slice(bytes)
+    let v: View = serde_json::from_slice(bytes)
         .map_err(|e| format!("signature manifest is not JSON: {e}"))?;
-    let layers = v["layers"]
-        .as_array()
-        .ok_or("signature manifest has no layers")?;
+    let layers = v.layers.ok_or("signature manifest has no layers")?;
     let mut out = Vec::new();
-    for l in layers.iter().take(MAX_SIGNATURE_LAYERS) {
-        if l["mediaType"] != SIMPLESIGNING_MEDIA_TYPE {
+    for l in descs(&layers[..layers.len().min(MAX_SIGNATURE_LAYERS)]) {
+        if l.media_type.as_deref() != Some(SIMPLESIGNING_MEDIA_TYPE) {
             continue;
         }
-        let (Some(digest), Some(size), Some(sig)) = (
-            l["digest"].as_str().and_then(|d| d.parse().ok()),
-            l["size"].as_u64(),
-            l["annotations"][SIGNATURE_ANNOTATION].as_str(),
-        ) else {
+        let sig = l
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SIGNATURE_ANNOTATION));
+        let (Some(digest), Some(size), Some(sig)) = (l.digest(), l.size, sig) else {
             continue;
         };
         out.push(SignatureLayer {
             payload: digest,
             size,
-            signature: sig.to_owned(),
+            signature: sig.clone(),
         });
     }
     Ok(out)
@@ -305,9 +349,7 @@ pub fn bundle_manifest(
 /// Whether a manifest is a signature artifact (a sigstore bundle referrer),
 /// which is served whenever its name is allowed.
 pub fn is_bundle_manifest(manifest: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(manifest)
-        .map(|v| v["artifactType"] == BUNDLE_MEDIA_TYPE)
-        .unwrap_or(false)
+    view(manifest).is_some_and(|v| v.artifact_type.as_deref() == Some(BUNDLE_MEDIA_TYPE))
 }
 
 /// Whether a manifest is content that cannot run by itself: an image
@@ -317,18 +359,26 @@ pub fn is_bundle_manifest(manifest: &[u8]) -> bool {
 /// and SBOM manifests are served without a signature of their own;
 /// anything runnable has to pass the policy.
 pub fn is_signature_artifact(manifest: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+    let Some(v) = view(manifest) else {
         return false;
     };
-    if v.get("manifests").is_some() {
-        return v.get("layers").is_none() && v.get("config").is_none();
+    if v.manifests.is_some() {
+        return v.layers.is_none() && v.config.is_none();
     }
-    let Some(layers) = v["layers"].as_array() else {
+    let Some(layers) = v.layers else {
         return false;
     };
-    !layers.is_empty()
-        && layers.iter().all(|l| {
-            let t = l["mediaType"].as_str().unwrap_or("");
+    let types: Vec<Option<String>> = layers
+        .iter()
+        .map(|raw| {
+            serde_json::from_str::<Desc>(raw.get())
+                .ok()
+                .and_then(|d| d.media_type)
+        })
+        .collect();
+    !types.is_empty()
+        && types.iter().all(|t| {
+            let t = t.as_deref().unwrap_or("");
             !t.is_empty()
                 && !t.starts_with("application/vnd.oci.image.layer.")
                 && !t.starts_with("application/vnd.docker.image.rootfs.")
@@ -337,25 +387,19 @@ pub fn is_signature_artifact(manifest: &[u8]) -> bool {
 
 /// The bundle layer of a referrer manifest: (digest, size).
 pub fn bundle_layer(manifest: &[u8]) -> Option<(Digest, u64)> {
-    let v: serde_json::Value = serde_json::from_slice(manifest).ok()?;
-    let l = v["layers"]
-        .as_array()?
-        .iter()
-        .find(|l| l["mediaType"] == BUNDLE_MEDIA_TYPE)?;
-    Some((l["digest"].as_str()?.parse().ok()?, l["size"].as_u64()?))
+    let layers = view(manifest)?.layers?;
+    let l = descs(&layers).find(|l| l.media_type.as_deref() == Some(BUNDLE_MEDIA_TYPE))?;
+    Some((l.digest()?, l.size?))
 }
 
 /// Bundle referrers listed in a referrers index: manifest digests.
 pub fn bundle_referrers(index: &[u8]) -> Vec<Digest> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(index) else {
+    let Some(list) = view(index).and_then(|v| v.manifests) else {
         return Vec::new();
     };
-    v["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["artifactType"] == BUNDLE_MEDIA_TYPE)
-        .filter_map(|m| m["digest"].as_str()?.parse().ok())
+    descs(&list)
+        .filter(|m| m.artifact_type.as_deref() == Some(BUNDLE_MEDIA_TYPE))
+        .filter_map(|m| m.digest())
         .take(MAX_SIGNATURE_LAYERS)
         .collect()
 }

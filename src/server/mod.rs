@@ -5,7 +5,10 @@
 //! On shutdown it stops accepting, lets requests in flight finish for up to
 //! the configured grace period, then closes what is left. Connections are
 //! wrapped so that cached blobs can be sent with `sendfile` (see
-//! `zerocopy`). Depends on `handler`, `zerocopy`, `body`.
+//! `zerocopy`). The admin endpoints are in [`admin`]. Depends on
+//! `pipeline`, `zerocopy`, `body`.
+
+mod admin;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -22,8 +25,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::{self, Body};
-use crate::handler::App;
+use crate::body::Body;
+use crate::pipeline::App;
 use crate::zerocopy::{self, Queue};
 
 /// Largest request head (request line and headers) accepted.
@@ -69,79 +72,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Shutdown, gra
 pub async fn serve_admin(listener: TcpListener, app: Arc<App>, shutdown: Shutdown) {
     let handler = move |req: Request<Incoming>, _peer: SocketAddr, _queue: Queue| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(admin(&app, req)) }
+        async move { Ok::<_, Infallible>(admin::answer(&app, req).await) }
     };
     accept_loop(listener, handler, shutdown, Duration::from_secs(1)).await;
-}
-
-/// The dashboard: one self-contained page reading /api/denials and /api/stats.
-const DASHBOARD: &str = include_str!("dashboard.html");
-
-fn json(v: serde_json::Value) -> Response<Body> {
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(body::full(
-            serde_json::to_vec(&v).expect("JSON of plain values"),
-        ))
-        .expect("valid response")
-}
-
-fn admin(app: &App, req: Request<Incoming>) -> Response<Body> {
-    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
-        return Response::builder()
-            .status(StatusCode::METHOD_NOT_ALLOWED)
-            .header(header::ALLOW, "GET, HEAD")
-            .body(body::full("the admin endpoints are read-only\n"))
-            .expect("valid response");
-    }
-    let text = |status: StatusCode, s: String| {
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(body::full(s))
-            .expect("valid response")
-    };
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match app.store.probe() {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(e) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "store at {} is not writable: {e}\n",
-                    app.store.root().display()
-                ),
-            ),
-        },
-        "/metrics" => Response::builder()
-            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(body::full(app.metrics.render()))
-            .expect("valid response"),
-        "/dashboard" => Response::builder()
-            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-            // Everything the page shows comes from /api/*; nothing else loads.
-            .header(
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
-            )
-            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-            .body(body::full(DASHBOARD))
-            .expect("valid response"),
-        "/api/denials" => {
-            let limit = crate::handler::query_param(req.uri().query(), "limit")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(100usize)
-                .min(1000);
-            json(app.audit.denials(limit))
-        }
-        "/api/stats" => json(app.audit.stats()),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics, /dashboard, /api/denials or /api/stats\n".into(),
-        ),
-    }
 }
 
 async fn accept_loop<H, F>(listener: TcpListener, handler: H, shutdown: Shutdown, grace: Duration)

@@ -11,7 +11,7 @@
 //! `storage.base_refresh`, and every digest a base tag has had stays allowed
 //! ([`History`], persisted in the store, bounded by `storage.base_keep`).
 //! The result is a [`BaseTable`] held in memory, so a check is a prefix
-//! compare. Depends on `config`, `names`, `store`.
+//! compare. [`Refresher`] runs the refreshes. Depends on `config`, `oci`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -20,59 +20,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BaseRef, BaseSet};
-use crate::names::{Digest, Reference};
-use crate::store::StoredManifest;
+use crate::oci::manifest::Kind;
+use crate::oci::names::{Digest, Reference};
+use crate::oci::{Manifest, Platform};
 
 /// At most this many manifests of one index are looked at.
 pub const MAX_INDEX_MANIFESTS: usize = 64;
 
 /// Where base history lives under the store root.
 pub const HISTORY_FILE: &str = "bases/history.json";
-
-/// An image's platform, as an index lists it or a config states it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    /// Reads `{"os", "architecture", "variant"}` (an index entry's
-    /// `platform`, or an image config).
-    pub fn from_json(v: &serde_json::Value) -> Option<Platform> {
-        Some(Platform {
-            os: v["os"].as_str()?.to_owned(),
-            architecture: v["architecture"].as_str()?.to_owned(),
-            variant: v["variant"].as_str().map(str::to_owned),
-        })
-    }
-
-    /// The platform an image config blob states.
-    pub fn from_config(config: &[u8]) -> Option<Platform> {
-        Platform::from_json(&serde_json::from_slice(config).ok()?)
-    }
-
-    /// Same OS and architecture, and the same variant when both name one.
-    pub fn matches(&self, other: &Platform) -> bool {
-        self.os == other.os
-            && self.architecture == other.architecture
-            && match (&self.variant, &other.variant) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            }
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
 
 /// One base image manifest (one platform of a multi-arch base).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,71 +156,16 @@ pub enum Parsed {
     Index(Vec<(Digest, Option<Platform>)>),
 }
 
-/// Only the fields the check needs; the rest of the manifest is skipped
-/// without being built into values.
-#[derive(Deserialize)]
-struct View<'a> {
-    #[serde(borrow, default)]
-    layers: Option<Vec<Desc<'a>>>,
-    #[serde(borrow, default)]
-    config: Option<Desc<'a>>,
-    #[serde(borrow, default)]
-    manifests: Option<Vec<Entry<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct Desc<'a> {
-    #[serde(borrow)]
-    digest: std::borrow::Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-struct Entry<'a> {
-    #[serde(borrow)]
-    digest: std::borrow::Cow<'a, str>,
-    #[serde(default)]
-    platform: Option<serde_json::Value>,
-    #[serde(default)]
-    annotations: Option<Annotations>,
-}
-
-#[derive(Deserialize)]
-struct Annotations {
-    #[serde(rename = "vnd.docker.reference.type")]
-    reference_type: Option<String>,
-}
-
 /// Reads the layers (image) or platform manifests (index) of a manifest.
-pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
-    let v: View = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-    if v.manifests.is_some() && (v.layers.is_some() || v.config.is_some()) {
-        return Err("both an index and an image manifest (ambiguous)".into());
+pub fn parse(m: &Manifest) -> Result<Parsed, String> {
+    match &m.kind {
+        Kind::Index(_) => Ok(Parsed::Index(m.platform_manifests()?)),
+        Kind::Image(_) => Ok(Parsed::Image {
+            layers: m.layers()?,
+            config: m.config(),
+        }),
+        Kind::Other(why) => Err(why.clone()),
     }
-    let digest = |d: &str| {
-        d.parse::<Digest>()
-            .map_err(|e| format!("bad digest {d:?}: {e}"))
-    };
-    if let Some(entries) = v.manifests {
-        let mut out = Vec::new();
-        for e in entries {
-            let platform = e.platform.as_ref().and_then(Platform::from_json);
-            let attestation = e.annotations.is_some_and(|a| a.reference_type.is_some())
-                || platform.as_ref().is_some_and(|p| p.os == "unknown");
-            if !attestation {
-                out.push((digest(&e.digest)?, platform));
-            }
-        }
-        return Ok(Parsed::Index(out));
-    }
-    Ok(Parsed::Image {
-        layers: v
-            .layers
-            .unwrap_or_default()
-            .iter()
-            .map(|l| digest(&l.digest))
-            .collect::<Result<_, _>>()?,
-        config: v.config.map(|c| digest(&c.digest)).transpose()?,
-    })
 }
 
 /// Fetches what a base check needs. The server fetches through its store
@@ -274,7 +175,7 @@ pub trait Source {
     fn manifest(
         &self,
         digest: Digest,
-    ) -> impl std::future::Future<Output = Result<Arc<StoredManifest>, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Arc<Manifest>, String>> + Send;
     /// The platform an image config blob states (`None` when unreadable).
     fn platform(
         &self,
@@ -298,10 +199,10 @@ pub struct Outcome {
 pub async fn check_manifest<S: Source>(
     table: &BaseTable,
     sets: &[String],
-    m: &StoredManifest,
+    m: &Manifest,
     source: &S,
 ) -> Result<Outcome, String> {
-    let (layers, config) = match parse(&m.bytes) {
+    let (layers, config) = match parse(m) {
         Ok(Parsed::Image { layers, config }) => (layers, config),
         Ok(Parsed::Index(children)) => return check_index(table, sets, children, source).await,
         Err(e) => return Ok(unreadable(m.digest, e)),
@@ -333,7 +234,7 @@ async fn check_index<S: Source>(
     let mut checked = Vec::new();
     for (digest, platform) in children {
         let child = source.manifest(digest).await?;
-        let layers = match parse(&child.bytes) {
+        let layers = match parse(&child) {
             Ok(Parsed::Image { layers, .. }) => layers,
             Ok(Parsed::Index(_)) => {
                 return Ok(Outcome::fail(format!(
@@ -407,6 +308,7 @@ fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
 /// canonical `name:tag`. Persisted as JSON in the store.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct History {
+    #[serde(default)]
     tags: BTreeMap<String, Vec<Seen>>,
 }
 
@@ -463,7 +365,7 @@ impl History {
     }
 }
 
-/// Resolves base references for [`refresh`].
+/// Resolves base references for [`resolve`].
 pub trait Resolver {
     /// What a base tag points at now; `Err` when neither the upstream nor
     /// the store can say.
@@ -476,7 +378,7 @@ pub trait Resolver {
         &self,
         base: &BaseRef,
         digest: Digest,
-    ) -> impl std::future::Future<Output = Result<Arc<StoredManifest>, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Arc<Manifest>, String>> + Send;
 }
 
 /// What a refresh did, for logs and metrics.
@@ -489,9 +391,105 @@ pub struct Refreshed {
     pub resolved: usize,
 }
 
+/// Runs base refreshes: at start-up, every `storage.base_refresh`, and at
+/// once after a reload that changed `[bases]`; one at a time.
+#[derive(Default)]
+pub struct Refresher {
+    /// Wakes the loop early (a reload changed `[bases]`).
+    wake: tokio::sync::Notify,
+    /// Every digest each base tag has had; loaded at the first refresh.
+    /// The lock also keeps refreshes one at a time.
+    history: tokio::sync::Mutex<Option<History>>,
+}
+
+/// What runs the refreshes: the pipeline, which knows how to resolve.
+pub trait Host: Send + Sync + 'static {
+    fn refresher(&self) -> &Arc<Refresher>;
+    /// How long until the next refresh.
+    fn every(&self) -> std::time::Duration;
+    /// One refresh, published.
+    fn refresh(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Refresher {
+    /// Refreshes now and then on schedule; stops when `host` is dropped.
+    pub fn spawn<H: Host>(host: &Arc<H>) {
+        let weak = Arc::downgrade(host);
+        tokio::spawn(async move {
+            loop {
+                let Some(host) = weak.upgrade() else { return };
+                let every = host.every();
+                let refresher = host.refresher().clone();
+                host.refresh().await;
+                // A wake-up while refreshing is kept (`notify_one` leaves a
+                // permit), so a change is never missed.
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = refresher.wake.notified() => {}
+                }
+            }
+        });
+    }
+
+    /// Asks for a refresh now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Resolves `sets` now, with the history the store holds (loaded once;
+    /// an unreadable one is set aside, never overwritten), and persists the
+    /// history when it changed.
+    pub async fn run<R: Resolver>(
+        &self,
+        store: &dyn crate::store::Store,
+        sets: &[BaseSet],
+        keep: Option<usize>,
+        resolver: &R,
+    ) -> Refreshed {
+        let mut guard = self.history.lock().await;
+        if guard.is_none() {
+            *guard = Some(load_history(store).await);
+        }
+        let Some(history) = guard.as_mut() else {
+            unreachable!("loaded above")
+        };
+        let before = history.clone();
+        let done = resolve(sets, history, keep, resolver).await;
+        if *history != before {
+            if let Err(e) = store.write_meta(HISTORY_FILE, history.to_json()).await {
+                tracing::error!("cannot persist base history: {e}");
+            }
+        }
+        done
+    }
+}
+
+/// The base history in the store. One that cannot be read is moved aside
+/// (never overwritten), and base tags start without their earlier digests.
+async fn load_history(store: &dyn crate::store::Store) -> History {
+    let why = match store.read_meta(HISTORY_FILE).await {
+        Ok(None) => return History::default(),
+        Ok(Some(bytes)) => match History::from_json(&bytes) {
+            Ok(h) => return h,
+            Err(e) => e,
+        },
+        Err(e) => e.to_string(),
+    };
+    let at = store.location();
+    match store.set_aside_meta(HISTORY_FILE).await {
+        Ok(aside) => tracing::error!(
+            "{HISTORY_FILE} in {at} is unreadable ({why}); moved to {aside}; base tags start without their earlier digests"
+        ),
+        Err(e) => tracing::error!(
+            "{HISTORY_FILE} in {at} is unreadable ({why}) and cannot be moved aside ({e}); base tags start without their earlier digests"
+        ),
+    }
+    History::default()
+}
+
 /// Resolves every base reference and builds the table. `history` gains the
 /// digests tags resolve to now; digests it already holds stay allowed.
-pub async fn refresh<R: Resolver>(
+pub async fn resolve<R: Resolver>(
     sets: &[BaseSet],
     history: &mut History,
     keep: Option<usize>,
@@ -561,14 +559,14 @@ async fn expand<R: Resolver>(
     digest: Digest,
 ) -> Result<Vec<Expanded>, String> {
     let m = resolver.manifest(base, digest).await?;
-    let children = match parse(&m.bytes)? {
+    let children = match parse(&m)? {
         Parsed::Image { layers, .. } => return Ok(vec![(None, digest, layers)]),
         Parsed::Index(children) => children,
     };
     let mut out = Vec::new();
     for (child, platform) in children.into_iter().take(MAX_INDEX_MANIFESTS) {
         let cm = resolver.manifest(base, child).await?;
-        if let Parsed::Image { layers, .. } = parse(&cm.bytes)? {
+        if let Parsed::Image { layers, .. } = parse(&cm)? {
             out.push((platform, child, layers));
         }
     }
@@ -778,7 +776,7 @@ pub mod tests {
                 upstream: "docker.io".into(),
                 repo: "library/x".parse().unwrap(),
                 canonical: "docker.io/library/x".into(),
-                reference: crate::names::Reference::Tag("1".parse().unwrap()),
+                reference: crate::oci::names::Reference::Tag("1".parse().unwrap()),
             }],
             ..set_named("static")
         };
@@ -791,10 +789,10 @@ pub mod tests {
     }
 
     /// A source holding manifests by digest.
-    struct Manifests(HashMap<Digest, Arc<StoredManifest>>, Option<Platform>);
+    struct Manifests(HashMap<Digest, Arc<Manifest>>, Option<Platform>);
 
     impl Source for Manifests {
-        async fn manifest(&self, d: Digest) -> Result<Arc<StoredManifest>, String> {
+        async fn manifest(&self, d: Digest) -> Result<Arc<Manifest>, String> {
             self.0.get(&d).cloned().ok_or(format!("{d} missing"))
         }
         async fn platform(&self, _: Digest) -> Option<Platform> {
@@ -806,7 +804,7 @@ pub mod tests {
         config: &[u8],
         layers: &[Digest],
         annotations: serde_json::Value,
-    ) -> StoredManifest {
+    ) -> Manifest {
         let layers: Vec<_> = layers
             .iter()
             .map(|d| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": 1}))
@@ -819,11 +817,7 @@ pub mod tests {
             "annotations": annotations,
         }))
         .unwrap();
-        StoredManifest {
-            digest: Digest::of(&bytes),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            bytes: bytes.into(),
-        }
+        Manifest::parse(Digest::of(&bytes), None, bytes.into()).unwrap()
     }
 
     #[test]
@@ -865,26 +859,23 @@ pub mod tests {
         let arm = image_manifest(b"b", &layers(&[2, 6]), serde_json::json!({}));
         let bad = image_manifest(b"c", &layers(&[9]), serde_json::json!({}));
         let attestation = image_manifest(b"d", &layers(&[42]), serde_json::json!({}));
-        let index = |entries: &[(&StoredManifest, &str)]| {
+        let index = |entries: &[(&Manifest, &str)]| {
             let list: Vec<_> = entries
                 .iter()
                 .map(|(m, arch)| {
+                    let (t, size) = (&m.media_type, m.bytes.len());
                     if *arch == "attestation" {
-                        serde_json::json!({"digest": m.digest.to_string(), "platform": {"os": "unknown", "architecture": "unknown"},
+                        serde_json::json!({"mediaType": t, "size": size, "digest": m.digest.to_string(), "platform": {"os": "unknown", "architecture": "unknown"},
                             "annotations": {"vnd.docker.reference.type": "attestation-manifest"}})
                     } else {
-                        serde_json::json!({"digest": m.digest.to_string(), "platform": {"os": "linux", "architecture": arch}})
+                        serde_json::json!({"mediaType": t, "size": size, "digest": m.digest.to_string(), "platform": {"os": "linux", "architecture": arch}})
                     }
                 })
                 .collect();
             let bytes =
                 serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": list}))
                     .unwrap();
-            StoredManifest {
-                digest: Digest::of(&bytes),
-                media_type: "application/vnd.oci.image.index.v1+json".into(),
-                bytes: bytes.into(),
-            }
+            Manifest::parse(Digest::of(&bytes), None, bytes.into()).unwrap()
         };
         let src = Manifests(
             [&amd, &arm, &bad, &attestation]

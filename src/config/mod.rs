@@ -2,7 +2,14 @@
 //!
 //! Every problem is collected and reported at once, each with its key path
 //! and line, so a bad file is fixed in one round. Relative paths in a file
-//! are taken relative to the file's directory. Depends on `names` only.
+//! are taken relative to the file's directory. Validation only reads: it
+//! opens no log and builds nothing of the running proxy (start-up probes
+//! such as the audit file are `audit::probe`'s). A leaf: depends on
+//! `oci::names` and `keys` only.
+
+mod pins;
+
+pub use pins::{write_pins_file, Pins};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -10,11 +17,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::oci::names::Hosts;
 use serde::Deserialize;
 use toml::Spanned;
 
 /// The configuration `pullgate serve` runs without `--config`.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
 
 /// Default cap on a manifest body.
 pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
@@ -31,13 +40,24 @@ pub struct Config {
     pub policies: Vec<PolicyConfig>,
     pub audit: AuditConfig,
     /// `[[rewrite]]`, names canonical.
-    pub rewrites: Vec<crate::rewrite::Rewrite>,
+    pub rewrites: Vec<Rewrite>,
     /// `[pins]` and the pins file together.
-    pub pins: crate::rewrite::Pins,
+    pub pins: Pins,
     /// Where `pullgate pin` writes, and where more pins are read from.
     pub pins_file: Option<PathBuf>,
     /// `[bases]`, in file order.
     pub bases: Vec<BaseSet>,
+}
+
+/// One `[[rewrite]]`, with canonical names (`<upstream>/<repository>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrite {
+    /// The name pulls ask for, or the prefix of the names under it.
+    pub from: String,
+    /// The name served instead, or the prefix the rest is carried over to.
+    pub to: String,
+    /// Written with a trailing `/**`: every name under `from`.
+    pub prefix: bool,
 }
 
 /// A named set of base images (`[bases]`).
@@ -54,10 +74,10 @@ pub struct BaseRef {
     pub image: String,
     /// The upstream's configured name.
     pub upstream: String,
-    pub repo: crate::names::RepoName,
+    pub repo: crate::oci::names::RepoName,
     /// `<upstream>/<repository>`.
     pub canonical: String,
-    pub reference: crate::names::Reference,
+    pub reference: crate::oci::names::Reference,
 }
 
 /// What `tag_drift` says to do when a tag moves to content policy denies.
@@ -74,6 +94,8 @@ pub enum TagDrift {
 pub struct AuditConfig {
     /// One JSON line per deny or would-deny; `None`: the structured log.
     pub path: Option<PathBuf>,
+    /// Where `path` is written in the file, for start-up problems.
+    pub path_line: Option<usize>,
     /// Also one line per approval (every manifest served under a policy).
     pub approvals: bool,
 }
@@ -158,7 +180,8 @@ impl Mode {
 
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
-    pub name: String,
+    /// Shared with every verdict it gives.
+    pub name: std::sync::Arc<str>,
     pub patterns: Vec<String>,
     pub matcher: GlobSet,
     pub mode: Mode,
@@ -599,7 +622,7 @@ impl Validator<'_> {
         };
 
         let upstreams = self.upstreams(&raw.upstream);
-        let router = crate::route::Router::for_upstreams(&upstreams);
+        let router = hosts(&upstreams);
         let keys = self.keys(raw.keys.as_ref());
         let bases = self.bases(raw.bases.as_ref(), &router);
         let upstream_names: Vec<&str> = raw
@@ -609,7 +632,7 @@ impl Validator<'_> {
             .collect();
         let policies = self.policies(&raw.policy, &keys, &bases, &upstream_names);
         let rewrites = self.rewrites(&raw.rewrite, &upstreams);
-        let mut pins = crate::rewrite::Pins::default();
+        let mut pins = Pins::default();
         if let Some(table) = &raw.pins {
             self.pins(&mut pins, table, "pins", &router);
         }
@@ -621,27 +644,11 @@ impl Validator<'_> {
 
         let audit = match &raw.audit {
             None => AuditConfig::default(),
-            Some(a) => {
-                let path = a.path.as_ref().and_then(|p| {
-                    let path = self.path(p.get_ref());
-                    // Opened (created) now, so an unwritable path is a config error.
-                    match crate::audit::open(&path) {
-                        Ok(_) => Some(path),
-                        Err(e) => {
-                            self.problem(
-                                "audit.path",
-                                p,
-                                format!("cannot open {:?} for appending: {e}", p.get_ref()),
-                            );
-                            None
-                        }
-                    }
-                });
-                AuditConfig {
-                    path,
-                    approvals: a.approvals,
-                }
-            }
+            Some(a) => AuditConfig {
+                path: a.path.as_ref().map(|p| self.path(p.get_ref())),
+                path_line: a.path.as_ref().map(|p| line_of(self.text, p.span().start)),
+                approvals: a.approvals,
+            },
         };
         Config {
             source: source.to_owned(),
@@ -1046,7 +1053,7 @@ impl Validator<'_> {
             });
             match set.build() {
                 Ok(matcher) => out.push(PolicyConfig {
-                    name: p.name.get_ref().clone(),
+                    name: p.name.get_ref().as_str().into(),
                     patterns,
                     matcher,
                     mode,
@@ -1065,11 +1072,7 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
-    fn bases(
-        &mut self,
-        raw: Option<&Spanned<toml::Table>>,
-        router: &crate::route::Router,
-    ) -> Vec<BaseSet> {
+    fn bases(&mut self, raw: Option<&Spanned<toml::Table>>, router: &Hosts) -> Vec<BaseSet> {
         let Some(table) = raw else { return Vec::new() };
         let mut out = Vec::new();
         for (name, value) in table.get_ref() {
@@ -1107,12 +1110,7 @@ impl Validator<'_> {
         out
     }
 
-    fn rewrites(
-        &mut self,
-        raw: &[RawRewrite],
-        upstreams: &[UpstreamConfig],
-    ) -> Vec<crate::rewrite::Rewrite> {
-        use crate::rewrite::Rewrite;
+    fn rewrites(&mut self, raw: &[RawRewrite], upstreams: &[UpstreamConfig]) -> Vec<Rewrite> {
         let mut out: Vec<(usize, Rewrite)> = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let from = rewrite_name(r.from.get_ref(), upstreams);
@@ -1176,13 +1174,7 @@ impl Validator<'_> {
     }
 
     /// Adds the pins of one table, reporting problems under `key`.
-    fn pins(
-        &mut self,
-        pins: &mut crate::rewrite::Pins,
-        table: &Spanned<toml::Table>,
-        key: &str,
-        router: &crate::route::Router,
-    ) {
+    fn pins(&mut self, pins: &mut Pins, table: &Spanned<toml::Table>, key: &str, router: &Hosts) {
         for (image, value) in table.get_ref() {
             if let Err(e) = pin_entry(pins, image, value, router) {
                 self.entry_problem(format!("{key}.{image:?}"), table, image, e);
@@ -1190,13 +1182,7 @@ impl Validator<'_> {
         }
     }
 
-    fn pins_file(
-        &mut self,
-        pins: &mut crate::rewrite::Pins,
-        path: &Path,
-        at: &Spanned<String>,
-        router: &crate::route::Router,
-    ) {
+    fn pins_file(&mut self, pins: &mut Pins, path: &Path, at: &Spanned<String>, router: &Hosts) {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             // `pullgate pin` creates it.
@@ -1249,37 +1235,46 @@ impl Validator<'_> {
 
 /// Routes an image reference (`NAME[:TAG]`, `NAME@DIGEST`) the way a pull of
 /// it would be routed.
-pub fn image_ref(text: &str, router: &crate::route::Router) -> Result<BaseRef, String> {
-    let (name, reference) = crate::names::split_image(text)?;
-    let route = router.route(&name, None).map_err(|e| e.message)?;
+pub fn image_ref(text: &str, hosts: &Hosts) -> Result<BaseRef, String> {
+    let (name, reference) = crate::oci::names::split_image(text)?;
+    let r = hosts.resolve(&name, None).map_err(|e| e.to_string())?;
     Ok(BaseRef {
         image: text.to_owned(),
-        upstream: route.upstream_name.to_string(),
-        repo: route.repo,
-        canonical: route.canonical,
+        upstream: hosts.name(r.index).to_string(),
+        canonical: hosts.canonical(&r),
+        repo: r.repo,
         reference,
     })
 }
 
+/// The registry hosts of a config's upstreams, aliases included.
+pub fn hosts(upstreams: &[UpstreamConfig]) -> Hosts {
+    let mut h = Hosts::new(upstreams.iter().map(|u| (u.name.as_str(), u.default)));
+    for (i, u) in upstreams.iter().enumerate() {
+        h = h.with_aliases(i, &u.aliases);
+    }
+    h
+}
+
 /// Checks one pin, `"NAME:TAG" = "sha256:..."`, and adds it.
 fn pin_entry(
-    pins: &mut crate::rewrite::Pins,
+    pins: &mut Pins,
     image: &str,
     value: &toml::Value,
-    router: &crate::route::Router,
+    router: &Hosts,
 ) -> Result<(), String> {
     let last = image.rsplit('/').next().unwrap_or(image);
     if image.contains('@') || !last.contains(':') {
         return Err("a pin is NAME:TAG (e.g. \"docker.io/library/alpine:3.20\")".into());
     }
     let r = image_ref(image, router)?;
-    let crate::names::Reference::Tag(tag) = &r.reference else {
+    let crate::oci::names::Reference::Tag(tag) = &r.reference else {
         return Err("a pin is NAME:TAG".into());
     };
     let Some(text) = value.as_str() else {
         return Err("the value must be a digest string (\"sha256:<64 hex>\")".into());
     };
-    let digest: crate::names::Digest = text
+    let digest: crate::oci::names::Digest = text
         .parse()
         .map_err(|e| format!("{text:?} is not a digest: {e}"))?;
     pins.insert(&r.canonical, tag.as_str(), digest)
@@ -1322,7 +1317,7 @@ fn rewrite_name(text: &str, upstreams: &[UpstreamConfig]) -> Result<(String, boo
         }
         return Err(format!("{text:?} names no repository"));
     }
-    let repo: crate::names::RepoName = rest
+    let repo: crate::oci::names::RepoName = rest
         .parse()
         .map_err(|e| format!("{text:?} is not a valid name: {e}"))?;
     let repo = if upstream.name == "docker.io" && repo.depth() == 1 && !prefix {
@@ -1334,7 +1329,7 @@ fn rewrite_name(text: &str, upstreams: &[UpstreamConfig]) -> Result<(String, boo
 }
 
 /// Whether names `rule` produces are rewritten again by `other`.
-fn overlaps(rule: &crate::rewrite::Rewrite, other: &crate::rewrite::Rewrite) -> bool {
+fn overlaps(rule: &Rewrite, other: &Rewrite) -> bool {
     let under = |name: &str, prefix: &str| {
         name.strip_prefix(prefix)
             .is_some_and(|r| r.starts_with('/'))
@@ -1375,7 +1370,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::names::Digest;
+    use crate::oci::names::Digest;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "test.toml", Path::new("/etc/pullgate"))
@@ -1501,14 +1496,6 @@ deny_tags = ["latest", "*-rc*", "[bad"]
     }
 
     #[test]
-    fn an_unwritable_audit_path_is_a_config_error() {
-        let err = parse("[audit]\npath = \"/proc/no-such-dir/audit.jsonl\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n").unwrap_err();
-        assert_eq!(err.problems[0].key, "audit.path");
-        assert_eq!(err.problems[0].line, Some(2));
-        assert!(err.problems[0].message.contains("cannot open"), "{err}");
-    }
-
-    #[test]
     fn listeners_must_differ_and_manifest_cap_must_be_positive() {
         let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nmax_manifest_size = \"0\"\n[admin]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n").unwrap_err();
         let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
@@ -1586,7 +1573,7 @@ tag_drift = "deny"
         assert_eq!(set.images[1].canonical, "docker.io/library/debian");
         assert!(matches!(
             set.images[1].reference,
-            crate::names::Reference::Digest(_)
+            crate::oci::names::Reference::Digest(_)
         ));
         assert_eq!(c.storage.base_refresh, Duration::from_secs(600));
         assert_eq!(c.storage.base_keep, Some(5));
@@ -1648,7 +1635,7 @@ match = ["**"]
 "#
         ))
         .unwrap();
-        let r = crate::rewrite::Rewrites::new(&c.rewrites);
+        let r = crate::route::rewrite::Rewrites::new(&c.rewrites);
         assert_eq!(
             r.apply("docker.io/bitnami/redis").as_deref(),
             Some("registry.internal/bitnami/redis")

@@ -1,4 +1,6 @@
-//! Parsed names: repository names, tags, digests and references.
+//! Parsed names: repository names, tags, digests and references, and the
+//! canonical form of a name (`<registry>/<repository>`, Docker Hub's
+//! `library/` filled in).
 //!
 //! Everything that arrives from a client, an upstream or a config file is
 //! parsed into these types once, at the edge, following the grammar of the
@@ -49,6 +51,16 @@ impl Digest {
     /// Wraps a finished SHA-256 hash.
     pub fn from_sha256(hash: [u8; 32]) -> Digest {
         Digest(hash)
+    }
+
+    /// A digest from its 64 lowercase hex characters.
+    pub fn from_hex(hex: &str) -> Option<Digest> {
+        let lower = hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let mut out = [0u8; 32];
+        (lower && hex::decode_to_slice(hex, &mut out).is_ok()).then_some(Digest(out))
     }
 
     /// The 64 lowercase hex characters, without the algorithm.
@@ -315,6 +327,130 @@ pub fn split_image(image: &str) -> Result<(RepoName, Reference), String> {
         name.parse().map_err(|e| format!("{e}"))?,
         Reference::Tag(tag.parse().map_err(|e| format!("{e}"))?),
     ))
+}
+
+/// The registries a pullgate knows, by the host names clients use for
+/// them, and the one names without a registry go to. Names are resolved
+/// here, the same way for pulls, config entries and commands.
+#[derive(Debug, Clone, Default)]
+pub struct Hosts {
+    names: Vec<std::sync::Arc<str>>,
+    /// Other spellings: (alias, index into `names`).
+    aliases: Vec<(String, usize)>,
+    default: Option<usize>,
+}
+
+/// Why a name could not be resolved to a registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("registry {host:?} is not configured as an upstream of this pullgate (configured: {configured})")]
+    Unknown { host: String, configured: String },
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+/// A name resolved to a registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// Index of the registry, in configuration order.
+    pub index: usize,
+    /// The repository on it, `library/` filled in for Docker Hub.
+    pub repo: RepoName,
+}
+
+impl Hosts {
+    /// Registries in order, with whether each is the default one.
+    pub fn new<'a>(hosts: impl IntoIterator<Item = (&'a str, bool)>) -> Hosts {
+        let mut h = Hosts::default();
+        for (i, (name, is_default)) in hosts.into_iter().enumerate() {
+            h.names.push(std::sync::Arc::from(name));
+            if is_default && h.default.is_none() {
+                h.default = Some(i);
+            }
+        }
+        h
+    }
+
+    /// Adds other spellings of registry `index`'s host.
+    pub fn with_aliases(mut self, index: usize, aliases: &[String]) -> Hosts {
+        self.aliases
+            .extend(aliases.iter().map(|a| (a.clone(), index)));
+        self
+    }
+
+    /// The registry's configured name.
+    pub fn name(&self, index: usize) -> &std::sync::Arc<str> {
+        &self.names[index]
+    }
+
+    /// Resolves a client name, with containerd's `ns` query parameter if
+    /// sent: `ns` first, then a first component naming a registry, then the
+    /// default registry.
+    pub fn resolve(&self, name: &RepoName, ns: Option<&str>) -> Result<Resolved, HostError> {
+        let (index, repo) = if let Some(ns) = ns {
+            let Some(i) = self.find(ns) else {
+                return Err(self.unknown(ns));
+            };
+            (i, name.clone())
+        } else {
+            let s = name.as_str();
+            let first = s.split('/').next().unwrap_or(s);
+            match s
+                .split_once('/')
+                .and_then(|(first, rest)| Some((self.find(first)?, rest)))
+            {
+                Some((i, rest)) => (i, rest.parse()?),
+                // A first component that looks like a registry host (Docker's
+                // rule: it has a `.` or `:`, or is `localhost`) names a
+                // registry, which must be configured; it is never a
+                // repository on the default registry.
+                None if looks_like_host(first) && s.contains('/') => {
+                    return Err(self.unknown(first));
+                }
+                None => match self.default {
+                    Some(i) => (i, name.clone()),
+                    None => return Err(self.unknown(first)),
+                },
+            }
+        };
+        let repo = canonical_repo(&self.names[index], repo)?;
+        Ok(Resolved { index, repo })
+    }
+
+    /// `<registry>/<repository>`, the name policy, logs and metrics see.
+    pub fn canonical(&self, r: &Resolved) -> String {
+        format!("{}/{}", self.names[r.index], r.repo)
+    }
+
+    fn find(&self, host: &str) -> Option<usize> {
+        self.names.iter().position(|n| &**n == host).or_else(|| {
+            self.aliases
+                .iter()
+                .find(|(a, _)| a == host)
+                .map(|(_, i)| *i)
+        })
+    }
+
+    fn unknown(&self, host: &str) -> HostError {
+        let list: Vec<&str> = self.names.iter().map(|n| &**n).collect();
+        HostError::Unknown {
+            host: truncate(host),
+            configured: list.join(", "),
+        }
+    }
+}
+
+/// Docker Hub's one-component repositories live under `library/`.
+pub fn canonical_repo(registry: &str, repo: RepoName) -> Result<RepoName, NameError> {
+    if registry == "docker.io" && repo.depth() == 1 {
+        repo.prefixed("library")
+    } else {
+        Ok(repo)
+    }
+}
+
+fn looks_like_host(component: &str) -> bool {
+    component.contains('.') || component.contains(':') || component == "localhost"
 }
 
 /// Keeps client-supplied junk out of error messages and logs.

@@ -1,12 +1,13 @@
-//! Talking to upstream registries: requests, token auth, redirects.
+//! A [`Remote`] that is an upstream registry: requests, token auth,
+//! redirects.
 //!
 //! One [`UpstreamClient`] per configured upstream. It speaks the Docker token
 //! flow (`WWW-Authenticate: Bearer realm,service,scope`, tokens cached per
 //! scope until they expire and refreshed on 401) and Basic auth, follows
 //! redirects itself so that credentials never leave the upstream's origin,
 //! and sends credentials to a token realm only on the same registrable
-//! domain. Proxies come from `HTTPS_PROXY` / `NO_PROXY`. Depends on
-//! `config`, `names`, `metrics`.
+//! domain. Proxies come from `HTTPS_PROXY` / `NO_PROXY`. Every body piece
+//! must arrive within the upstream's `idle_timeout`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,35 +16,15 @@ use std::time::{Duration, Instant};
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::Url;
 
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+
+use super::{BodyError, Remote, RemoteError as UpstreamError, Request, Response};
 use crate::config::{Credentials, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::names::RepoName;
-
-/// Why an upstream request got no usable answer.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("upstream {upstream} is unreachable: {message}")]
-    Unreachable { upstream: String, message: String },
-    #[error("upstream {upstream} did not answer within {secs}s")]
-    Timeout { upstream: String, secs: u64 },
-    #[error("upstream {upstream}: {message}")]
-    Auth { upstream: String, message: String },
-    #[error("upstream {upstream} redirected more than {MAX_REDIRECTS} times")]
-    TooManyRedirects { upstream: String },
-}
+use crate::oci::names::RepoName;
 
 const MAX_REDIRECTS: usize = 5;
-
-/// Why [`UpstreamClient::read_body`] gave up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BodyError {
-    /// Nothing arrived for `idle_timeout`.
-    Stalled,
-    /// The connection broke.
-    Broken(String),
-    /// More than the limit.
-    TooLarge,
-}
 
 /// How long a token is used when the realm does not say.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -81,10 +62,9 @@ pub struct UpstreamClient {
 
 /// What to send along with a request.
 #[derive(Default, Clone)]
-pub struct RequestOptions {
-    pub accept: Option<HeaderValue>,
-    pub range: Option<HeaderValue>,
-    pub query: Option<String>,
+struct RequestOptions {
+    accept: Option<HeaderValue>,
+    query: Option<String>,
 }
 
 impl UpstreamClient {
@@ -120,7 +100,7 @@ impl UpstreamClient {
     /// Any status comes back as a response, except a 401 that survives one
     /// round of authentication with configured credentials, which is an
     /// [`UpstreamError::Auth`].
-    pub async fn send(
+    async fn send_raw(
         &self,
         method: Method,
         repo: &RepoName,
@@ -305,9 +285,6 @@ impl UpstreamClient {
             if let Some(a) = &opts.accept {
                 headers.insert(header::ACCEPT, a.clone());
             }
-            if let Some(r) = &opts.range {
-                headers.insert(header::RANGE, r.clone());
-            }
             if let Some(a) = auth {
                 if same_origin(&self.base, &url) {
                     headers.insert(header::AUTHORIZATION, a.clone());
@@ -363,34 +340,8 @@ impl UpstreamClient {
         }
         Err(UpstreamError::TooManyRedirects {
             upstream: self.name.to_string(),
+            max: MAX_REDIRECTS,
         })
-    }
-
-    /// Reads a small body whole, waiting at most `idle_timeout` for each
-    /// piece and refusing more than `max` bytes.
-    pub async fn read_body(
-        &self,
-        resp: reqwest::Response,
-        max: u64,
-    ) -> Result<bytes::Bytes, BodyError> {
-        use futures_util::StreamExt;
-        let mut stream = resp.bytes_stream();
-        let mut buf = Vec::new();
-        loop {
-            let next = tokio::time::timeout(self.idle_timeout, stream.next())
-                .await
-                .map_err(|_| BodyError::Stalled)?;
-            match next {
-                None => return Ok(bytes::Bytes::from(buf)),
-                Some(Ok(chunk)) => {
-                    if (buf.len() + chunk.len()) as u64 > max {
-                        return Err(BodyError::TooLarge);
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-                Some(Err(e)) => return Err(BodyError::Broken(e.to_string())),
-            }
-        }
     }
 
     fn observe(&self, status: &str, started: Instant) {
@@ -416,6 +367,46 @@ impl UpstreamClient {
             upstream: self.name.to_string(),
             secs: self.idle_timeout.as_secs(),
         }
+    }
+}
+
+impl Remote for UpstreamClient {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    fn send<'a>(&'a self, req: Request<'a>) -> BoxFuture<'a, Result<Response, UpstreamError>> {
+        async move {
+            let opts = RequestOptions {
+                accept: req.accept,
+                query: req.query,
+            };
+            let path = req.endpoint.to_string();
+            let resp = self.send_raw(req.method, req.repo, &path, &opts).await?;
+            let idle = self.idle_timeout;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let content_length = resp.content_length();
+            // Each piece within the idle timeout; a stall ends the body.
+            let body =
+                futures_util::stream::unfold(Some(resp.bytes_stream()), move |stream| async move {
+                    let mut stream = stream?;
+                    match tokio::time::timeout(idle, stream.next()).await {
+                        Err(_) => Some((Err(BodyError::Stalled), None)),
+                        Ok(None) => None,
+                        Ok(Some(Ok(b))) => Some((Ok(b), Some(stream))),
+                        Ok(Some(Err(e))) => Some((Err(BodyError::Broken(error_chain(&e))), None)),
+                    }
+                });
+            Ok(Response {
+                status,
+                headers,
+                content_length,
+                // Fused: a body may be polled once more after its end.
+                body: Box::pin(body.fuse()),
+            })
+        }
+        .boxed()
     }
 }
 

@@ -1,13 +1,13 @@
 //! Errors as clients see them: distribution-spec codes, statuses and JSON.
 //!
-//! Module errors convert into [`ApiError`]; the JSON body is built here and
-//! nowhere else. Depends on `body` and `names`.
+//! The JSON body is built here and nowhere else; which module error becomes
+//! which [`ApiError`] is decided in one place, `pipeline::errors`. Depends
+//! on `body`.
 
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::body::{self, Body};
-use crate::names::NameError;
 
 /// Where a failure came from, which decides how it is logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,20 +144,6 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-impl From<NameError> for ApiError {
-    fn from(e: NameError) -> ApiError {
-        match e {
-            NameError::BadDigest(_) | NameError::UnsupportedAlgorithm(_) => {
-                ApiError::digest_invalid(e.to_string())
-            }
-            NameError::BadTag(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_UNKNOWN", e.to_string())
-            }
-            _ => ApiError::name_invalid(e.to_string()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,19 +156,5 @@ mod tests {
         assert_eq!(v["errors"][0]["code"], "DENIED");
         assert_eq!(v["errors"][0]["detail"]["reasons"][0], "denied-by-policy");
         assert_eq!(e.into_response(false).status(), StatusCode::FORBIDDEN);
-    }
-
-    #[test]
-    fn name_errors_map_to_spec_codes() {
-        let e: ApiError = "sha256:zz"
-            .parse::<crate::names::Digest>()
-            .unwrap_err()
-            .into();
-        assert_eq!(
-            (e.status, e.code),
-            (StatusCode::BAD_REQUEST, "DIGEST_INVALID")
-        );
-        let e: ApiError = "A".parse::<crate::names::RepoName>().unwrap_err().into();
-        assert_eq!(e.code, "NAME_INVALID");
     }
 }

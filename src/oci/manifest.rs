@@ -1,0 +1,398 @@
+//! Manifests as typed values: what pullgate reads of an image manifest or an
+//! index, in one place.
+//!
+//! A manifest is parsed once, when it arrives (from an upstream, the store
+//! or a bundle), into [`oci_spec`]'s types; every later step (the base
+//! check, blob approval, signature artifacts, index children) reads the
+//! typed value, and a cached pull reads nothing at all: the response headers
+//! are prepared here too. A body that is both an index and an image
+//! manifest is refused (CVE-2021-41190); one that is neither (Docker schema
+//! 1, or descriptors the spec would not accept) is kept as [`Kind::Other`]:
+//! served where policy allows it, never taken for an image. Depends on
+//! `names`.
+
+use bytes::Bytes;
+use http::HeaderValue;
+use oci_spec::image::{Descriptor, DigestAlgorithm, ImageIndex, ImageManifest};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::oci::names::Digest;
+
+/// Manifest media types asked for when the client names none.
+pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// Why bytes are not a usable manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("not JSON ({0})")]
+    NotJson(String),
+    #[error("it has both \"manifests\" (an index) and \"config\"/\"layers\" (an image): ambiguous, refused")]
+    Ambiguous,
+    #[error("no manifest media type in Content-Type or body")]
+    NoMediaType,
+    #[error("media type {0:?} cannot be sent as a header")]
+    BadMediaType(String),
+}
+
+/// What a manifest is.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Image(Box<ImageManifest>),
+    Index(Box<ImageIndex>),
+    /// Neither, or not as the spec writes them; the reason.
+    Other(String),
+}
+
+/// A manifest: its bytes, their digest, what it is, and the headers it is
+/// served with.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    pub kind: Kind,
+    /// `Content-Type`, `Docker-Content-Digest`, `ETag`, `Content-Length`.
+    pub headers: [HeaderValue; 4],
+}
+
+/// The keys that tell an index from an image, read without building values.
+#[derive(Deserialize)]
+struct Shape<'a> {
+    #[serde(rename = "mediaType", borrow, default)]
+    media_type: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    manifests: Option<IgnoredAny>,
+    #[serde(default)]
+    config: Option<IgnoredAny>,
+    #[serde(default)]
+    layers: Option<IgnoredAny>,
+}
+
+fn is_manifest_type(t: &str) -> bool {
+    t.starts_with("application/vnd.oci.image.")
+        || t.starts_with("application/vnd.docker.distribution.manifest.")
+        || t.starts_with("application/vnd.oci.artifact.")
+}
+
+impl Manifest {
+    /// A manifest whose bytes hash to `digest` (the caller checked), with
+    /// its media type decided from the upstream's `Content-Type` and the
+    /// body, which must be a JSON object.
+    pub fn parse(
+        digest: Digest,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<Manifest, ManifestError> {
+        let shape: Shape =
+            serde_json::from_slice(&bytes).map_err(|e| ManifestError::NotJson(e.to_string()))?;
+        let index = shape.manifests.is_some();
+        let image = shape.config.is_some() || shape.layers.is_some();
+        if index && image {
+            return Err(ManifestError::Ambiguous);
+        }
+        let media_type = match (
+            content_type.filter(|t| is_manifest_type(t)),
+            &shape.media_type,
+        ) {
+            (Some(ct), _) => ct.to_owned(),
+            (None, Some(declared)) => declared.to_string(),
+            (None, None) if index => OCI_INDEX.to_owned(),
+            (None, None) if image => OCI_MANIFEST.to_owned(),
+            (None, None) => return Err(ManifestError::NoMediaType),
+        };
+        let kind = if index {
+            match serde_json::from_slice::<ImageIndex>(&bytes) {
+                Ok(i) => Kind::Index(Box::new(i)),
+                Err(e) => Kind::Other(format!("not an index as the spec writes it: {e}")),
+            }
+        } else if image {
+            match serde_json::from_slice::<ImageManifest>(&bytes) {
+                Ok(m) => Kind::Image(Box::new(m)),
+                Err(e) => Kind::Other(format!("not an image manifest as the spec writes it: {e}")),
+            }
+        } else {
+            Kind::Other("neither an image manifest nor an index".into())
+        };
+        let content_type = HeaderValue::from_str(&media_type)
+            .map_err(|_| ManifestError::BadMediaType(media_type.escape_debug().to_string()))?;
+        let digest_text = digest.to_string();
+        let headers = [
+            content_type,
+            HeaderValue::from_str(&digest_text).expect("a digest is a header value"),
+            HeaderValue::from_str(&format!("\"{digest_text}\"")).expect("a quoted digest too"),
+            HeaderValue::from(bytes.len()),
+        ];
+        Ok(Manifest {
+            digest,
+            media_type,
+            bytes,
+            kind,
+            headers,
+        })
+    }
+
+    /// A manifest read back from the store, with the media type it was
+    /// stored with.
+    pub fn stored(
+        digest: Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<Manifest, ManifestError> {
+        Manifest::parse(digest, Some(media_type), bytes)
+    }
+
+    pub fn image(&self) -> Option<&ImageManifest> {
+        match &self.kind {
+            Kind::Image(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn index(&self) -> Option<&ImageIndex> {
+        match &self.kind {
+            Kind::Index(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// The config and layer digests an image manifest references.
+    pub fn referenced_blobs(&self) -> Vec<Digest> {
+        let Some(m) = self.image() else {
+            return Vec::new();
+        };
+        std::iter::once(m.config())
+            .chain(m.layers())
+            .filter_map(digest_of)
+            .collect()
+    }
+
+    /// The manifests an index lists, or `None` when this is not an index.
+    pub fn index_children(&self) -> Option<Vec<Digest>> {
+        Some(
+            self.index()?
+                .manifests()
+                .iter()
+                .filter_map(digest_of)
+                .collect(),
+        )
+    }
+
+    /// The layer digests of an image manifest, in order.
+    pub fn layers(&self) -> Result<Vec<Digest>, String> {
+        match &self.kind {
+            Kind::Image(m) => m
+                .layers()
+                .iter()
+                .map(|l| {
+                    digest_of(l).ok_or_else(|| format!("bad digest {:?}", l.digest().to_string()))
+                })
+                .collect(),
+            Kind::Index(_) => Err("an index, not an image manifest".into()),
+            Kind::Other(why) => Err(why.clone()),
+        }
+    }
+
+    /// The config blob of an image manifest.
+    pub fn config(&self) -> Option<Digest> {
+        digest_of(self.image()?.config())
+    }
+
+    /// The image manifests an index lists, with the platform it gives each.
+    /// Entries that are not images (buildx attestations, `unknown/unknown`)
+    /// are left out.
+    pub fn platform_manifests(&self) -> Result<Vec<(Digest, Option<Platform>)>, String> {
+        let Some(index) = self.index() else {
+            return Err("not an index".into());
+        };
+        let mut out = Vec::new();
+        for e in index.manifests() {
+            let platform = e.platform().as_ref().map(Platform::of);
+            let attestation = e
+                .annotations()
+                .as_ref()
+                .is_some_and(|a| a.contains_key("vnd.docker.reference.type"))
+                || platform.as_ref().is_some_and(|p| p.os == "unknown");
+            if !attestation {
+                let d = digest_of(e)
+                    .ok_or_else(|| format!("bad digest {:?}", e.digest().to_string()))?;
+                out.push((d, platform));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The layers of an image manifest, as (media type, digest, size).
+    pub fn layer_descriptors(&self) -> impl Iterator<Item = &Descriptor> {
+        self.image().into_iter().flat_map(|m| m.layers().iter())
+    }
+
+    /// The artifact type the manifest declares, if any.
+    pub fn artifact_type(&self) -> Option<String> {
+        let t = match &self.kind {
+            Kind::Image(m) => m.artifact_type().as_ref(),
+            Kind::Index(i) => i.artifact_type().as_ref(),
+            Kind::Other(_) => None,
+        };
+        t.map(|t| t.to_string())
+    }
+
+    /// Approximate bytes held in memory, for cache weights.
+    pub fn weight(&self) -> usize {
+        // The typed value takes a few times the JSON it came from.
+        self.bytes.len() * 4 + 256
+    }
+}
+
+/// Our digest of a descriptor's, when it is a well-formed sha256.
+pub fn digest_of(d: &Descriptor) -> Option<Digest> {
+    let digest = d.digest();
+    if *digest.algorithm() != DigestAlgorithm::Sha256 {
+        return None;
+    }
+    Digest::from_hex(digest.digest())
+}
+
+/// An image's platform, as an index lists it or a config states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    fn of(p: &oci_spec::image::Platform) -> Platform {
+        Platform {
+            os: p.os().to_string(),
+            architecture: p.architecture().to_string(),
+            variant: p.variant().clone(),
+        }
+    }
+
+    /// The platform an image config blob states (`os`, `architecture`,
+    /// `variant`; the rest of the config is not read).
+    pub fn from_config(config: &[u8]) -> Option<Platform> {
+        #[derive(Deserialize)]
+        struct View {
+            os: String,
+            architecture: String,
+            #[serde(default)]
+            variant: Option<String>,
+        }
+        let v: View = serde_json::from_slice(config).ok()?;
+        Some(Platform {
+            os: v.os,
+            architecture: v.architecture,
+            variant: v.variant,
+        })
+    }
+
+    /// Same OS and architecture, and the same variant when both name one.
+    pub fn matches(&self, other: &Platform) -> bool {
+        self.os == other.os
+            && self.architecture == other.architecture
+            && match (&self.variant, &other.variant) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(ct: Option<&str>, bytes: &'static [u8]) -> Result<Manifest, ManifestError> {
+        Manifest::parse(Digest::of(bytes), ct, Bytes::from_static(bytes))
+    }
+
+    #[test]
+    fn media_type_comes_from_header_or_body() {
+        let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
+        assert_eq!(
+            parse(
+                Some("application/vnd.docker.distribution.manifest.v2+json"),
+                oci
+            )
+            .unwrap()
+            .media_type,
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert_eq!(
+            parse(Some("text/plain"), oci).unwrap().media_type,
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+        assert_eq!(
+            parse(None, br#"{"schemaVersion":2,"manifests":[]}"#)
+                .unwrap()
+                .media_type,
+            "application/vnd.oci.image.index.v1+json"
+        );
+        assert!(parse(None, b"<html>").is_err());
+        assert!(parse(None, b"[1]").is_err());
+        assert!(parse(None, br#"{"a":1}"#).is_err());
+    }
+
+    #[test]
+    fn an_index_that_is_also_an_image_is_refused() {
+        let both = br#"{"schemaVersion":2,"manifests":[],"layers":[]}"#;
+        assert_eq!(parse(None, both).unwrap_err(), ManifestError::Ambiguous);
+    }
+
+    #[test]
+    fn a_media_type_that_is_no_header_is_refused() {
+        let bad = b"{\"schemaVersion\":2,\"mediaType\":\"application/x\\u0001\",\"layers\":[]}";
+        assert!(matches!(
+            parse(None, bad),
+            Err(ManifestError::BadMediaType(_))
+        ));
+    }
+
+    #[test]
+    fn images_list_their_blobs_and_indexes_their_platforms() {
+        let layer = Digest::of(b"layer");
+        let config = Digest::of(b"config");
+        let image = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}",
+            "config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":6}},
+            "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":5}}]}}"#
+        );
+        let bytes = Bytes::from(image);
+        let m = Manifest::parse(Digest::of(&bytes), None, bytes).unwrap();
+        assert_eq!(m.referenced_blobs(), [config, layer]);
+        assert_eq!(m.layers().unwrap(), [layer]);
+        assert_eq!(m.config(), Some(config));
+        assert!(m.index_children().is_none());
+        let child = Digest::of(b"child");
+        let att = Digest::of(b"attestation");
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[
+            {{"mediaType":"{OCI_MANIFEST}","digest":"{child}","size":1,"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},
+            {{"mediaType":"{OCI_MANIFEST}","digest":"{att}","size":1,"platform":{{"os":"unknown","architecture":"unknown"}}}}]}}"#
+        );
+        let bytes = Bytes::from(index);
+        let i = Manifest::parse(Digest::of(&bytes), None, bytes).unwrap();
+        assert_eq!(i.index_children().unwrap(), [child, att]);
+        let p = i.platform_manifests().unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, child);
+        assert_eq!(p[0].1.as_ref().unwrap().to_string(), "linux/arm64/v8");
+    }
+}

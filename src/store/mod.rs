@@ -1,0 +1,182 @@
+//! The store: content by digest, and what pullgate keeps about it (tags,
+//! local approvals, base history). A trait, so that the filesystem
+//! ([`FsStore`]), memory ([`MemoryStore`], for tests and for commands that
+//! must not write) and, later, object storage serve alike.
+//!
+//! The shape follows pingora's cache storage: a lookup hands out a
+//! [`BlobHandle`] (the filesystem's open file, so cached blobs go out with
+//! `sendfile`, or bytes in memory); a write goes through a [`BlobWriter`]
+//! that must [`finish`](BlobWriter::finish), which checks the digest and only
+//! then makes the blob visible under it; a writer dropped before that
+//! removes what it wrote. Nothing appears under a digest its bytes do not
+//! hash to.
+//!
+//! Every method that may touch a disk (or, later, a network) is async, and
+//! the filesystem runs those on tokio's blocking pool, never on a worker
+//! thread. What a cached pull needs (`cached_manifest`, `cached_tag`,
+//! `has_blob`) is answered from memory without blocking. Depends on `oci`,
+//! `metrics`, `fsutil`.
+
+mod fs;
+mod index;
+mod memory;
+mod overlay;
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use crate::oci::names::{Digest, RepoName, Tag};
+use crate::oci::Manifest;
+
+pub use fs::FsStore;
+pub use index::ReadGuard;
+pub use memory::{Chunks, MemoryStore};
+pub use overlay::Overlay;
+
+/// A store operation that may wait for a disk.
+pub type StoreFuture<'a, T> = BoxFuture<'a, io::Result<T>>;
+
+/// What a tag last resolved to, and when that was checked upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagRecord {
+    pub digest: Digest,
+    pub checked: SystemTime,
+    /// The last digest policy approved for this tag (tag-drift protection).
+    pub approved: Option<Digest>,
+}
+
+/// Identifies a tag: upstream, repository, tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TagKey {
+    pub upstream: Arc<str>,
+    pub repo: RepoName,
+    pub tag: Tag,
+}
+
+/// A change to a tag record: the new record given the current one; `None`
+/// removes it.
+pub type TagUpdate = Box<dyn FnOnce(Option<TagRecord>) -> Option<TagRecord> + Send>;
+
+/// Where a blob's bytes are, for reading.
+#[derive(Clone)]
+pub enum Source {
+    /// An open file (committed, or a temp file being written): read with
+    /// positioned reads on the blocking pool, or sent with `sendfile`.
+    File(Arc<File>),
+    /// Bytes in memory.
+    Memory(Arc<Chunks>),
+}
+
+/// A stored blob, open for reading and kept from eviction while it lives.
+pub struct BlobHandle {
+    pub size: u64,
+    pub source: Source,
+    pub guard: ReadGuard,
+}
+
+/// Why a blob write did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("the bytes hash to {got}, not to the digest they were written for")]
+    Mismatch { got: Digest },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Writes one blob. Bytes are hashed as they are written; [`finish`]
+/// commits them under their digest only when the hash matches. Dropping a
+/// writer before `finish` aborts it and removes what was written.
+///
+/// [`finish`]: BlobWriter::finish
+pub trait BlobWriter: Send {
+    /// Appends `chunk`.
+    fn write(&mut self, chunk: Bytes) -> StoreFuture<'_, ()>;
+    /// Bytes written so far.
+    fn written(&self) -> u64;
+    /// Where readers find the bytes written so far (followers of a fetch).
+    fn source(&self) -> Source;
+    /// Checks the digest, makes the blob durable and visible; its size. On
+    /// a mismatch nothing is kept.
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<u64, WriteError>>;
+    /// Gives up and removes what was written, off the async worker threads
+    /// (dropping the writer does the same, wherever it is dropped).
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// Content by digest and the metadata kept with it.
+pub trait Store: Send + Sync {
+    /// Where the store is, for messages (`/var/lib/pullgate`, `memory`).
+    fn location(&self) -> String;
+
+    // ---- blobs (manifests are blobs too) -----------------------------------
+
+    /// Whether a blob is held. From memory; never blocks.
+    fn has_blob(&self, d: &Digest) -> bool;
+    /// Opens a blob for reading, pinned against eviction.
+    fn open<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<BlobHandle>>;
+    /// A writer for bytes that must hash to `d`.
+    fn writer(&self, d: Digest) -> StoreFuture<'_, Box<dyn BlobWriter>>;
+    /// Keeps `d` from eviction (followers of a fetch being committed).
+    fn pin(&self, d: &Digest) -> ReadGuard;
+    /// Bytes held.
+    fn size(&self) -> u64;
+
+    // ---- manifests -----------------------------------------------------------
+
+    /// A manifest from memory, if it is there.
+    fn cached_manifest(&self, d: &Digest) -> Option<Arc<Manifest>>;
+    /// A stored manifest. Bytes read back are hashed again; a corrupt copy
+    /// is treated as absent.
+    fn manifest<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<Arc<Manifest>>>;
+    /// Stores a manifest whose bytes the caller checked against its digest.
+    fn put_manifest(&self, m: Arc<Manifest>) -> StoreFuture<'_, ()>;
+
+    // ---- tags ----------------------------------------------------------------
+
+    /// A tag record from memory, if it is there.
+    fn cached_tag(&self, key: &TagKey) -> Option<TagRecord>;
+    /// What a tag last resolved to.
+    fn tag<'a>(&'a self, key: &'a TagKey) -> StoreFuture<'a, Option<TagRecord>>;
+    /// Replaces a tag record with `f(current)`, one update at a time, so
+    /// concurrent updates of different fields do not undo each other.
+    fn update_tag<'a>(&'a self, key: &'a TagKey, f: TagUpdate) -> StoreFuture<'a, ()>;
+    /// Remembers a tag in memory only, as checked at `checked`: used after
+    /// an upstream failure so the next re-check waits a little.
+    fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime);
+
+    // ---- approvals -----------------------------------------------------------
+
+    /// The approvals recorded for `d` (`pullgate approve`), as written.
+    fn approvals<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Vec<Vec<u8>>>;
+    /// Records an approval of `d` under `id`; says where it went.
+    fn add_approval(&self, d: Digest, id: String, bytes: Vec<u8>) -> StoreFuture<'_, String>;
+
+    // ---- metadata documents ------------------------------------------------
+
+    /// A metadata document (`bases/history.json`), `None` when absent.
+    fn read_meta<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<Vec<u8>>>;
+    /// Replaces a metadata document whole.
+    fn write_meta<'a>(&'a self, name: &'a str, bytes: Vec<u8>) -> StoreFuture<'a, ()>;
+    /// Moves an unreadable metadata document aside (never overwritten);
+    /// says where it went.
+    fn set_aside_meta<'a>(&'a self, name: &'a str) -> StoreFuture<'a, String>;
+
+    /// Checks that the store takes writes (for `/readyz`).
+    fn probe(&self) -> StoreFuture<'_, ()>;
+}
+
+/// Writes a whole blob through a writer: a small helper for tests, bundles
+/// and manifests-as-blobs.
+pub async fn put_blob(store: &dyn Store, d: Digest, bytes: Bytes) -> Result<u64, WriteError> {
+    let mut w = store.writer(d).await?;
+    w.write(bytes).await?;
+    w.finish().await
+}
+
+#[cfg(test)]
+mod tests;
