@@ -290,8 +290,8 @@ fn base_check(c: &mut Criterion) {
     let digest = Digest::of(&manifest);
     struct NoFetch;
     impl Source for NoFetch {
-        async fn manifest(&self, _: Digest) -> Result<Arc<Manifest>, String> {
-            Err("not needed".into())
+        async fn manifest(&self, _: Digest) -> Result<Arc<Manifest>, pullgate::bases::BaseError> {
+            Err(pullgate::bases::BaseError::Unreadable("not needed".into()))
         }
         async fn platform(&self, _: Digest) -> Option<Platform> {
             None

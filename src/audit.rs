@@ -138,6 +138,18 @@ struct Recent {
     hours: VecDeque<Hour>,
 }
 
+/// Why the audit log cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open the audit log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the audit writer: {0}")]
+    Thread(std::io::Error),
+}
+
 /// The audit log and recent decisions.
 pub struct Audit {
     writer: Option<Arc<Pending>>,
@@ -152,12 +164,14 @@ impl Audit {
         path: Option<&Path>,
         approvals: bool,
         metrics: Arc<Metrics>,
-    ) -> Result<Audit, String> {
+    ) -> Result<Audit, AuditError> {
         let writer = match path {
             None => None,
             Some(path) => {
-                let file = open(path)
-                    .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+                let file = open(path).map_err(|source| AuditError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
                 let pending = Arc::new(Pending {
                     lines: Mutex::new(Vec::with_capacity(64 * 1024)),
                     reopen: AtomicBool::new(false),
@@ -168,7 +182,7 @@ impl Audit {
                 std::thread::Builder::new()
                     .name("pullgate-audit".into())
                     .spawn(move || write_loop(path, file, p, m))
-                    .map_err(|e| format!("cannot start the audit writer: {e}"))?;
+                    .map_err(AuditError::Thread)?;
                 Some(pending)
             }
         };

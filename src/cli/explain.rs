@@ -15,7 +15,8 @@ fn explain_printed(config: &Config, image: &str, pins: Pins) -> Result<Explained
     let runtime =
         runtime(tokio::runtime::Builder::new_current_thread()).ok_or(ExitCode::FAILURE)?;
     let result = runtime.block_on(async {
-        let app = App::for_command(config.clone(), pins).map_err(|e| (e, Vec::new()))?;
+        let app =
+            App::for_command(config.clone(), pins).map_err(|e| (e.to_string(), Vec::new()))?;
         app.explain(image).await
     });
     match result {

@@ -81,7 +81,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "config loaded"
     );
 
-    let app = App::new(config).map_err(anyhow::Error::msg)?;
+    // Opening the store scans it: on the blocking pool.
+    let app = tokio::task::spawn_blocking(move || App::new(config)).await??;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
@@ -147,7 +148,7 @@ async fn reload(app: &Arc<App>, path: Option<&Path>) {
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
-    let result = loaded.and_then(|c| app.reload(c));
+    let result = loaded.and_then(|c| app.reload(c).map_err(|e| e.to_string()));
     match result {
         Ok(notes) => {
             app.metrics.config_reloads.with_label_values(&["ok"]).inc();

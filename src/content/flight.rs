@@ -76,7 +76,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn single_flight_runs_once_for_concurrent_callers() {
         let sf: Arc<SingleFlight<&'static str, u32>> = Arc::new(SingleFlight::default());
         let calls = Arc::new(AtomicUsize::new(0));
@@ -106,7 +106,7 @@ mod tests {
         assert_eq!((r.unwrap(), leader), (8, true));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn single_flight_survives_the_leader_going_away() {
         let sf: Arc<SingleFlight<u8, u8>> = Arc::new(SingleFlight::default());
         let done = Arc::new(AtomicUsize::new(0));

@@ -123,7 +123,7 @@ fn repo() -> RepoName {
     "acme/app".parse().unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn concurrent_manifest_lookups_make_one_remote_request_and_keep_the_result() {
     let (fake, remote, content, store) = setup(50);
     let bytes = manifest_bytes(1);
@@ -155,7 +155,7 @@ async fn concurrent_manifest_lookups_make_one_remote_request_and_keep_the_result
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn bytes_that_do_not_match_are_refused_and_not_kept() {
     let (fake, remote, content, store) = setup(0);
     let bytes = manifest_bytes(2);
@@ -171,7 +171,7 @@ async fn bytes_that_do_not_match_are_refused_and_not_kept() {
     assert!(store.manifest(&d).await.unwrap().is_none());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_tag_is_served_from_its_last_digest_when_the_remote_fails() {
     let (fake, remote, content, _store) = setup(0);
     let bytes = manifest_bytes(3);
@@ -209,7 +209,7 @@ async fn read_body(b: crate::body::Body) -> Result<Vec<u8>, std::io::Error> {
     Ok(collected.to_bytes().to_vec())
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn every_reader_of_a_cold_blob_follows_one_fetch() {
     let (fake, remote, content, store) = setup(50);
     let blob = Bytes::from(vec![7u8; 300_000]);
@@ -244,7 +244,7 @@ async fn every_reader_of_a_cold_blob_follows_one_fetch() {
     ));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_blob_with_wrong_bytes_fails_every_reader_and_is_not_kept() {
     let (fake, remote, content, store) = setup(10);
     let blob = Bytes::from(vec![9u8; 1000]);
@@ -267,7 +267,7 @@ async fn a_blob_with_wrong_bytes_fails_every_reader_and_is_not_kept() {
     assert!(!store.has_blob(&d));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn small_reads_use_the_store_before_the_remote() {
     let (fake, remote, content, store) = setup(0);
     let payload = Bytes::from_static(b"a signature payload");

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
+use crate::remote::registry::ClientError;
 use crate::remote::{Remote, UpstreamClient};
 use crate::route::rewrite::Rewrites;
 use crate::route::{Route, Router};
@@ -29,7 +30,7 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Generation, String> {
+    pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Generation, ClientError> {
         let remotes = config
             .upstreams
             .iter()

@@ -55,7 +55,7 @@ pub enum Pins {
 
 impl App {
     /// A pipeline for a command: on the server's store, read only.
-    pub fn for_command(mut config: Config, pins: Pins) -> Result<Arc<App>, String> {
+    pub fn for_command(mut config: Config, pins: Pins) -> Result<Arc<App>, super::StartError> {
         config.storage.tag_ttl = Duration::ZERO;
         config.audit = Default::default();
         if pins == Pins::Ignore {

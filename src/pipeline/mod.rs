@@ -43,6 +43,7 @@ use crate::config::Config;
 use crate::content::Content;
 use crate::metrics::Metrics;
 use crate::oci::error::Origin;
+use crate::remote::registry::ClientError;
 use crate::route::{parse_path, PathKind, Target};
 use crate::store::{FsStore, Store};
 use crate::verify::bases::{BaseTable, Refresher};
@@ -54,6 +55,20 @@ use respond::query_param;
 
 /// Largest total of request header bytes accepted.
 const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Why the proxy cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store at {}: {source}", path.display())]
+    Store {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Upstream(#[from] ClientError),
+}
 
 /// The running proxy: content, verdicts, the current config.
 pub struct App {
@@ -71,18 +86,16 @@ pub struct App {
 
 impl App {
     /// Opens the store on disk and builds the first generation.
-    pub fn new(config: Config) -> Result<Arc<App>, String> {
+    pub fn new(config: Config) -> Result<Arc<App>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let store = FsStore::open(
             &config.storage.path,
             config.storage.max_size,
             metrics.clone(),
         )
-        .map_err(|e| {
-            format!(
-                "cannot open the store at {}: {e}",
-                config.storage.path.display()
-            )
+        .map_err(|source| StartError::Store {
+            path: config.storage.path.clone(),
+            source,
         })?;
         App::with_store(config, Arc::new(store), metrics)
     }
@@ -92,7 +105,7 @@ impl App {
         config: Config,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-    ) -> Result<Arc<App>, String> {
+    ) -> Result<Arc<App>, StartError> {
         let audit = Audit::new(
             config.audit.path.as_deref(),
             config.audit.approvals,
@@ -123,7 +136,7 @@ impl App {
 
     /// Swaps in a new config atomically. Listen addresses and the store
     /// location need a restart; a change to them is reported, not applied.
-    pub fn reload(&self, config: Config) -> Result<Vec<String>, String> {
+    pub fn reload(&self, config: Config) -> Result<Vec<String>, ClientError> {
         let old = self.config();
         let mut notes = Vec::new();
         if old.server.listen != config.server.listen {

@@ -11,7 +11,7 @@ use crate::oci::names::{Digest, Reference};
 use crate::oci::{Manifest, Platform, RepoName};
 use crate::remote::Remote;
 use crate::store::TagKey;
-use crate::verify::bases;
+use crate::verify::bases::{self, BaseError};
 
 /// Largest image config read for its platform.
 const MAX_CONFIG: u64 = 1024 * 1024;
@@ -36,9 +36,10 @@ impl<'a> RouteSource<'a> {
 }
 
 impl bases::Source for RouteSource<'_> {
-    async fn manifest(&self, digest: Digest) -> Result<Arc<Manifest>, String> {
+    async fn manifest(&self, digest: Digest) -> Result<Arc<Manifest>, BaseError> {
         let max = self.gen.config.server.max_manifest_size;
-        self.app
+        let m = self
+            .app
             .content
             .manifest(
                 self.remote,
@@ -48,8 +49,8 @@ impl bases::Source for RouteSource<'_> {
                 max,
                 Lookup::Internal,
             )
-            .await
-            .map_err(|e| e.to_string())
+            .await?;
+        Ok(m)
     }
 
     /// From the config blob in the store, else from the remote (not
@@ -76,21 +77,24 @@ pub struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
-    fn route(&self, base: &BaseRef) -> Result<(&Arc<dyn Remote>, RepoName), String> {
-        let name: RepoName = base.canonical.parse().map_err(|e| format!("{e}"))?;
+    fn route(&self, base: &BaseRef) -> Result<(&Arc<dyn Remote>, RepoName), BaseError> {
+        let name: RepoName = base
+            .canonical
+            .parse()
+            .map_err(|e| BaseError::Route(format!("{e}")))?;
         let route = self
             .gen
             .router
             .route(&name, None)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| BaseError::Route(e.to_string()))?;
         Ok((&self.gen.remotes[route.upstream], route.repo))
     }
 }
 
 impl bases::Resolver for Resolver<'_> {
-    async fn resolve(&self, base: &BaseRef) -> Result<Digest, String> {
+    async fn resolve(&self, base: &BaseRef) -> Result<Digest, BaseError> {
         let Reference::Tag(tag) = &base.reference else {
-            return Err("not a tag".into());
+            return Err(BaseError::Route(format!("{} is not a tag", base.image)));
         };
         let (remote, repo) = self.route(base)?;
         let key = TagKey {
@@ -100,15 +104,15 @@ impl bases::Resolver for Resolver<'_> {
         };
         let storage = &self.gen.config.storage;
         let max = self.gen.config.server.max_manifest_size;
-        self.app
+        let m = self
+            .app
             .content
             .resolve_tag(remote, &key, Accept::Any, max, storage.tag_ttl)
-            .await
-            .map(|m| m.digest)
-            .map_err(|e| e.to_string())
+            .await?;
+        Ok(m.digest)
     }
 
-    async fn manifest(&self, base: &BaseRef, digest: Digest) -> Result<Arc<Manifest>, String> {
+    async fn manifest(&self, base: &BaseRef, digest: Digest) -> Result<Arc<Manifest>, BaseError> {
         let (remote, repo) = self.route(base)?;
         let source = RouteSource {
             app: self.app,

@@ -67,23 +67,36 @@ struct RequestOptions {
     query: Option<String>,
 }
 
+/// Why a client for an upstream cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("upstream {upstream}: bad CA bundle: {message}")]
+    BadCa { upstream: String, message: String },
+    #[error("upstream {upstream}: cannot build HTTP client: {message}")]
+    Build { upstream: String, message: String },
+}
+
 impl UpstreamClient {
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<UpstreamClient, String> {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<UpstreamClient, ClientError> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("pullgate/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &cfg.ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("upstream {}: bad CA bundle: {e}", cfg.name))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ClientError::BadCa {
+                    upstream: cfg.name.clone(),
+                    message: e.to_string(),
+                })?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let http = builder
-            .build()
-            .map_err(|e| format!("upstream {}: cannot build HTTP client: {e}", cfg.name))?;
+        let http = builder.build().map_err(|e| ClientError::Build {
+            upstream: cfg.name.clone(),
+            message: error_chain(&e),
+        })?;
         Ok(UpstreamClient {
             name: Arc::from(cfg.name.as_str()),
             base: cfg.url.clone(),

@@ -168,6 +168,23 @@ pub fn parse(m: &Manifest) -> Result<Parsed, String> {
     }
 }
 
+/// Why no base verdict could be reached.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BaseError {
+    #[error("base {0:?} has not been resolved (its upstream has not answered yet)")]
+    Unresolved(String),
+    /// A manifest or tag the check needs could not be had.
+    #[error(transparent)]
+    Content(#[from] crate::content::ContentError),
+    /// A base reference that does not route (config was checked; a reload
+    /// may have removed its upstream).
+    #[error("{0}")]
+    Route(String),
+    /// A base manifest the table cannot use.
+    #[error("{0}")]
+    Unreadable(String),
+}
+
 /// Fetches what a base check needs. The server fetches through its store
 /// and single-flight machinery; `pullgate verify` asks the upstream.
 pub trait Source {
@@ -175,7 +192,7 @@ pub trait Source {
     fn manifest(
         &self,
         digest: Digest,
-    ) -> impl std::future::Future<Output = Result<Arc<Manifest>, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Arc<Manifest>, BaseError>> + Send;
     /// The platform an image config blob states (`None` when unreadable).
     fn platform(
         &self,
@@ -201,7 +218,7 @@ pub async fn check_manifest<S: Source>(
     sets: &[String],
     m: &Manifest,
     source: &S,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, BaseError> {
     let (layers, config) = match parse(m) {
         Ok(Parsed::Image { layers, config }) => (layers, config),
         Ok(Parsed::Index(children)) => return check_index(table, sets, children, source).await,
@@ -220,7 +237,7 @@ async fn check_index<S: Source>(
     sets: &[String],
     children: Vec<(Digest, Option<Platform>)>,
     source: &S,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, BaseError> {
     if children.is_empty() {
         return Ok(Outcome::fail("the index lists no image manifests".into()));
     }
@@ -277,7 +294,7 @@ fn unreadable(digest: Digest, why: String) -> Outcome {
     Outcome::fail(format!("manifest {digest} cannot be read ({why})"))
 }
 
-fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
+fn describe(found: Found, sets: &[String]) -> Result<Outcome, BaseError> {
     match found {
         Found::Base { set, image, digest } => Ok(Outcome {
             passes: true,
@@ -296,9 +313,7 @@ fn describe(found: Found, sets: &[String]) -> Result<Outcome, String> {
                 sets.join(", ")
             )))
         }
-        Found::Unresolved(set) => Err(format!(
-            "base {set:?} has not been resolved (its upstream has not answered yet)"
-        )),
+        Found::Unresolved(set) => Err(BaseError::Unresolved(set)),
     }
 }
 
@@ -320,8 +335,8 @@ struct Seen {
 }
 
 impl History {
-    pub fn from_json(bytes: &[u8]) -> Result<History, String> {
-        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    pub fn from_json(bytes: &[u8]) -> Result<History, serde_json::Error> {
+        serde_json::from_slice(bytes)
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -372,13 +387,13 @@ pub trait Resolver {
     fn resolve(
         &self,
         base: &BaseRef,
-    ) -> impl std::future::Future<Output = Result<Digest, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Digest, BaseError>> + Send;
     /// A manifest of the base's repository, by digest (stored once fetched).
     fn manifest(
         &self,
         base: &BaseRef,
         digest: Digest,
-    ) -> impl std::future::Future<Output = Result<Arc<Manifest>, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Arc<Manifest>, BaseError>> + Send;
 }
 
 /// What a refresh did, for logs and metrics.
@@ -471,7 +486,7 @@ async fn load_history(store: &dyn crate::store::Store) -> History {
         Ok(None) => return History::default(),
         Ok(Some(bytes)) => match History::from_json(&bytes) {
             Ok(h) => return h,
-            Err(e) => e,
+            Err(e) => e.to_string(),
         },
         Err(e) => e.to_string(),
     };
@@ -557,16 +572,16 @@ async fn expand<R: Resolver>(
     resolver: &R,
     base: &BaseRef,
     digest: Digest,
-) -> Result<Vec<Expanded>, String> {
+) -> Result<Vec<Expanded>, BaseError> {
     let m = resolver.manifest(base, digest).await?;
-    let children = match parse(&m)? {
+    let children = match parse(&m).map_err(BaseError::Unreadable)? {
         Parsed::Image { layers, .. } => return Ok(vec![(None, digest, layers)]),
         Parsed::Index(children) => children,
     };
     let mut out = Vec::new();
     for (child, platform) in children.into_iter().take(MAX_INDEX_MANIFESTS) {
         let cm = resolver.manifest(base, child).await?;
-        if let Parsed::Image { layers, .. } = parse(&cm)? {
+        if let Parsed::Image { layers, .. } = parse(&cm).map_err(BaseError::Unreadable)? {
             out.push((platform, child, layers));
         }
     }
@@ -792,8 +807,11 @@ pub mod tests {
     struct Manifests(HashMap<Digest, Arc<Manifest>>, Option<Platform>);
 
     impl Source for Manifests {
-        async fn manifest(&self, d: Digest) -> Result<Arc<Manifest>, String> {
-            self.0.get(&d).cloned().ok_or(format!("{d} missing"))
+        async fn manifest(&self, d: Digest) -> Result<Arc<Manifest>, BaseError> {
+            self.0
+                .get(&d)
+                .cloned()
+                .ok_or(BaseError::Unreadable(format!("{d} missing")))
         }
         async fn platform(&self, _: Digest) -> Option<Platform> {
             self.1.clone()

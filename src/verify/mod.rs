@@ -1,10 +1,11 @@
 //! The verify step: does a fetched manifest meet its policy's content
 //! requirements, signatures (`signed_by`) and bases (`bases`)?
 //!
-//! Runs between "manifest fetched" and "response". Signatures are read from
-//! approvals pullgate holds locally and from the legacy cosign tag
-//! `sha256-<hex>.sig` in the same upstream repository on every fresh
-//! verdict. Verdicts are cached per (digest, name, config
+//! Runs between "manifest fetched" and "response". Signatures are read
+//! through the content layer on every fresh verdict ([`signatures`]): local
+//! approvals, the legacy cosign tag `sha256-<hex>.sig` in the same
+//! repository, and sigstore bundles attached as referrers. Verdicts are
+//! cached per (digest, name, config
 //! generation), so a cached pull costs no signature work; denials are looked
 //! at again after [`DENIAL_RECHECK`], since a signature may be added
 //! upstream later. When signatures cannot be fetched, the last verdict for
@@ -15,8 +16,8 @@
 //! lists is signed; the manifests of a passed index then pass too.
 //! The base check (`bases`) reads the [`BaseTable`] the base refresher
 //! publishes here; a new table empties the verdict cache.
-//! Depends on `bases`, `cosign`, `policy`, `upstream`, `store`, `names`,
-//! `metrics`.
+//! A trace, when the request carries one, gets every finding in words.
+//! Depends on `content`, `remote`, `policy`, `config`, `oci`, `metrics`.
 
 pub mod approvals;
 pub mod bases;
@@ -310,7 +311,7 @@ impl Verifier {
         policy: &PolicyConfig,
         source: &S,
         trace: Option<&Trace>,
-    ) -> Result<Evaluated, ContentError> {
+    ) -> Result<Evaluated, Unavailable> {
         let mut reasons = Vec::new();
         if !policy.signed_by.is_empty() {
             let keys = Keys {
@@ -329,9 +330,7 @@ impl Verifier {
             if let Some(t) = trace {
                 self.trace_bases(t, &table, &policy.bases);
             }
-            let out = bases::check_manifest(&table, &policy.bases, manifest, source)
-                .await
-                .map_err(ContentError::Internal)?;
+            let out = bases::check_manifest(&table, &policy.bases, manifest, source).await?;
             tracing::debug!(repo = %from.repo, digest = %manifest.digest, passes = out.passes, "base check: {}", out.detail);
             trace_line!(trace, "  image: {}", out.detail);
             if !out.passes {
@@ -362,6 +361,16 @@ impl Verifier {
             t.line(format!("  base not resolved: {f}"));
         }
     }
+}
+
+/// Why no verdict could be reached: a signature source or a base could not
+/// be read (fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error(transparent)]
+    Signatures(#[from] ContentError),
+    #[error(transparent)]
+    Bases(#[from] bases::BaseError),
 }
 
 /// Whether an approval of the manifest has been recorded (a cached denial

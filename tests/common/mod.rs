@@ -666,7 +666,7 @@ idle_timeout = "{idle}"
             };
             match started {
                 Ok(app) => break app,
-                Err(e) if e.contains("another pullgate") && tries < 100 => {
+                Err(e) if e.to_string().contains("another pullgate") && tries < 100 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
