@@ -6,6 +6,7 @@
 #
 #   benches/load.sh                 # full run (1 GiB blob, 10 s per wrk run)
 #   BLOB_MIB=256 DURATION=5 benches/load.sh
+#   PG_WORKERS=2 benches/load.sh    # pullgate with two worker threads (default 1, as nginx)
 #
 # Prints a table and the ratios that BENCHMARKS.md records. Needs the Debian
 # packages docker-registry, skopeo, nginx-light, wrk, curl (installed when
@@ -19,6 +20,8 @@ CONNS=${CONNS:-32}
 BLOB_MIB=${BLOB_MIB:-1024}
 COLD_MIB=${COLD_MIB:-256}
 COLD_CLIENTS=${COLD_CLIENTS:-32}
+# pullgate's worker threads; 1 matches nginx's one worker process.
+PG_WORKERS=${PG_WORKERS:-1}
 
 need=()
 for tool in docker-registry:docker-registry skopeo:skopeo nginx:nginx-light wrk:wrk curl:curl python3:python3; do
@@ -68,6 +71,12 @@ YML
   PIDS+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/v2/" >/dev/null && return; sleep 0.1; done
   echo "registry $name did not start"; cat "$WORK/$name/log"; exit 1
+}
+
+machine_busy() { # -> busy clock ticks of the whole machine (all CPUs, /proc/stat)
+  # user nice system idle iowait irq softirq steal: everything but idle and iowait.
+  read -r _ user nice system _idle _iowait irq softirq steal _ < /proc/stat
+  echo $((user + nice + system + irq + softirq + steal))
 }
 
 cpu_ticks() { # pid... -> utime+stime of the processes, in clock ticks
@@ -141,6 +150,7 @@ DIST_PID=${PIDS[-1]}
 cat > "$WORK/pullgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$PG"
+workers = $PG_WORKERS
 [admin]
 listen = "127.0.0.1:$PGADMIN"
 [storage]
@@ -168,6 +178,7 @@ cat > "$WORK/pullgate-signed.toml" <<TOML
 approver = "$WORK/approver.pub"
 [server]
 listen = "127.0.0.1:$PGS"
+workers = $PG_WORKERS
 [admin]
 listen = "127.0.0.1:$PGSADMIN"
 [storage]
@@ -268,9 +279,20 @@ warm "$A_URL/manifests/small"
 warm "$R_URL/manifests/small"
 warm "$S_URL/manifests/small"
 
-wrk_run() { # url -> "req/s p99"
+# Every server must answer the measured URLs with 200: a fast error page
+# would measure nothing.
+for u in "$N_URL/manifests/small" "$P_URL/manifests/small" "$D_URL/manifests/small" \
+         "$N_URL/blobs/$BIG_L" "$P_URL/blobs/$BIG_L" "$D_URL/blobs/$BIG_L"; do
+  code=$(curl -s -o /dev/null -r 0-0 -w '%{http_code}' -H "$ACCEPT" "$u")
+  case "$code" in 200|206) ;; *) echo "load.sh: $u answered $code, not 200"; exit 1 ;; esac
+done
+
+wrk_run() { # url -> "req/s p99"; fails when any answer was not a 2xx
   local out
   out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "$ACCEPT" "$1")
+  if grep -q "Non-2xx or 3xx responses" <<<"$out"; then
+    echo "load.sh: $1 gave non-2xx answers:" >&2; echo "$out" >&2; exit 1
+  fi
   local rps p99
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
@@ -304,20 +326,35 @@ read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
 read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
 read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
 
-blob_run() { # url pids... -> "bytes/s cpu_s_per_gib", over 3 downloads
+blob_run() { # url pids... -> "bytes/s cpu_s_per_gib machine_s_per_gib", over 3 downloads
+  # On loopback the receiver's kernel work is charged to whichever process
+  # runs, so the whole machine's busy time (curl included) is the fair cost.
   local url=$1; shift
-  local t0 t1 speeds=()
-  t0=$(cpu_ticks "$@")
+  local t0 t1 m0 m1 speeds=()
+  t0=$(cpu_ticks "$@"); m0=$(machine_busy)
   for _ in 1 2 3; do
     speeds+=("$(curl -sf -o /dev/null -w '%{speed_download}' "$url")")
   done
-  t1=$(cpu_ticks "$@")
-  python3 -c "import os; hz=os.sysconf('SC_CLK_TCK'); s=[${speeds[0]},${speeds[1]},${speeds[2]}]; print(sum(s)/3, ($t1-$t0)/hz/(3*$BLOB_MIB/1024))"
+  t1=$(cpu_ticks "$@"); m1=$(machine_busy)
+  python3 -c "import os; hz=os.sysconf('SC_CLK_TCK'); s=[${speeds[0]},${speeds[1]},${speeds[2]}]; g=3*$BLOB_MIB/1024; print(sum(s)/3, ($t1-$t0)/hz/g, ($m1-$m0)/hz/g)"
 }
 echo "load.sh: cached blob, one client (${BLOB_MIB} MiB, 3 downloads each; nginx pids $NG_PID $NG_WORKERS)"
-read -r N_BLOB N_CPU < <(blob_run "$N_URL/blobs/$BIG_L" $NG_PID $NG_WORKERS)
-read -r P_BLOB P_CPU < <(blob_run "$P_URL/blobs/$BIG_L" "$PG_PID")
-read -r D_BLOB D_CPU < <(blob_run "$D_URL/blobs/$BIG_L" "$DIST_PID")
+# Rotated like the manifest rounds; the median of ROUNDS per server.
+declare -A blobs
+border=(N P D)
+for round in $(seq "$ROUNDS"); do
+  for k in 0 1 2; do
+    who=${border[$(( (round + k) % 3 ))]}
+    case $who in
+      N) blobs[N]+="$(blob_run "$N_URL/blobs/$BIG_L" $NG_PID $NG_WORKERS)"$'\n' ;;
+      P) blobs[P]+="$(blob_run "$P_URL/blobs/$BIG_L" "$PG_PID")"$'\n' ;;
+      D) blobs[D]+="$(blob_run "$D_URL/blobs/$BIG_L" "$DIST_PID")"$'\n' ;;
+    esac
+  done
+done
+read -r N_BLOB N_CPU N_MCPU < <(printf '%s' "${blobs[N]}" | median)
+read -r P_BLOB P_CPU P_MCPU < <(printf '%s' "${blobs[P]}" | median)
+read -r D_BLOB D_CPU D_MCPU < <(printf '%s' "${blobs[D]}" | median)
 
 echo "load.sh: $COLD_CLIENTS concurrent cold pulls of one ${COLD_MIB} MiB blob through pullgate"
 # One curl process runs all clients at once (--parallel-immediate opens
@@ -351,7 +388,7 @@ PG_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$PG_PID/status")
 ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
 cat <<EOF
 
-== results ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores) ==
+== results ($(date -u +%Y-%m-%dT%H:%MZ); pullgate workers=$PG_WORKERS, nginx 1 worker; $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)) ==
 manifest by tag     req/s   p99
   nginx (static)    $N_TAG  $N_TAG99
   pullgate          $P_TAG  $P_TAG99
@@ -362,10 +399,10 @@ manifest by tag     req/s   p99
 manifest by digest
   pullgate          $P_DIG  $P_DIG99
   distribution      $D_DIG  $D_DIG99
-cached blob, 1 client ($BLOB_MIB MiB)   MB/s    CPU s/GiB
-  nginx (sendfile)  $(python3 -c "print(round($N_BLOB/1e6))")   $N_CPU
-  pullgate          $(python3 -c "print(round($P_BLOB/1e6))")   $P_CPU
-  distribution      $(python3 -c "print(round($D_BLOB/1e6))")   $D_CPU
+cached blob, 1 client ($BLOB_MIB MiB, median of $ROUNDS x 3)   MB/s    CPU s/GiB (process)   CPU s/GiB (whole machine)
+  nginx (sendfile)  $(python3 -c "print(round($N_BLOB/1e6))")   $N_CPU   $N_MCPU
+  pullgate          $(python3 -c "print(round($P_BLOB/1e6))")   $P_CPU   $P_MCPU
+  distribution      $(python3 -c "print(round($D_BLOB/1e6))")   $D_CPU   $D_MCPU
 cold blob, $COLD_CLIENTS clients ($COLD_MIB MiB): upstream fetches $COLD_FETCHES, complete transfers $COLD_OK/$COLD_CLIENTS,
   first byte: earliest client ${COLD_FIRST} ms after its start, the last one ${COLD_SPREAD} ms after the earliest
 pullgate peak RSS (VmHWM) after all runs: $((PG_RSS / 1024)) MiB
@@ -378,6 +415,9 @@ ratios
   rewrites and pins / none, by tag:           $(ratio "$R_TAG" "$P_TAG")
   pullgate / distribution, manifest by digest: $(ratio "$P_DIG" "$D_DIG")
   pullgate / nginx, blob throughput:          $(ratio "$P_BLOB" "$N_BLOB")
-  pullgate / distribution, CPU per GiB:       $(ratio "$P_CPU" "$D_CPU")
-  pullgate / nginx, CPU per GiB:              $(ratio "$P_CPU" "$N_CPU")
+  pullgate / distribution, blob throughput:   $(ratio "$P_BLOB" "$D_BLOB")
+  pullgate / distribution, CPU per GiB:       $(ratio "$P_CPU" "$D_CPU")   (process)
+  pullgate / nginx, CPU per GiB:              $(ratio "$P_CPU" "$N_CPU")   (process)
+  pullgate / distribution, machine CPU/GiB:   $(ratio "$P_MCPU" "$D_MCPU")
+  pullgate / nginx, machine CPU/GiB:          $(ratio "$P_MCPU" "$N_MCPU")
 EOF

@@ -5,8 +5,8 @@
 //! nothing else in the crate.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric pullgate exports.
@@ -54,7 +54,23 @@ pub struct Metrics {
     pub upstream_ratelimit_remaining: IntGaugeVec,
     /// Every metric name registered, for checks against dashboards.
     pub names: Vec<&'static str>,
+    /// `requests` children, resolved once per (kind, status) on first use:
+    /// a cached pull should not hash its labels every time.
+    request_children: Vec<std::sync::OnceLock<IntCounter>>,
+    /// `bytes_served{source="cache"}`, for the same reason.
+    bytes_from_cache: std::sync::OnceLock<IntCounter>,
 }
+
+/// The request kinds `pullgate_requests_total` counts.
+const KINDS: [&str; 7] = [
+    "manifest",
+    "blob",
+    "tags",
+    "referrers",
+    "base",
+    "push",
+    "other",
+];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -252,6 +268,10 @@ impl Metrics {
                 "pullgate_base_images",
             ],
             registry,
+            request_children: (0..KINDS.len() * 500)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            bytes_from_cache: std::sync::OnceLock::new(),
         };
         // Series that alerts watch exist from the start at 0, so their first
         // increase is seen (a counter that appears at 1 has no increase).
@@ -268,6 +288,27 @@ impl Metrics {
             m.audit_errors.with_label_values(&[kind]);
         }
         m
+    }
+
+    /// Counts one answered request.
+    pub fn request(&self, kind: &'static str, status: http::StatusCode) {
+        let code = usize::from(status.as_u16());
+        match KINDS.iter().position(|k| *k == kind) {
+            Some(k) if (100..600).contains(&code) => self.request_children[k * 500 + code - 100]
+                .get_or_init(|| self.requests.with_label_values(&[kind, status.as_str()]))
+                .inc(),
+            _ => self
+                .requests
+                .with_label_values(&[kind, status.as_str()])
+                .inc(),
+        }
+    }
+
+    /// Counts bytes sent to clients from the store.
+    pub fn served_from_cache(&self, bytes: u64) {
+        self.bytes_from_cache
+            .get_or_init(|| self.bytes_served.with_label_values(&["cache"]))
+            .inc_by(bytes);
     }
 
     /// The Prometheus text exposition.

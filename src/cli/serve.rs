@@ -31,7 +31,11 @@ pub fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     init_logging(log_format);
-    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.server.workers {
+        builder.worker_threads(n);
+    }
+    let Some(runtime) = runtime(builder) else {
         return ExitCode::FAILURE;
     };
     match runtime.block_on(run(config)) {

@@ -107,6 +107,8 @@ pub struct ServerConfig {
     pub max_manifest_size: u64,
     /// How long SIGTERM waits for in-flight requests before closing them.
     pub shutdown_timeout: Duration,
+    /// Threads that serve connections; `None`: one per CPU.
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +295,7 @@ struct RawServer {
     listen: Option<Spanned<String>>,
     max_manifest_size: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
+    workers: Option<Spanned<i64>>,
     tls: Option<Spanned<toml::Table>>,
 }
 
@@ -565,6 +568,18 @@ impl Validator<'_> {
             Some(s) => self.duration("server.shutdown_timeout", s),
             None => Some(Duration::from_secs(30)),
         };
+        let workers = match &raw.server.workers {
+            Some(w) if !(1..=1024).contains(w.get_ref()) => {
+                self.problem(
+                    "server.workers",
+                    w,
+                    "must be between 1 and 1024 (leave it out for one per CPU)",
+                );
+                None
+            }
+            Some(w) => usize::try_from(*w.get_ref()).ok(),
+            None => None,
+        };
         let admin = raw
             .admin
             .as_ref()
@@ -657,6 +672,7 @@ impl Validator<'_> {
                 listen: listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5000))),
                 max_manifest_size: max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),
                 shutdown_timeout: shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+                workers,
             },
             admin,
             storage: StorageConfig {

@@ -32,9 +32,7 @@ pub async fn get(
     let served = decide_manifest(app, ctx, &reference, Accept::Client(headers)).await?;
     if !ctx.head {
         app.metrics
-            .bytes_served
-            .with_label_values(&["cache"])
-            .inc_by(served.manifest.bytes.len() as u64);
+            .served_from_cache(served.manifest.bytes.len() as u64);
     }
     Ok(respond::manifest(
         &served.manifest,

@@ -159,6 +159,9 @@ impl App {
         if old.server.shutdown_timeout != config.server.shutdown_timeout {
             notes.push("server.shutdown_timeout changed: restart to apply".to_owned());
         }
+        if old.server.workers != config.server.workers {
+            notes.push("server.workers changed: restart to apply".to_owned());
+        }
         let bases_changed = old.bases != config.bases
             || old.storage.base_keep != config.storage.base_keep
             || old.storage.base_refresh != config.storage.base_refresh;
@@ -225,6 +228,17 @@ impl App {
 
     /// Answers one client request. Never fails: errors become spec JSON.
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>, peer: SocketAddr) -> Response<Body> {
+        self.serve(req, peer, None).await
+    }
+
+    /// [`App::handle`] on a connection whose cached blobs can go out with
+    /// `sendfile` through `zero_copy`.
+    pub async fn serve<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+        peer: SocketAddr,
+        zero_copy: Option<crate::zerocopy::Queue>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let span = tracing::info_span!(
             "request",
@@ -247,7 +261,9 @@ impl App {
             };
             ("other", Err(e))
         } else {
-            self.dispatch(&req, peer).instrument(span.clone()).await
+            self.dispatch(&req, peer, zero_copy)
+                .instrument(span.clone())
+                .await
         };
         let mut resp = match result {
             Ok(r) => r,
@@ -273,10 +289,7 @@ impl App {
             HeaderValue::from_static("registry/2.0"),
         );
         let status = resp.status();
-        self.metrics
-            .requests
-            .with_label_values(&[kind, status.as_str()])
-            .inc();
+        self.metrics.request(kind, status);
         if kind == "manifest" {
             self.metrics
                 .manifest_duration
@@ -298,6 +311,7 @@ impl App {
         self: &Arc<Self>,
         req: &Request<B>,
         peer: SocketAddr,
+        zero_copy: Option<crate::zerocopy::Queue>,
     ) -> (&'static str, Result<Response<Body>, Error>) {
         let method = req.method();
         let readonly = method == Method::GET || method == Method::HEAD;
@@ -342,12 +356,7 @@ impl App {
             Target::Manifest(reference) => {
                 manifests::get(self, &ctx, reference, req.headers()).await
             }
-            Target::Blob(digest) => {
-                // Set by the server on plain connections: cached bytes go
-                // out with sendfile.
-                let zero_copy = req.extensions().get::<crate::zerocopy::Queue>().cloned();
-                blobs::get(self, &ctx, digest, req.headers(), zero_copy).await
-            }
+            Target::Blob(digest) => blobs::get(self, &ctx, digest, req.headers(), zero_copy).await,
             Target::TagsList => lists::tags(self, &ctx, query).await,
             Target::Referrers(digest) => lists::referrers(self, &ctx, digest, query).await,
         };

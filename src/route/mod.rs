@@ -70,16 +70,16 @@ pub fn parse_path(path: &str) -> Result<PathKind, RouteError> {
     let Some(rest) = rest.strip_prefix('/') else {
         return Err(RouteError::NotRegistryApi);
     };
-    let segs: Vec<&str> = rest.split('/').collect();
-    let n = segs.len();
+    // `<name>/<kind>/<last>`, split from the right without allocating.
+    let mut parts = rest.rsplitn(3, '/');
+    let last = parts.next().unwrap_or("");
+    let (Some(kind), Some(name_part)) = (parts.next(), parts.next()) else {
+        return Err(RouteError::NoEndpoint(shorten(path).to_owned()));
+    };
     // Uploads: /v2/<name>/blobs/uploads/ and /v2/<name>/blobs/uploads/<id>.
-    if n >= 3 && segs[n - 3] == "blobs" && segs[n - 2] == "uploads" {
+    if kind == "uploads" && (name_part == "blobs" || name_part.ends_with("/blobs")) {
         return Ok(PathKind::Push);
     }
-    if n < 3 {
-        return Err(RouteError::NoEndpoint(shorten(path).to_owned()));
-    }
-    let last = segs[n - 1];
     // Some clients encode the digest's `:`; nothing else may be encoded.
     let last_decoded;
     let last = if last.contains('%') {
@@ -88,11 +88,10 @@ pub fn parse_path(path: &str) -> Result<PathKind, RouteError> {
     } else {
         last
     };
-    let name_part = segs[..n - 2].join("/");
     if name_part.contains('%') || last.contains('%') {
         return Err(RouteError::PercentEncoded);
     }
-    let target = match (segs[n - 2], last) {
+    let target = match (kind, last) {
         ("manifests", r) => Target::Manifest(Reference::parse(r)?),
         ("blobs", d) => Target::Blob(d.parse()?),
         ("tags", "list") => Target::TagsList,

@@ -59,11 +59,10 @@ impl ShutdownTrigger {
 
 /// Serves the registry API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Shutdown, grace: Duration) {
-    let handler = move |mut req: Request<Incoming>, peer: SocketAddr, queue: Queue| {
+    let handler = move |req: Request<Incoming>, peer: SocketAddr, queue: Queue| {
         let app = app.clone();
         // Cached blobs go out with sendfile through this connection's queue.
-        req.extensions_mut().insert(queue);
-        async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+        async move { Ok::<_, Infallible>(app.serve(req, peer, Some(queue)).await) }
     };
     accept_loop(listener, handler, shutdown, grace).await;
 }
