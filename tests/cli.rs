@@ -785,3 +785,65 @@ match = ["**"]
         assert_eq!(std::fs::read_to_string(&pins).unwrap(), before);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_and_verify_say_when_the_upstream_cannot_be_asked_beside_a_server() {
+    let fake = Fake::start().await;
+    let (app, _) = fake.put_image("library/app", "1", &[noise(10, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let allow = "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n";
+    let config = write_config(dir.path(), port, admin, &fake.url(), allow);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("pins_file = \"pins.toml\"\n{text}")).unwrap();
+    // A running server has the tag in its store.
+    let _server = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || Server::start(&config, admin)
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = client
+        .get(format!(
+            "http://127.0.0.1:{port}/v2/library/app/manifests/1"
+        ))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], app.as_str());
+    // The upstream fails: a pull is served the stored digest, but a command
+    // must not take that for the tag's current digest.
+    fake.fault(None, "/manifests/", FaultKind::Status(503), None);
+    let run = |args: Vec<String>| {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let cfg = config.display().to_string();
+    for cmd in ["pin", "verify"] {
+        let args = vec![
+            cmd.to_owned(),
+            "app:1".to_owned(),
+            "-c".to_owned(),
+            cfg.clone(),
+        ];
+        let (code, out) = tokio::task::spawn_blocking({
+            let run = run.clone();
+            move || run(args)
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, Some(69), "{cmd}: {out}");
+        assert!(out.contains("cannot reach a verdict"), "{cmd}: {out}");
+    }
+    assert!(!dir.path().join("pins.toml").exists(), "nothing was pinned");
+}

@@ -406,6 +406,36 @@ async fn tags_are_revalidated_and_served_stale_when_the_upstream_fails() {
 
 /// A failed fetch shows as an error status (when it failed before the
 /// answer started) or as a broken body: never as a clean 200.
+async fn a_moved_tag_whose_new_manifest_is_unusable_is_served_stale() {
+    let fake = Fake::start().await;
+    let (d1, _) = fake.put_image("library/app", "v1", &[noise(100, 1)]);
+    let opts = Options {
+        tag_ttl: "0s".into(),
+        ..Options::default()
+    };
+    let proxy = Proxy::start(&fake, opts).await;
+    let path = "/v2/library/app/manifests/v1";
+    let r = proxy.get(path).await;
+    assert_eq!(r.headers()["docker-content-digest"], d1.as_str());
+    // The tag moves, and its new manifest arrives as something that is
+    // not a manifest: the last good digest is served, as for a 5xx.
+    let (d2, _) = fake.put_image("library/app", "v1", &[noise(100, 2)]);
+    assert_ne!(d1, d2);
+    fake.fault(
+        Some(Method::GET),
+        "/manifests/v1",
+        FaultKind::NotJson,
+        Some(1),
+    );
+    let r = proxy.get(path).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], d1.as_str());
+    assert_eq!(
+        proxy.metric("pullgate_stale_serves_total{upstream=\"docker.io\"}"),
+        1.0
+    );
+}
+
 async fn transfer_fails(r: reqwest::Response) -> bool {
     if r.status() != 200 {
         return r.status().is_server_error();
@@ -975,6 +1005,7 @@ on_both_stores!(
     truncated_and_stalled_upstream_bodies_fail_cleanly,
     ranges_are_served_from_cache_and_while_fetching,
     tags_are_revalidated_and_served_stale_when_the_upstream_fails,
+    a_moved_tag_whose_new_manifest_is_unusable_is_served_stale,
     a_restarted_proxy_serves_tags_and_blobs_with_the_upstream_gone,
     token_auth_caches_tokens_and_refreshes_them_on_401,
     wrong_credentials_and_basic_auth,

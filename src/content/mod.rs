@@ -151,16 +151,26 @@ fn status_words(upstream: &str, status: StatusCode) -> String {
 }
 
 impl ContentError {
-    /// A passing trouble of the remote (429, 5xx, no answer): worth serving
-    /// a stale tag for.
+    /// Worth serving a stale tag for: any failure but the remote saying
+    /// the content is not there or not ours (404, 401/403). That is every
+    /// failure clients see as a 5xx or 429: no answer, a 5xx or odd
+    /// status, a broken or unusable body, a wrong digest, a store that
+    /// cannot take the new manifest.
     pub fn is_transient(&self) -> bool {
         match self {
-            ContentError::Remote(_) => true,
-            ContentError::Status { status, .. } => is_transient(*status),
-            ContentError::Body { problem, .. } => {
-                matches!(problem, BodyProblem::Stalled | BodyProblem::Broken { .. })
+            ContentError::Status { status, .. } => {
+                *status != StatusCode::UNAUTHORIZED && *status != StatusCode::FORBIDDEN
             }
-            _ => false,
+            ContentError::ManifestUnknown { .. }
+            | ContentError::TagGone { .. }
+            | ContentError::BlobUnknown { .. }
+            | ContentError::NameUnknown { .. }
+            | ContentError::NoReferrers { .. } => false,
+            ContentError::Remote(_)
+            | ContentError::Body { .. }
+            | ContentError::Mismatch { .. }
+            | ContentError::Unusable { .. }
+            | ContentError::Internal(_) => true,
         }
     }
 }
@@ -266,6 +276,9 @@ pub struct Content {
     /// `pullgate_cache_requests_total{kind="manifest",result="hit"}`,
     /// resolved once for the cached path.
     manifest_hits: prometheus::IntCounter,
+    /// Serve a tag's last digest when the remote fails (off for `pullgate
+    /// verify` and `pin`, which must say that they could not ask).
+    stale_if_error: std::sync::atomic::AtomicBool,
 }
 
 impl Content {
@@ -285,7 +298,19 @@ impl Content {
                     u32::try_from(v.0.len()).unwrap_or(u32::MAX)
                 })
                 .build(),
+            stale_if_error: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Turns stale-if-error for tags and tag lists on or off.
+    pub fn set_stale_if_error(&self, on: bool) {
+        self.stale_if_error
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn stale_allowed(&self) -> bool {
+        self.stale_if_error
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn cache_result(&self, kind: &str, result: &str) {
@@ -378,7 +403,7 @@ impl Content {
         self.cache_result("manifest", "miss");
         // Boxed: a cached pull should not carry (and move) the miss path.
         let manifest = Box::pin(self.resolve_tag(remote, key, accept, max, ttl)).await?;
-        let approved = self.store.cached_tag(key).and_then(|r| r.approved);
+        let approved = self.approved_digest(key).await;
         Ok(ResolvedTag { manifest, approved })
     }
 
@@ -475,6 +500,9 @@ impl Content {
         err: ContentError,
         ttl: Duration,
     ) -> Result<Arc<Manifest>, ContentError> {
+        if !self.stale_allowed() {
+            return Err(err);
+        }
         let Some(m) = self.stored_manifest(&rec.digest).await? else {
             return Err(err);
         };
@@ -747,7 +775,7 @@ impl Content {
                 Ok(list)
             }
             // Stale-if-error, as for tags: the last answer, when there is one.
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_transient() && self.stale_allowed() => {
                 let Some(list) = self.tag_lists.get(&key) else {
                     return Err(e);
                 };

@@ -14,8 +14,8 @@
 use bytes::Bytes;
 use http::HeaderValue;
 use oci_spec::image::{Descriptor, DigestAlgorithm, ImageIndex, ImageManifest};
-use serde::de::IgnoredAny;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::oci::names::Digest;
 
@@ -46,8 +46,89 @@ pub enum ManifestError {
 pub enum Kind {
     Image(Box<ImageManifest>),
     Index(Box<ImageIndex>),
-    /// Neither, or not as the spec writes them; the reason.
-    Other(String),
+    /// Neither, or not as the spec writes them: the reason, and what could
+    /// be read of its descriptors anyway.
+    Other(String, Box<Loose>),
+}
+
+/// The descriptors of a manifest the spec's types do not accept (a missing
+/// `size` or `mediaType`, no `schemaVersion`): their digests and platforms,
+/// read as leniently as registries and clients do, so that such an image
+/// is judged, and its blobs served, like any other.
+#[derive(Debug, Clone, Default)]
+pub struct Loose {
+    config: Option<Digest>,
+    /// Each layer's digest; `None` for one that cannot be read.
+    layers: Vec<Option<Digest>>,
+    /// Each entry of an index; `None` for one that cannot be read.
+    manifests: Vec<Option<LooseEntry>>,
+}
+
+#[derive(Debug, Clone)]
+struct LooseEntry {
+    digest: Digest,
+    platform: Option<Platform>,
+    attestation: bool,
+}
+
+#[derive(Deserialize)]
+struct LooseDesc {
+    digest: String,
+    #[serde(default)]
+    platform: Option<LoosePlatform>,
+    #[serde(default)]
+    annotations: Option<std::collections::HashMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct LoosePlatform {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+impl Loose {
+    fn read(shape: &Shape<'_>) -> Loose {
+        let desc = |raw: &RawValue| serde_json::from_str::<LooseDesc>(raw.get()).ok();
+        let list = |key: &str| -> Vec<&RawValue> {
+            shape
+                .0
+                .get(key)
+                .and_then(|v| serde_json::from_str::<Vec<&RawValue>>(v.get()).ok())
+                .unwrap_or_default()
+        };
+        Loose {
+            config: shape
+                .0
+                .get("config")
+                .and_then(|v| desc(v))
+                .and_then(|d| d.digest.parse().ok()),
+            layers: list("layers")
+                .into_iter()
+                .map(|l| desc(l).and_then(|d| d.digest.parse().ok()))
+                .collect(),
+            manifests: list("manifests")
+                .into_iter()
+                .map(|e| {
+                    let d = desc(e)?;
+                    let platform = d.platform.map(|p| Platform {
+                        os: p.os,
+                        architecture: p.architecture,
+                        variant: p.variant,
+                    });
+                    Some(LooseEntry {
+                        digest: d.digest.parse().ok()?,
+                        attestation: d
+                            .annotations
+                            .is_some_and(|a| a.contains_key("vnd.docker.reference.type"))
+                            || platform.as_ref().is_some_and(|p| p.os == "unknown"),
+                        platform,
+                    })
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A manifest: its bytes, their digest, what it is, and the headers it is
@@ -62,18 +143,12 @@ pub struct Manifest {
     pub headers: [HeaderValue; 4],
 }
 
-/// The keys that tell an index from an image, read without building values.
+/// The top-level keys of a JSON object, their values not yet read: which
+/// keys are present tells an index from an image.
 #[derive(Deserialize)]
-struct Shape<'a> {
-    #[serde(rename = "mediaType", borrow, default)]
-    media_type: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    manifests: Option<IgnoredAny>,
-    #[serde(default)]
-    config: Option<IgnoredAny>,
-    #[serde(default)]
-    layers: Option<IgnoredAny>,
-}
+struct Shape<'a>(
+    #[serde(borrow)] std::collections::HashMap<std::borrow::Cow<'a, str>, &'a RawValue>,
+);
 
 fn is_manifest_type(t: &str) -> bool {
     t.starts_with("application/vnd.oci.image.")
@@ -90,35 +165,43 @@ impl Manifest {
         content_type: Option<&str>,
         bytes: Bytes,
     ) -> Result<Manifest, ManifestError> {
-        let shape: Shape =
-            serde_json::from_slice(&bytes).map_err(|e| ManifestError::NotJson(e.to_string()))?;
-        let index = shape.manifests.is_some();
-        let image = shape.config.is_some() || shape.layers.is_some();
+        let shape: Shape = serde_json::from_slice(&bytes).map_err(|e| {
+            ManifestError::NotJson(if e.is_data() {
+                "not a JSON object".to_owned()
+            } else {
+                e.to_string()
+            })
+        })?;
+        let has = |k: &str| shape.0.contains_key(k);
+        let index = has("manifests");
+        let image = has("config") || has("layers");
         if index && image {
             return Err(ManifestError::Ambiguous);
         }
-        let media_type = match (
-            content_type.filter(|t| is_manifest_type(t)),
-            &shape.media_type,
-        ) {
+        let declared = shape
+            .0
+            .get("mediaType")
+            .and_then(|v| serde_json::from_str::<String>(v.get()).ok());
+        let media_type = match (content_type.filter(|t| is_manifest_type(t)), declared) {
             (Some(ct), _) => ct.to_owned(),
-            (None, Some(declared)) => declared.to_string(),
+            (None, Some(declared)) => declared,
             (None, None) if index => OCI_INDEX.to_owned(),
             (None, None) if image => OCI_MANIFEST.to_owned(),
             (None, None) => return Err(ManifestError::NoMediaType),
         };
+        let other = |why: String| Kind::Other(why, Box::new(Loose::read(&shape)));
         let kind = if index {
             match serde_json::from_slice::<ImageIndex>(&bytes) {
                 Ok(i) => Kind::Index(Box::new(i)),
-                Err(e) => Kind::Other(format!("not an index as the spec writes it: {e}")),
+                Err(e) => other(format!("not an index as the spec writes it: {e}")),
             }
         } else if image {
             match serde_json::from_slice::<ImageManifest>(&bytes) {
                 Ok(m) => Kind::Image(Box::new(m)),
-                Err(e) => Kind::Other(format!("not an image manifest as the spec writes it: {e}")),
+                Err(e) => other(format!("not an image manifest as the spec writes it: {e}")),
             }
         } else {
-            Kind::Other("neither an image manifest nor an index".into())
+            other("neither an image manifest nor an index".into())
         };
         let content_type = HeaderValue::from_str(&media_type)
             .map_err(|_| ManifestError::BadMediaType(media_type.escape_debug().to_string()))?;
@@ -164,24 +247,39 @@ impl Manifest {
 
     /// The config and layer digests an image manifest references.
     pub fn referenced_blobs(&self) -> Vec<Digest> {
-        let Some(m) = self.image() else {
-            return Vec::new();
-        };
-        std::iter::once(m.config())
-            .chain(m.layers())
-            .filter_map(digest_of)
-            .collect()
+        match &self.kind {
+            Kind::Image(m) => std::iter::once(m.config())
+                .chain(m.layers())
+                .filter_map(digest_of)
+                .collect(),
+            Kind::Index(_) => Vec::new(),
+            Kind::Other(_, l) => l
+                .config
+                .iter()
+                .chain(l.layers.iter().flatten())
+                .copied()
+                .collect(),
+        }
     }
 
     /// The manifests an index lists, or `None` when this is not an index.
     pub fn index_children(&self) -> Option<Vec<Digest>> {
-        Some(
-            self.index()?
-                .manifests()
-                .iter()
-                .filter_map(digest_of)
-                .collect(),
-        )
+        match &self.kind {
+            Kind::Index(i) => Some(i.manifests().iter().filter_map(digest_of).collect()),
+            Kind::Other(_, l) if !l.manifests.is_empty() => {
+                Some(l.manifests.iter().flatten().map(|e| e.digest).collect())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the manifest lists manifests (an index, or what reads as one).
+    pub fn is_index(&self) -> bool {
+        match &self.kind {
+            Kind::Index(_) => true,
+            Kind::Other(_, l) => !l.manifests.is_empty(),
+            Kind::Image(_) => false,
+        }
     }
 
     /// The layer digests of an image manifest, in order.
@@ -195,19 +293,40 @@ impl Manifest {
                 })
                 .collect(),
             Kind::Index(_) => Err("an index, not an image manifest".into()),
-            Kind::Other(why) => Err(why.clone()),
+            Kind::Other(why, l) if l.layers.is_empty() && l.config.is_none() => Err(why.clone()),
+            Kind::Other(_, l) => l
+                .layers
+                .iter()
+                .map(|d| d.ok_or_else(|| "a layer without a readable digest".to_owned()))
+                .collect(),
         }
     }
 
     /// The config blob of an image manifest.
     pub fn config(&self) -> Option<Digest> {
-        digest_of(self.image()?.config())
+        match &self.kind {
+            Kind::Image(m) => digest_of(m.config()),
+            Kind::Other(_, l) => l.config,
+            Kind::Index(_) => None,
+        }
     }
 
     /// The image manifests an index lists, with the platform it gives each.
     /// Entries that are not images (buildx attestations, `unknown/unknown`)
     /// are left out.
     pub fn platform_manifests(&self) -> Result<Vec<(Digest, Option<Platform>)>, String> {
+        if let Kind::Other(_, l) = &self.kind {
+            return l
+                .manifests
+                .iter()
+                .filter(|e| !e.as_ref().is_some_and(|e| e.attestation))
+                .map(|e| {
+                    e.as_ref()
+                        .map(|e| (e.digest, e.platform.clone()))
+                        .ok_or_else(|| "an index entry without a readable digest".to_owned())
+                })
+                .collect();
+        }
         let Some(index) = self.index() else {
             return Err("not an index".into());
         };
@@ -238,7 +357,7 @@ impl Manifest {
         let t = match &self.kind {
             Kind::Image(m) => m.artifact_type().as_ref(),
             Kind::Index(i) => i.artifact_type().as_ref(),
-            Kind::Other(_) => None,
+            Kind::Other(..) => None,
         };
         t.map(|t| t.to_string())
     }
@@ -354,6 +473,38 @@ mod tests {
     fn an_index_that_is_also_an_image_is_refused() {
         let both = br#"{"schemaVersion":2,"manifests":[],"layers":[]}"#;
         assert_eq!(parse(None, both).unwrap_err(), ManifestError::Ambiguous);
+    }
+
+    #[test]
+    fn only_json_objects_are_manifests_and_a_null_key_is_still_a_key() {
+        assert!(parse(Some(OCI_MANIFEST), b"[]").is_err());
+        let sneaky = br#"{"schemaVersion":2,"manifests":null,"layers":[]}"#;
+        assert_eq!(parse(None, sneaky).unwrap_err(), ManifestError::Ambiguous);
+    }
+
+    #[test]
+    fn descriptors_the_spec_types_refuse_are_still_read() {
+        // No `size`, no `mediaType`: oci-spec refuses the descriptors, and
+        // the image is still judged and its blobs served like any other.
+        let layer = Digest::of(b"layer");
+        let config = Digest::of(b"config");
+        let text = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{config}"}},"layers":[{{"digest":"{layer}"}}]}}"#
+        );
+        let bytes = Bytes::from(text);
+        let m = Manifest::parse(Digest::of(&bytes), Some(OCI_MANIFEST), bytes).unwrap();
+        assert!(matches!(m.kind, Kind::Other(..)));
+        assert_eq!(m.referenced_blobs(), [config, layer]);
+        assert_eq!(m.layers().unwrap(), [layer]);
+        let child = Digest::of(b"child");
+        let text = format!(
+            r#"{{"manifests":[{{"digest":"{child}","platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
+        );
+        let bytes = Bytes::from(text);
+        let i = Manifest::parse(Digest::of(&bytes), None, bytes).unwrap();
+        assert!(i.is_index());
+        assert_eq!(i.index_children().unwrap(), [child]);
+        assert_eq!(i.platform_manifests().unwrap()[0].0, child);
     }
 
     #[test]

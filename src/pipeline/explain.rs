@@ -69,7 +69,11 @@ impl App {
             Arc::new(FsStore::attach(&config.storage.path)),
             MemoryStore::new(None, metrics.clone()),
         );
-        App::with_store(config, Arc::new(store), metrics)
+        let app = App::build(config, Arc::new(store), metrics, false)?;
+        // A command says when it cannot ask the upstream, rather than
+        // answer from what the server last knew.
+        app.content.set_stale_if_error(false);
+        Ok(app)
     }
 
     /// Evaluates policy for `image` (`NAME[:TAG]` or `NAME@DIGEST`) the way
@@ -147,6 +151,8 @@ impl App {
                 }
             }
             Err(Error::Denied { digest, .. }) => explained.digest = digest,
+            // The cause itself: a command's user is the operator.
+            Err(Error::Content(e)) => return fail(e.to_string(), &trace),
             Err(e) => return fail(e.into_api().message, &trace),
         }
         explained.lines = trace.lines();

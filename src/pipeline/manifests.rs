@@ -81,12 +81,18 @@ pub async fn decide_manifest(
                 .as_ref()
                 .is_some_and(|g| g.is_match(tag.as_str()));
         if refused && !policy.deny && !respond::is_signature_tag(tag) {
-            trace_line!(
-                ctx.trace(),
-                "verdict: {} (tag-not-allowed: pull {} by digest)",
-                denied_word(policy.mode),
-                route.canonical
-            );
+            match policy.mode {
+                Mode::Enforce => trace_line!(
+                    ctx.trace(),
+                    "verdict: denied (tag-not-allowed: pull {} by digest)",
+                    route.canonical
+                ),
+                Mode::Audit => trace_line!(
+                    ctx.trace(),
+                    "tag rule: tag-not-allowed (pull {} by digest); audit mode, so the pull goes on",
+                    route.canonical
+                ),
+            }
             let verdict = Verdict::of(policy, vec![Reason::TagNotAllowed]);
             tag_refused = true;
             tag_warning = decide::apply(app, ctx, tag.as_str(), &verdict, None, true)?;
@@ -142,22 +148,13 @@ pub async fn decide_manifest(
                 None => String::new(),
             }
         ));
-        if !policy.is_some_and(|p| p.checks_content()) {
-            if !early.passes() {
-                t.line(format!(
-                    "verdict: {} ({})",
-                    denied_word(early.mode),
-                    early.reasons[0]
-                ));
-            } else if !tag_refused {
-                t.line("verdict: allowed (the policy has no requirements)");
-            }
-        }
     }
     // The verify step: the manifest is known, nothing has been sent yet.
     let sig_tag = matches!(reference, Reference::Tag(t) if respond::is_signature_tag(t));
     let mut verdict = verdict(app, ctx, policy, &m, sig_tag, early).await;
-    trace_verdict(ctx, policy, &verdict);
+    if ctx.trace.is_some() {
+        trace_verdict(ctx, policy, &verdict, tag_refused);
+    }
     // Tag drift: the tag moved to content policy denies.
     let mut drift_warning = None;
     if let (Some((key, approved)), Some(p)) = (tag_state, policy) {
@@ -327,19 +324,25 @@ fn trace_policy(ctx: &Ctx, policy: Option<&PolicyConfig>) {
     );
 }
 
-/// The verdict on the content, in words.
-fn trace_verdict(ctx: &Ctx, policy: Option<&PolicyConfig>, verdict: &Verdict) {
-    let Some(policy) = policy.filter(|p| p.checks_content()) else {
-        return;
-    };
-    if verdict.passes() {
-        trace_line!(ctx.trace(), "verdict: allowed");
+/// The verdict on the content (and the tag rule), in words.
+fn trace_verdict(ctx: &Ctx, policy: Option<&PolicyConfig>, verdict: &Verdict, tag_refused: bool) {
+    let mut reasons: Vec<&str> = verdict.reasons.iter().map(|r| r.slug()).collect();
+    if tag_refused {
+        reasons.push(Reason::TagNotAllowed.slug());
+    }
+    let checks = policy.is_some_and(|p| p.checks_content());
+    if reasons.is_empty() {
+        let why = if checks {
+            ""
+        } else {
+            " (the policy has no requirements)"
+        };
+        trace_line!(ctx.trace(), "verdict: allowed{why}");
     } else {
-        let reasons: Vec<&str> = verdict.reasons.iter().map(|r| r.slug()).collect();
         trace_line!(
             ctx.trace(),
             "verdict: {} ({})",
-            denied_word(policy.mode),
+            denied_word(verdict.mode),
             reasons.join(", ")
         );
     }

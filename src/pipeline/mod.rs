@@ -106,6 +106,17 @@ impl App {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<App>, StartError> {
+        App::build(config, store, metrics, true)
+    }
+
+    /// With `refresh`, base images are resolved in the background (in a
+    /// runtime); commands resolve the ones they need themselves.
+    fn build(
+        config: Config,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        refresh: bool,
+    ) -> Result<Arc<App>, StartError> {
         let audit = Audit::new(
             config.audit.path.as_deref(),
             config.audit.approvals,
@@ -124,7 +135,7 @@ impl App {
         });
         // Outside a runtime (benchmarks, unit tests) nothing runs in the
         // background; the server always has one.
-        if tokio::runtime::Handle::try_current().is_ok() {
+        if refresh && tokio::runtime::Handle::try_current().is_ok() {
             Refresher::spawn(&app);
         }
         Ok(app)

@@ -15,6 +15,16 @@ use super::{
 use crate::oci::names::Digest;
 use crate::oci::Manifest;
 
+/// What the lower store could not read counts as absent: a command run by
+/// a user who may not read all of the server's store still reaches a
+/// verdict, from the upstream.
+fn ignore<T>(r: std::io::Result<Option<T>>) -> Option<T> {
+    r.unwrap_or_else(|e| {
+        tracing::debug!("the server's store could not be read: {e}");
+        None
+    })
+}
+
 /// `upper` (written) over `lower` (only read).
 pub struct Overlay {
     lower: Arc<dyn Store>,
@@ -40,7 +50,7 @@ impl Store for Overlay {
         async move {
             match self.upper.open(d).await? {
                 Some(h) => Ok(Some(h)),
-                None => self.lower.open(d).await,
+                None => Ok(ignore(self.lower.open(d).await)),
             }
         }
         .boxed()
@@ -68,7 +78,7 @@ impl Store for Overlay {
         async move {
             match self.upper.manifest(d).await? {
                 Some(m) => Ok(Some(m)),
-                None => self.lower.manifest(d).await,
+                None => Ok(ignore(self.lower.manifest(d).await)),
             }
         }
         .boxed()
@@ -88,7 +98,7 @@ impl Store for Overlay {
         async move {
             match self.upper.tag(key).await? {
                 Some(r) => Ok(Some(r)),
-                None => self.lower.tag(key).await,
+                None => Ok(ignore(self.lower.tag(key).await)),
             }
         }
         .boxed()
@@ -110,7 +120,7 @@ impl Store for Overlay {
     fn approvals<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Vec<Vec<u8>>> {
         async move {
             let mut all = self.upper.approvals(d).await?;
-            all.extend(self.lower.approvals(d).await?);
+            all.extend(self.lower.approvals(d).await.unwrap_or_default());
             Ok(all)
         }
         .boxed()
@@ -124,7 +134,7 @@ impl Store for Overlay {
         async move {
             match self.upper.read_meta(name).await? {
                 Some(b) => Ok(Some(b)),
-                None => self.lower.read_meta(name).await,
+                None => Ok(ignore(self.lower.read_meta(name).await)),
             }
         }
         .boxed()

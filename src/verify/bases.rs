@@ -20,7 +20,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BaseRef, BaseSet};
-use crate::oci::manifest::Kind;
 use crate::oci::names::{Digest, Reference};
 use crate::oci::{Manifest, Platform};
 
@@ -158,14 +157,13 @@ pub enum Parsed {
 
 /// Reads the layers (image) or platform manifests (index) of a manifest.
 pub fn parse(m: &Manifest) -> Result<Parsed, String> {
-    match &m.kind {
-        Kind::Index(_) => Ok(Parsed::Index(m.platform_manifests()?)),
-        Kind::Image(_) => Ok(Parsed::Image {
-            layers: m.layers()?,
-            config: m.config(),
-        }),
-        Kind::Other(why) => Err(why.clone()),
+    if m.is_index() {
+        return Ok(Parsed::Index(m.platform_manifests()?));
     }
+    Ok(Parsed::Image {
+        layers: m.layers()?,
+        config: m.config(),
+    })
 }
 
 /// Why no base verdict could be reached.
@@ -396,12 +394,26 @@ pub trait Resolver {
     ) -> impl std::future::Future<Output = Result<Arc<Manifest>, BaseError>> + Send;
 }
 
+/// A base reference a refresh could not resolve or fetch.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The `[bases]` set it belongs to.
+    pub set: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// What a refresh did, for logs and metrics.
 #[derive(Debug, Default)]
 pub struct Refreshed {
     pub table: BaseTable,
     /// What could not be resolved or fetched (one message each).
-    pub failures: Vec<String>,
+    pub failures: Vec<Failure>,
     /// References that gave at least one base image.
     pub resolved: usize,
 }
@@ -524,7 +536,10 @@ pub async fn resolve<R: Resolver>(
                         Ok(d) => {
                             history.record(&key, d, keep);
                         }
-                        Err(e) => out.failures.push(format!("{}: {e}", base.image)),
+                        Err(e) => out.failures.push(Failure {
+                            set: set.name.clone(),
+                            message: format!("{}: {e}", base.image),
+                        }),
                     }
                     history.digests(&key)
                 }
@@ -537,7 +552,10 @@ pub async fn resolve<R: Resolver>(
                             slot.insert(images);
                         }
                         Err(e) => {
-                            out.failures.push(format!("{}@{digest}: {e}", base.image));
+                            out.failures.push(Failure {
+                                set: set.name.clone(),
+                                message: format!("{}@{digest}: {e}", base.image),
+                            });
                             continue;
                         }
                     }

@@ -136,7 +136,7 @@ pub struct Verifier {
     /// The same number, read on every cached pull without a lock.
     bases_current: std::sync::atomic::AtomicU64,
     /// What the last refresh could not resolve, for traces.
-    base_failures: std::sync::Mutex<Vec<String>>,
+    base_failures: std::sync::Mutex<Vec<bases::Failure>>,
 }
 
 impl Verifier {
@@ -165,7 +165,7 @@ impl Verifier {
     }
 
     /// Notes what the last refresh could not resolve.
-    pub fn set_base_failures(&self, failures: Vec<String>) {
+    pub fn set_base_failures(&self, failures: Vec<bases::Failure>) {
         *self.base_failures.lock().unwrap_or_else(|e| e.into_inner()) = failures;
     }
 
@@ -357,7 +357,7 @@ impl Verifier {
             ));
         }
         let failures = self.base_failures.lock().unwrap_or_else(|e| e.into_inner());
-        for f in failures.iter() {
+        for f in failures.iter().filter(|f| sets.contains(&f.set)) {
             t.line(format!("  base not resolved: {f}"));
         }
     }
