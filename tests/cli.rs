@@ -836,12 +836,9 @@ async fn pin_and_verify_say_when_the_upstream_cannot_be_asked_beside_a_server() 
             "-c".to_owned(),
             cfg.clone(),
         ];
-        let (code, out) = tokio::task::spawn_blocking({
-            let run = run.clone();
-            move || run(args)
-        })
-        .await
-        .unwrap();
+        let (code, out) = tokio::task::spawn_blocking(move || run(args))
+            .await
+            .unwrap();
         assert_eq!(code, Some(69), "{cmd}: {out}");
         assert!(out.contains("cannot reach a verdict"), "{cmd}: {out}");
     }
