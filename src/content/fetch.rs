@@ -284,6 +284,21 @@ impl BlobFetches {
     }
 }
 
+/// Waits for a fetch's next progress. When the fetch task is gone, only a
+/// final state lets a reader go on.
+async fn changed(rx: &mut watch::Receiver<Progress>) -> io::Result<()> {
+    if rx.changed().await.is_err() {
+        let finished = matches!(
+            rx.borrow().state,
+            FlightState::Committed | FlightState::Failed(_)
+        );
+        if !finished {
+            return Err(io::Error::other("blob fetch ended unexpectedly"));
+        }
+    }
+    Ok(())
+}
+
 /// Reads a blob, stored or still being written.
 pub struct BlobReader {
     source: Option<Source>,
@@ -456,15 +471,8 @@ impl BlobReader {
             }
             match &mut self.progress {
                 Some(rx) => {
-                    if rx.changed().await.is_err() {
-                        // The fetch task is gone: only a final state lets us go on.
-                        let finished = matches!(
-                            rx.borrow().state,
-                            FlightState::Committed | FlightState::Failed(_)
-                        );
-                        if !finished {
-                            return Some(Err(io::Error::other("blob fetch ended unexpectedly")));
-                        }
+                    if let Err(e) = changed(rx).await {
+                        return Some(Err(e));
                     }
                 }
                 None => {
@@ -487,14 +495,8 @@ impl BlobReader {
                 FlightState::Committed => return None,
                 FlightState::Failed(e) => return Some(Err(io::Error::other(e.to_string()))),
                 FlightState::Connecting | FlightState::Streaming => {
-                    if rx.changed().await.is_err() {
-                        let finished = matches!(
-                            rx.borrow().state,
-                            FlightState::Committed | FlightState::Failed(_)
-                        );
-                        if !finished {
-                            return Some(Err(io::Error::other("blob fetch ended unexpectedly")));
-                        }
+                    if let Err(e) = changed(rx).await {
+                        return Some(Err(e));
                     }
                 }
             }
