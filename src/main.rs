@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy (registry API on [server] listen, /metrics /healthz /readyz on [admin] listen).
+    /// Run the proxy (registry API on [server] listen; /metrics /healthz /readyz /dashboard /api/* on [admin] listen).
     ///
     /// Without --config, runs the embedded default: 127.0.0.1:5000, store in ./pullgate-data,
     /// upstreams docker.io, ghcr.io, quay.io, gcr.io and registry.k8s.io, everything allowed.
@@ -59,6 +59,7 @@ enum Command {
     /// Put PREFIX.pub in [keys] to trust what the key signs; use PREFIX.key with
     /// `pullgate approve`.
     Keygen {
+        /// Signature scheme of the key pair (cosign's default is ECDSA P-256).
         #[arg(long, value_enum, default_value_t = Scheme::EcdsaP256)]
         scheme: Scheme,
         /// Output prefix: writes PREFIX.key and PREFIX.pub (never overwrites).
@@ -83,8 +84,8 @@ enum Command {
     },
     /// Evaluate policy for an image without serving it, step by step.
     ///
-    /// Fetches the manifest, its signatures and the base images from the
-    /// upstreams (nothing is stored) and explains the verdict: rewrites and
+    /// Runs the steps of a pull with a trace (the server's store is read,
+    /// nothing is written; tags are asked of the upstream) and explains the verdict: rewrites and
     /// pins applied, the policy that matched, the signatures found (which
     /// verified, why others did not), and the base the image is built on or
     /// how close it came. Exit status: 0 allowed, 1 denied, 64 bad config,
@@ -93,6 +94,7 @@ enum Command {
         /// NAME[:TAG] or NAME@DIGEST, e.g. ghcr.io/acme/app:1.2
         #[arg(value_name = "IMAGE")]
         image: String,
+        /// Config file (policies, keys, bases); its store is read, never written.
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
     },
@@ -108,6 +110,7 @@ enum Command {
         /// NAME:TAG, e.g. docker.io/library/alpine:3.20
         #[arg(value_name = "IMAGE:TAG")]
         image: String,
+        /// Config file with a pins_file (the pin is written there).
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
     },

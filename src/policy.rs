@@ -134,24 +134,27 @@ impl Verdict {
         !self.passes() && self.mode == Mode::Audit
     }
 
-    /// The reason in words, as sent to clients.
-    pub fn message(&self, canonical: &str) -> String {
+    /// The reason in words, as sent to clients, naming the manifest by its
+    /// short digest when there is one: clients print only the message, so
+    /// the digest in the JSON detail is lost to a person otherwise.
+    pub fn message(&self, canonical: &str, digest: Option<&Digest>) -> String {
         // The slug goes with the words: clients show only the message.
         let words: Vec<String> = self
             .reasons
             .iter()
             .map(|r| format!("{} [{r}]", r.describe()))
             .collect();
+        let what = match digest {
+            Some(d) => format!("{canonical}, {}", short(d)),
+            None => canonical.to_owned(),
+        };
         match &self.policy {
             Some(p) => match &self.detail {
                 Some(d) => format!(
-                    "blocked by policy {p:?}: {} ({canonical}: {d})",
+                    "blocked by policy {p:?}: {} ({what}: {d})",
                     words.join("; ")
                 ),
-                None => format!(
-                    "blocked by policy {p:?}: {} ({canonical})",
-                    words.join("; ")
-                ),
+                None => format!("blocked by policy {p:?}: {} ({what})", words.join("; ")),
             },
             None => {
                 format!("blocked: no policy matches {canonical:?}, and unmatched names are denied [no-policy]")
@@ -160,10 +163,16 @@ impl Verdict {
     }
 
     /// The `Warning` header value for audit mode.
-    pub fn warning(&self, canonical: &str) -> String {
-        let msg = self.message(canonical).replace('"', "'");
+    pub fn warning(&self, canonical: &str, digest: Option<&Digest>) -> String {
+        let msg = self.message(canonical, digest).replace('"', "'");
         format!("299 - \"pullgate: would block: {msg}\"")
     }
+}
+
+/// A digest as people read it: the algorithm and the first 12 hex digits.
+pub fn short(d: &Digest) -> String {
+    let hex = d.hex();
+    format!("sha256:{}", &hex[..12])
 }
 
 /// What a tag pull under a content policy does about the tag's approved
@@ -308,6 +317,17 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
     }
 
     #[test]
+    fn a_denial_names_the_manifest_by_its_short_digest() {
+        let p = policies("[[policy]]\nname = \"no\"\nmatch = [\"**\"]\ndeny = true\n");
+        let d = Digest::of(b"m");
+        let msg = p.evaluate("ghcr.io/a/b").message("ghcr.io/a/b", Some(&d));
+        assert!(
+            msg.ends_with(&format!("(ghcr.io/a/b, sha256:{})", &d.hex()[..12])),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn audit_mode_would_block_with_a_warning() {
         let p = policies(
             "[[policy]]\nname = \"watch\"\nmatch = [\"**\"]\nmode = \"audit\"\ndeny = true\n",
@@ -315,7 +335,7 @@ match = ["ghcr.io/acme/**", "ghcr.io/evil/ok"]
         let v = p.evaluate("ghcr.io/a/b");
         assert!(!v.blocks());
         assert!(v.would_block());
-        let w = v.warning("ghcr.io/a/b");
+        let w = v.warning("ghcr.io/a/b", None);
         assert!(
             w.starts_with("299 - \"pullgate: would block: blocked by policy 'watch'"),
             "{w}"

@@ -498,6 +498,10 @@ async fn keygen_and_approve_let_a_running_server_serve_an_unsigned_image() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NAME@DIGEST"));
+    // ...that says how to get the digest.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pullgate verify docker.io/library/app:v1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,6 +585,13 @@ async fn verify_explains_the_verdict_step_by_step() {
     assert_eq!(code, Some(1), "{text}");
     assert!(
         text.contains("no signatures") && text.contains("verdict: denied"),
+        "{text}"
+    );
+    // The precise reason, and what would let the image through.
+    assert!(text.contains("verdict: denied (unsigned)"), "{text}");
+    assert!(
+        text.contains("to let it through: sign it")
+            && text.contains("pullgate approve docker.io/library/unsigned@sha256:"),
         "{text}"
     );
     let (code, text) = tokio::task::spawn_blocking({

@@ -436,6 +436,25 @@ async fn a_moved_tag_whose_new_manifest_is_unusable_is_served_stale() {
     );
 }
 
+async fn an_image_never_cached_with_the_upstream_down_says_so() {
+    let fake = Fake::start().await;
+    let (_, layers) = fake.put_image("library/app", "1", &[noise(100, 1)]);
+    let proxy = Proxy::start(&fake, Options::default()).await;
+    fake.fault(None, "/v2/", FaultKind::Status(503), None);
+    for path in [
+        "/v2/library/app/manifests/1".to_owned(),
+        format!("/v2/library/app/blobs/{}", layers[0]),
+    ] {
+        let (status, code, v) = error_code(proxy.get(&path).await).await;
+        assert_eq!((status, code.as_str()), (503, "UNAVAILABLE"), "{v}");
+        let msg = v["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("answered 503") && msg.contains("is not cached here"),
+            "{path}: {msg}"
+        );
+    }
+}
+
 async fn transfer_fails(r: reqwest::Response) -> bool {
     if r.status() != 200 {
         return r.status().is_server_error();
@@ -1006,6 +1025,7 @@ on_both_stores!(
     ranges_are_served_from_cache_and_while_fetching,
     tags_are_revalidated_and_served_stale_when_the_upstream_fails,
     a_moved_tag_whose_new_manifest_is_unusable_is_served_stale,
+    an_image_never_cached_with_the_upstream_down_says_so,
     a_restarted_proxy_serves_tags_and_blobs_with_the_upstream_gone,
     token_auth_caches_tokens_and_refreshes_them_on_401,
     wrong_credentials_and_basic_auth,

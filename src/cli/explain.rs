@@ -41,7 +41,12 @@ pub fn verify(image: &str, config: &Path) -> ExitCode {
         load_config(config).and_then(|config| explain_printed(&config, image, Pins::Honour));
     match explained {
         Ok(e) if e.outcome == Outcome::Allowed => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(1),
+        Ok(e) => {
+            for hint in hints(&e, config) {
+                println!("to let it through: {hint}");
+            }
+            ExitCode::from(1)
+        }
         Err(code) => code,
     }
 }
@@ -130,6 +135,40 @@ pub fn pin(image: &str, config_path: &Path) -> ExitCode {
     }
     println!("a running pullgate applies it after SIGHUP (systemctl reload pullgate)");
     ExitCode::SUCCESS
+}
+
+/// What would make a denied image pass, one line per reason.
+fn hints(e: &Explained, config: &Path) -> Vec<String> {
+    use pullgate::policy::Reason;
+    let at = match e.digest {
+        Some(d) => format!("{}@{d}", e.served),
+        None => format!("{}@sha256:...", e.served),
+    };
+    let cfg = config.display();
+    let mut out = Vec::new();
+    for r in &e.reasons {
+        let hint = match r {
+            Reason::Unsigned | Reason::BadSignature => format!(
+                "sign it with a key the policy's signed_by names (cosign sign --key ... {at}), or approve it locally: pullgate approve {at} --key KEY -c {cfg} (KEY's public key in [keys] and in the policy's signed_by)"
+            ),
+            Reason::BaseNotAllowed => {
+                "build it on an allowed base, or add its base image to the policy's [bases] set".to_owned()
+            }
+            Reason::TagNotAllowed => format!("pull it by digest: {at}"),
+            Reason::NoPolicy => format!(
+                "add a [[policy]] whose match covers {} (names that no policy matches are denied)",
+                e.served
+            ),
+            Reason::DeniedByPolicy => {
+                "the policy denies every name it matches (deny = true): narrow its match, or put a policy for this name before it".to_owned()
+            }
+            Reason::NotApproved | Reason::VerificationUnavailable => continue,
+        };
+        if !out.contains(&hint) {
+            out.push(hint);
+        }
+    }
+    out
 }
 
 /// The pins a pins file holds now, as written (an absent file has none).

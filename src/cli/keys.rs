@@ -46,11 +46,17 @@ pub fn keygen(scheme: Scheme, out: &Path) -> Result<String, (u8, String)> {
     ))
 }
 
-pub fn approve(image: &str, key: &Path, config: &Path) -> Result<String, (u8, String)> {
-    let config = Config::load(config).map_err(|e| (EXIT_CONFIG, e.to_string()))?;
-    let (name, digest) = image
-        .rsplit_once('@')
-        .ok_or_else(|| (1, format!("{image:?} is not NAME@DIGEST")))?;
+pub fn approve(image: &str, key: &Path, config_path: &Path) -> Result<String, (u8, String)> {
+    let config = Config::load(config_path).map_err(|e| (EXIT_CONFIG, e.to_string()))?;
+    let (name, digest) = image.rsplit_once('@').ok_or_else(|| {
+        (
+            1,
+            format!(
+                "{image:?} is not NAME@DIGEST: an approval is of one digest; `pullgate verify {image} -c {}` prints the digest a pull gets (the line `manifest: sha256:...`)",
+                config_path.display()
+            ),
+        )
+    })?;
     let digest: pullgate::names::Digest = digest.parse().map_err(|e| (1, format!("{e}")))?;
     let name: pullgate::names::RepoName = name.parse().map_err(|e| (1, format!("{e}")))?;
     let router = pullgate::route::Router::for_upstreams(&config.upstreams);
@@ -81,16 +87,25 @@ pub fn approve(image: &str, key: &Path, config: &Path) -> Result<String, (u8, St
             )
         })?;
     let public = pullgate::keys::PublicKey::from_pem(&private.public_pem()).map_err(|e| (1, e))?;
-    let trusted_as: Vec<&str> = config
+    let policy = config
         .policies
         .iter()
-        .find(|p| p.matcher.is_match(&route.canonical))
+        .find(|p| p.matcher.is_match(&route.canonical));
+    let trusted_as: Vec<&str> = policy
         .into_iter()
         .flat_map(|p| p.signed_by.iter())
         .filter(|k| k.key.same_key(&public))
         .map(|k| k.name.as_str())
         .collect();
-    let note = if trusted_as.is_empty() {
+    let note = if let Some(p) = policy.filter(|p| p.deny) {
+        format!(
+            "; note: the policy matching this name ({:?}) denies every name it matches (deny = true), so no approval lets it through",
+            p.name
+        )
+    } else if policy.is_none() {
+        "; note: no policy matches this name, and unmatched names are denied whatever is approved"
+            .to_owned()
+    } else if trusted_as.is_empty() {
         "; note: the policy matching this name does not trust this key, so pulls are not affected until it does".to_owned()
     } else {
         format!(

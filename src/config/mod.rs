@@ -385,6 +385,7 @@ impl Config {
             text,
             base,
             problems: Vec::new(),
+            unusable_keys: Vec::new(),
         };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
@@ -424,6 +425,9 @@ struct Validator<'a> {
     text: &'a str,
     base: &'a Path,
     problems: Vec<Problem>,
+    /// `[keys]` entries whose file could not be read or used: already
+    /// reported, so a policy naming them is not told they are undefined.
+    unusable_keys: Vec<String>,
 }
 
 impl Validator<'_> {
@@ -512,12 +516,12 @@ impl Validator<'_> {
     fn duration(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
         match humantime::parse_duration(s.get_ref()) {
             Ok(d) => Some(d),
-            Err(e) => {
+            Err(_) => {
                 self.problem(
                     key,
                     s,
                     format!(
-                        "{:?} is not a duration ({e}; e.g. \"30s\", \"5m\", \"1h\")",
+                        "{:?} is not a duration: a duration is a positive number and a unit (ms, s, m, h, d), e.g. \"30s\", \"5m\", \"1h\", \"1h30m\"",
                         s.get_ref()
                     ),
                 );
@@ -898,10 +902,18 @@ impl Validator<'_> {
                 );
                 continue;
             };
-            let text = match std::fs::read_to_string(self.path(path)) {
+            let resolved = self.path(path);
+            // Relative paths are the config directory's: say where that is.
+            let shown = if Path::new(path).is_absolute() {
+                format!("{path:?}")
+            } else {
+                format!("{path:?} ({})", resolved.display())
+            };
+            let text = match std::fs::read_to_string(&resolved) {
                 Ok(t) => t,
                 Err(e) => {
-                    self.entry_problem(key, table, name, format!("cannot read {path:?}: {e}"));
+                    self.entry_problem(key, table, name, format!("cannot read {shown}: {e}"));
+                    self.unusable_keys.push(name.clone());
                     continue;
                 }
             };
@@ -910,7 +922,10 @@ impl Validator<'_> {
                     name: name.clone(),
                     key: k,
                 }),
-                Err(e) => self.entry_problem(key, table, name, format!("{path:?}: {e}")),
+                Err(e) => {
+                    self.entry_problem(key, table, name, format!("{shown}: {e}"));
+                    self.unusable_keys.push(name.clone());
+                }
             }
         }
         out
@@ -996,6 +1011,8 @@ impl Validator<'_> {
                 for name in s.get_ref() {
                     match keys.iter().find(|k| &k.name == name) {
                         Some(k) => signed_by.push(k.clone()),
+                        // Defined, but its file was reported unusable above.
+                        None if self.unusable_keys.contains(name) => {}
                         None => self.problem(
                             key("signed_by"),
                             s,
@@ -1769,6 +1786,32 @@ match = ["**"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("pins_file") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_one_problem_with_its_resolved_path() {
+        let text = "[keys]\napprover = \"missing.pub\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\nsigned_by = [\"approver\"]\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "keys.approver");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("\"missing.pub\" (/etc/pullgate/missing.pub)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_duration_says_what_a_duration_looks_like() {
+        let err = parse("[storage]\ntag_ttl = \"-5s\"\n").unwrap_err();
+        let p = err
+            .problems
+            .iter()
+            .find(|p| p.key == "storage.tag_ttl")
+            .unwrap();
+        assert!(p.message.contains("a positive number and a unit"), "{err}");
+        assert!(!p.message.contains("expected number"), "{err}");
     }
 
     #[test]

@@ -156,9 +156,11 @@ impl BlobFetches {
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, ContentError> {
         let upstream = remote.name();
+        let not_cached = |e: ContentError| e.not_cached(|| format!("blob {digest}"));
         let resp = remote
             .send(Request::get(repo, Endpoint::Blob(&digest)))
-            .await?;
+            .await
+            .map_err(|e| not_cached(e.into()))?;
         match resp.status {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => {
@@ -169,7 +171,7 @@ impl BlobFetches {
                     fetched: true,
                 })
             }
-            s => return Err(status_error(upstream, s, &resp.headers)),
+            s => return Err(not_cached(status_error(upstream, s, &resp.headers))),
         }
         let total = resp.content_length;
         let mut writer = self.store.writer(digest).await.map_err(|e| {

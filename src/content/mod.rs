@@ -136,6 +136,12 @@ pub enum ContentError {
     /// pullgate's own failure (the store, a task); the text is for logs.
     #[error("{0}")]
     Internal(String),
+    /// The remote failed and the store has nothing to serve instead.
+    #[error("{cause}; {what} is not cached here, so there is nothing to serve until the upstream answers")]
+    NotCached {
+        what: String,
+        cause: Box<ContentError>,
+    },
 }
 
 fn status_words(upstream: &str, status: StatusCode) -> String {
@@ -171,6 +177,23 @@ impl ContentError {
             | ContentError::Mismatch { .. }
             | ContentError::Unusable { .. }
             | ContentError::Internal(_) => true,
+            ContentError::NotCached { cause, .. } => cause.is_transient(),
+        }
+    }
+
+    /// Says that nothing stored could stand in, for a failure of the
+    /// remote (not for "it does not exist there").
+    pub fn not_cached(self, what: impl FnOnce() -> String) -> ContentError {
+        match self {
+            ContentError::Remote(_) | ContentError::Status { .. } | ContentError::Body { .. }
+                if self.is_transient() =>
+            {
+                ContentError::NotCached {
+                    what: what(),
+                    cause: Box::new(self),
+                }
+            }
+            e => e,
         }
     }
 }
@@ -363,11 +386,15 @@ impl Content {
         let accept = accept.value();
         let key = (remote.name().clone(), digest);
         // Boxed: a cached pull should not carry (and move) the miss path.
+        let upstream = remote.name().clone();
         let flight = self.manifests.run(key, move || async move {
             this.fetch_manifest(&*remote, &repo, &Reference::Digest(digest), accept, max)
                 .await
         });
-        Box::pin(flight).await.0
+        Box::pin(flight)
+            .await
+            .0
+            .map_err(|e| e.not_cached(|| format!("manifest {digest} (from {upstream})")))
     }
 
     /// What a tag names now: from the store within `ttl`, else resolved
@@ -402,7 +429,9 @@ impl Content {
         }
         self.cache_result("manifest", "miss");
         // Boxed: a cached pull should not carry (and move) the miss path.
-        let manifest = Box::pin(self.resolve_tag(remote, key, accept, max, ttl)).await?;
+        let manifest = Box::pin(self.resolve_tag(remote, key, accept, max, ttl))
+            .await
+            .map_err(|e| e.not_cached(|| format!("{}/{}:{}", key.upstream, key.repo, key.tag)))?;
         let approved = self.approved_digest(key).await;
         Ok(ResolvedTag { manifest, approved })
     }

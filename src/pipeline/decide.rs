@@ -34,7 +34,7 @@ pub fn apply(
         return Ok(None);
     }
     let shown = ctx.shown_name();
-    let message = verdict.message(&shown);
+    let message = verdict.message(&shown, digest);
     app.audit
         .record(record(ctx, reference, verdict, digest, message));
     for reason in verdict.reasons.iter().filter(|_| count) {
@@ -62,7 +62,7 @@ pub fn apply(
         reasons = ?verdict.reasons,
         "pull would be denied (audit mode): served"
     );
-    Ok(HeaderValue::from_str(&verdict.warning(&shown)).ok())
+    Ok(HeaderValue::from_str(&verdict.warning(&shown, digest)).ok())
 }
 
 fn record(
@@ -106,7 +106,7 @@ pub fn drift(
     let message = format!(
         "tag {tag} moved to {}, which is denied ({}); serving its last approved digest {}",
         moved_to.digest,
-        denied.message(&route.canonical),
+        denied.message(&route.canonical, Some(&moved_to.digest)),
         kept.digest
     );
     tracing::warn!(canonical = %route.canonical, %tag, from = %kept.digest, to = %moved_to.digest, policy = %policy.name, "tag drift: kept the last approved digest");

@@ -99,7 +99,7 @@ pub fn denial(verdict: &Verdict, shown: &str, digest: Option<&Digest>) -> ApiErr
     if let Some(d) = digest {
         detail["digest"] = json!(d.to_string());
     }
-    ApiError::denied(verdict.message(shown)).with_detail(detail)
+    ApiError::denied(verdict.message(shown, digest)).with_detail(detail)
 }
 
 fn name(e: NameError) -> ApiError {
@@ -128,6 +128,12 @@ fn route(e: RouteError) -> ApiError {
 fn content(e: ContentError) -> ApiError {
     let message = e.to_string();
     match e {
+        // Answered as the cause is, in words that say why nothing is served.
+        ContentError::NotCached { cause, .. } => {
+            let mut api = content(*cause);
+            api.message = message;
+            api
+        }
         ContentError::Remote(_) => ApiError::unavailable(message),
         ContentError::Status {
             status,

@@ -40,6 +40,8 @@ pub struct Explained {
     pub reference: Reference,
     /// The manifest a pull gets; `None` when the name alone decided.
     pub digest: Option<Digest>,
+    /// Why it is denied (empty when allowed).
+    pub reasons: Vec<Reason>,
     /// Each step, in words.
     pub lines: Vec<String>,
 }
@@ -128,6 +130,7 @@ impl App {
             served: served_name,
             reference: reference.clone(),
             digest: None,
+            reasons: Vec::new(),
             lines: Vec::new(),
         };
         match manifests::decide_manifest(self, &ctx, &reference, Accept::Any).await {
@@ -146,11 +149,20 @@ impl App {
                     return fail(why, &trace);
                 }
                 explained.digest = Some(served.manifest.digest);
-                if served.verdict.passes() && !served.tag_refused {
+                explained.reasons = served.verdict.reasons.clone();
+                if served.tag_refused {
+                    explained.reasons.push(Reason::TagNotAllowed);
+                }
+                if explained.reasons.is_empty() {
                     explained.outcome = Outcome::Allowed;
                 }
             }
-            Err(Error::Denied { digest, .. }) => explained.digest = digest,
+            Err(Error::Denied {
+                digest, verdict, ..
+            }) => {
+                explained.digest = digest;
+                explained.reasons = verdict.reasons;
+            }
             // The cause itself: a command's user is the operator.
             Err(Error::Content(e)) => return fail(e.to_string(), &trace),
             Err(e) => return fail(e.into_api().message, &trace),
