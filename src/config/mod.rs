@@ -7,6 +7,7 @@
 //! such as the audit file are `audit::probe`'s). A leaf: depends on
 //! `oci::names` and `keys` only.
 
+mod keys_known;
 mod pins;
 
 pub use pins::{write_pins_file, Pins};
@@ -254,7 +255,6 @@ impl std::error::Error for ConfigError {}
 // ---- the file as written --------------------------------------------------
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
@@ -275,14 +275,12 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRewrite {
     from: Spanned<String>,
     to: Spanned<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawAudit {
     path: Option<Spanned<String>>,
     #[serde(default)]
@@ -290,7 +288,6 @@ struct RawAudit {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<String>>,
     max_manifest_size: Option<Spanned<String>>,
@@ -300,13 +297,11 @@ struct RawServer {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawStorage {
     path: Option<Spanned<String>>,
     max_size: Option<Spanned<String>>,
@@ -316,7 +311,6 @@ struct RawStorage {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: Spanned<String>,
     url: Spanned<String>,
@@ -332,7 +326,6 @@ struct RawUpstream {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawPolicy {
     name: Spanned<String>,
     #[serde(rename = "match")]
@@ -387,21 +380,25 @@ impl Config {
             problems: Vec::new(),
             unusable_keys: Vec::new(),
         };
+        // Unknown keys first: they are problems like the others, not an
+        // error that hides them (the typed parse below ignores them).
+        for u in keys_known::unknown_keys(text).unwrap_or_default() {
+            v.problems.push(Problem {
+                key: u.key,
+                line: u.offset.map(|o| line_of(text, o)),
+                message: u.message,
+            });
+        }
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
                 let line = e.span().map(|s| line_of(text, s.start));
-                let mut message = e.message().trim().to_owned();
-                if message.contains("unknown field `pins_file`") {
-                    message.push_str(
-                        " (pins_file is a top-level key: put it above the first [section])",
-                    );
-                }
                 v.problems.push(Problem {
                     key: "(syntax)".into(),
                     line,
-                    message,
+                    message: e.message().trim().to_owned(),
                 });
+                v.problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
                 return Err(v.into_error(source));
             }
         };
@@ -1539,6 +1536,46 @@ deny_tags = ["latest", "*-rc*", "[bad"]
     fn a_misplaced_pins_file_says_where_it_belongs() {
         let err = parse("[storage]\npins_file = \"pins.toml\"\n").unwrap_err();
         assert!(err.problems[0].message.contains("top-level key"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_every_other_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+[keys]
+approver = "missing.pub"
+
+[storage]
+tag_ttl = "soon"
+
+[[upstream]]
+name = "docker.io"
+url = "https://r"
+retries = 3
+
+[[policy]]
+name = "p"
+match = ["**"]
+"#;
+        let err = Config::parse(text, "t", dir.path()).unwrap_err();
+        let keys: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("keys.approver", Some(3)),
+                ("storage.tag_ttl", Some(6)),
+                ("upstream[0].retries", Some(11)),
+            ],
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("expected one of name, url"),
+            "{err}"
+        );
     }
 
     #[test]
