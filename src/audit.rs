@@ -155,6 +155,12 @@ pub struct Audit {
     writer: Option<Arc<Pending>>,
     approvals: bool,
     recent: Mutex<Recent>,
+    /// Names denied recently, with when a pull of them passed after their
+    /// last denial: the dashboard marks a repository that passes now. Read
+    /// (not written) on every pull that passes, only once anything has been
+    /// denied.
+    denied: std::sync::RwLock<HashMap<String, Option<u64>>>,
+    any_denied: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -193,6 +199,8 @@ impl Audit {
                 ring: VecDeque::with_capacity(RING),
                 hours: VecDeque::with_capacity(25),
             }),
+            denied: std::sync::RwLock::new(HashMap::new()),
+            any_denied: AtomicBool::new(false),
             metrics,
         })
     }
@@ -223,6 +231,16 @@ impl Audit {
         if r.reasons.is_empty() {
             return;
         }
+        {
+            let mut denied = self.denied.write().unwrap_or_else(|e| e.into_inner());
+            if denied.len() >= 4 * RING {
+                // Bounded: names that left the ring go (their counts did).
+                let recent = self.recent.lock().expect("audit lock");
+                denied.retain(|n, _| recent.ring.iter().any(|r| r.name == *n));
+            }
+            denied.insert(r.name.clone(), None);
+            self.any_denied.store(true, Ordering::Relaxed);
+        }
         let mut recent = self.recent.lock().expect("audit lock");
         let hour = r.at / 3600 * 3600;
         if recent.hours.back().is_none_or(|h| h.start != hour) {
@@ -245,6 +263,24 @@ impl Audit {
         recent.ring.push_back(Arc::new(r));
     }
 
+    /// Notes that a pull of `name` passed policy: a repository denied
+    /// before is marked as passing now.
+    pub fn note_allowed(&self, name: &str) {
+        if !self.any_denied.load(Ordering::Relaxed) {
+            return;
+        }
+        let waiting = {
+            let denied = self.denied.read().unwrap_or_else(|e| e.into_inner());
+            matches!(denied.get(name), Some(None))
+        };
+        if waiting {
+            let mut denied = self.denied.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot @ None) = denied.get_mut(name) {
+                *slot = Some(unix_now());
+            }
+        }
+    }
+
     /// Reopens the log file (SIGHUP, after logrotate moved it).
     pub fn reopen(&self) {
         if let Some(pending) = &self.writer {
@@ -261,6 +297,14 @@ impl Audit {
 
     /// Counts for the dashboard.
     pub fn stats(&self) -> serde_json::Value {
+        // Taken before `recent`, as `record` takes them (in that order).
+        let passes: HashMap<String, u64> = self
+            .denied
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(n, at)| Some((n.clone(), (*at)?)))
+            .collect();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -305,7 +349,17 @@ impl Audit {
             v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
             v.into_iter()
                 .take(10)
-                .map(|(k, n)| serde_json::json!({ key: k, "count": n }))
+                .map(|(k, n)| {
+                    let mut e = serde_json::json!({ key: k, "count": n });
+                    // A repository a pull passed for since its last denial.
+                    if let Some(at) = (key == "name").then(|| passes.get(k)).flatten() {
+                        e["passes_since"] = serde_json::json!(humantime::format_rfc3339_seconds(
+                            UNIX_EPOCH + Duration::from_secs(*at)
+                        )
+                        .to_string());
+                    }
+                    e
+                })
                 .collect::<Vec<_>>()
         };
         let c = |kind: &str, result: &str| {
@@ -344,6 +398,13 @@ pub fn probe(config: &Config) -> Result<(), ConfigError> {
             message: format!("cannot open {:?} for appending: {e}", path.display()),
         }],
     })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// Opens (creating) a log file for appending.

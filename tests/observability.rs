@@ -179,20 +179,38 @@ async fn the_dashboard_shows_denials_in_a_real_browser_without_running_their_mar
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let registry = Registry::start(&w.join("registry"), None, RegistryAuth::None, None);
-    images(w, &registry, &["evil/app", "watched/app"]);
+    images(w, &registry, &["evil/app", "watched/app", "acme/app"]);
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let proxy = Proxy::with_config(
-        dir.clone(),
-        &config(&registry, &dir.path().join("audit.jsonl")),
-    )
-    .await;
+    // acme/app needs a signature by `k`: denied unsigned, then approved.
+    let key = pullgate::keys::PrivateKey::generate("ed25519").unwrap();
+    std::fs::write(dir.path().join("k.pub"), key.public_pem()).unwrap();
+    let text = format!(
+        "[keys]\nk = \"k.pub\"\n{}\n[[policy]]\nname = \"acme\"\nmatch = [\"docker.io/acme/**\"]\nsigned_by = [\"k\"]\n",
+        config(&registry, &dir.path().join("audit.jsonl"))
+    );
+    let proxy = Proxy::with_config(dir.clone(), &text).await;
     let p = proxy.addr;
     let _ = pull(w, &format!("{p}/evil/app:v1"), &w.join("b"), &[]).unwrap_err();
     pull(w, &format!("{p}/watched/app:v1"), &w.join("c"), &[]).unwrap();
+    let _ = pull(w, &format!("{p}/acme/app:v1"), &w.join("d"), &[]).unwrap_err();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let denials = get_json(&client, format!("http://{}/api/denials", proxy.admin)).await;
+    let acme = denials["denials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "docker.io/acme/app")
+        .expect("acme/app was denied")
+        .clone();
+    let digest: pullgate::names::Digest = acme["digest"].as_str().unwrap().parse().unwrap();
+    pullgate::approvals::record(&*proxy.app.store, "docker.io/acme/app", &digest, &key)
+        .await
+        .unwrap();
+    pull(w, &format!("{p}/acme/app:v1"), &w.join("e"), &[]).unwrap();
 
     let url = format!("http://{}/dashboard", proxy.admin);
     let profile = Arc::new(tempfile::tempdir().unwrap());
-    let browse = move |extra: &[&str]| {
+    let browse = move |size: &str, extra: &[&str]| {
         let out = Command::new(&chromium)
             .args([
                 "--headless",
@@ -203,8 +221,8 @@ async fn the_dashboard_shows_denials_in_a_real_browser_without_running_their_mar
                 "--disable-component-update",
                 "--disable-sync",
                 "--virtual-time-budget=5000",
-                "--window-size=1280,1000",
             ])
+            .arg(format!("--window-size={size}"))
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .args(extra)
             .arg(&url)
@@ -215,7 +233,7 @@ async fn the_dashboard_shows_denials_in_a_real_browser_without_running_their_mar
     };
     let dom = tokio::task::spawn_blocking({
         let browse = browse.clone();
-        move || browse(&["--dump-dom"])
+        move || browse("1280,1000", &["--dump-dom"])
     })
     .await
     .unwrap();
@@ -237,23 +255,43 @@ async fn the_dashboard_shows_denials_in_a_real_browser_without_running_their_mar
         "markup in data never becomes an element"
     );
     assert!(!dom.contains("<title>pwned"), "no injected script ran");
-    let shot = work.path().join("dashboard.png");
-    tokio::task::spawn_blocking({
-        let shot = shot.clone();
-        move || browse(&[&format!("--screenshot={}", shot.display())])
-    })
-    .await
-    .unwrap();
+    // A denial for a missing signature offers the command that lets it
+    // through, with the digest; the image, approved since, passes now.
     assert!(
-        std::fs::metadata(&shot)
-            .map(|m| m.len() > 1000)
-            .unwrap_or(false),
-        "screenshot taken"
+        dom.contains(&format!(
+            "pullgate approve docker.io/acme/app@{digest} --key KEY -c CONFIG"
+        )),
+        "the approve command is offered:\n{dom}"
     );
-    eprintln!("dashboard screenshot: {}", shot.display());
-    // Keep the screenshot for a look when PULLGATE_KEEP_SCREENSHOT is set.
-    if let Ok(keep) = std::env::var("PULLGATE_KEEP_SCREENSHOT") {
-        std::fs::copy(&shot, keep).unwrap();
+    assert!(
+        dom.contains("passes now"),
+        "an approved image is marked:\n{dom}"
+    );
+    assert!(dom.contains("Time (UTC)"), "times say their zone");
+    // Wide and narrow (a phone, a split screen).
+    for (size, name) in [
+        ("1280,1000", "dashboard.png"),
+        ("420,1400", "dashboard-narrow.png"),
+    ] {
+        let shot = work.path().join(name);
+        tokio::task::spawn_blocking({
+            let shot = shot.clone();
+            let browse = browse.clone();
+            move || browse(size, &[&format!("--screenshot={}", shot.display())])
+        })
+        .await
+        .unwrap();
+        assert!(
+            std::fs::metadata(&shot)
+                .map(|m| m.len() > 1000)
+                .unwrap_or(false),
+            "screenshot taken at {size}"
+        );
+        eprintln!("dashboard screenshot: {}", shot.display());
+        // Kept for a look when PULLGATE_KEEP_SCREENSHOT names a directory.
+        if let Ok(keep) = std::env::var("PULLGATE_KEEP_SCREENSHOT") {
+            std::fs::copy(&shot, Path::new(&keep).join(name)).unwrap();
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub fn apply(
 ) -> Result<Option<HeaderValue>, Error> {
     let route = &ctx.route;
     if verdict.passes() {
+        if count {
+            app.audit.note_allowed(&route.canonical);
+        }
         if count && app.audit.records_approvals() {
             app.audit
                 .record(record(ctx, reference, verdict, digest, String::new()));
