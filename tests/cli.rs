@@ -855,3 +855,57 @@ async fn pin_and_verify_say_when_the_upstream_cannot_be_asked_beside_a_server() 
     }
     assert!(!dir.path().join("pins.toml").exists(), "nothing was pinned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_and_approve_explain_what_the_name_alone_decides() {
+    let fake = Fake::start().await;
+    fake.put_image("library/app", "1", &[noise(10, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let policies = "[[policy]]\nname = \"no evil\"\nmatch = [\"docker.io/evil/**\"]\ndeny = true\n[[policy]]\nname = \"library\"\nmatch = [\"docker.io/library/**\"]\n";
+    let config = write_config(dir.path(), free_port(), free_port(), &fake.url(), policies);
+    let run = move |args: Vec<String>| {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let cfg = config.display().to_string();
+    let call = |a: Vec<&str>| {
+        let a: Vec<String> = a.into_iter().map(str::to_owned).collect();
+        tokio::task::spawn_blocking(move || run(a))
+    };
+    // A name no policy matches: a verdict line, and what would change it.
+    let (code, out) = call(vec!["verify", "docker.io/other/app:1", "-c", &cfg])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("verdict: denied (no-policy)"), "{out}");
+    assert!(out.contains("to let it through: add a [[policy]]"), "{out}");
+    // Under deny = true, an approval cannot help, and approve says so.
+    let key = dir.path().join("k");
+    let (code, out) = call(vec!["keygen", "--out", &key.display().to_string()])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let (code, out) = call(vec![
+        "approve",
+        &format!("docker.io/evil/app@{digest}"),
+        "--key",
+        &format!("{}.key", key.display()),
+        "-c",
+        &cfg,
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("denies every name it matches") && !out.contains("until it does"),
+        "{out}"
+    );
+}
