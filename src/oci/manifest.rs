@@ -27,6 +27,47 @@ application/vnd.docker.distribution.manifest.v2+json";
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Docker schema 1, unsigned and signed: the only manifests without a
+/// `mediaType` that are not OCI.
+pub const DOCKER_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub const DOCKER_V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// Deepest nesting of arrays and objects accepted in a manifest. Real ones
+/// nest four or five levels (an index entry's platform); clients give up
+/// at depths far below what a hostile body can reach within the size cap.
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether JSON text nests arrays and objects deeper than `max`: one pass
+/// over the bytes, strings skipped, before any parser recurses into them.
+/// The JSON itself is checked by the parse that follows.
+fn nests_deeper_than(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
 
 /// Why bytes are not a usable manifest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,10 +76,22 @@ pub enum ManifestError {
     NotJson(String),
     #[error("it has both \"manifests\" (an index) and \"config\"/\"layers\" (an image): ambiguous, refused")]
     Ambiguous,
-    #[error("no manifest media type in Content-Type or body")]
+    #[error("no mediaType in the body, and it is neither an image manifest, an index nor Docker schema 1")]
     NoMediaType,
     #[error("media type {0:?} cannot be sent as a header")]
     BadMediaType(String),
+    #[error("its JSON nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// The body's own `mediaType` says one thing and its keys another.
+    #[error("its mediaType is {declared:?}, but its content is {shape}")]
+    Mislabelled {
+        declared: String,
+        shape: &'static str,
+    },
+    /// The upstream's `Content-Type` names another manifest type than the
+    /// bytes are: refused, so that no upstream can relabel content.
+    #[error("it was sent as {sent:?}, but its bytes are {is:?}")]
+    ContentTypeMismatch { sent: String, is: String },
 }
 
 /// What a manifest is.
@@ -156,15 +209,75 @@ fn is_manifest_type(t: &str) -> bool {
         || t.starts_with("application/vnd.oci.artifact.")
 }
 
+/// A manifest's media type, from its own bytes alone: the body's
+/// `mediaType` when it has one (which must fit its keys: an index type for
+/// a body with `manifests`, an image type for one with `config`/`layers`),
+/// else what its keys make it. Nothing an upstream says about the bytes
+/// enters here, so every upstream serving the same digest serves it with
+/// the same type.
+fn media_type_of(shape: &Shape<'_>, index: bool, image: bool) -> Result<String, ManifestError> {
+    let declared = match shape.0.get("mediaType") {
+        None => None,
+        Some(v) => Some(
+            serde_json::from_str::<String>(v.get())
+                .map_err(|_| ManifestError::BadMediaType(v.get().escape_debug().to_string()))?,
+        ),
+    };
+    let Some(declared) = declared else {
+        return Ok(if index {
+            OCI_INDEX
+        } else if image {
+            OCI_MANIFEST
+        } else if shape.0.get("schemaVersion").is_some_and(|v| v.get() == "1") {
+            if shape.0.contains_key("signatures") {
+                DOCKER_V1_SIGNED
+            } else {
+                DOCKER_V1
+            }
+        } else {
+            return Err(ManifestError::NoMediaType);
+        }
+        .to_owned());
+    };
+    // Visible ASCII only: what goes into a Content-Type header.
+    if declared.is_empty() || !declared.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(ManifestError::BadMediaType(
+            declared.escape_debug().to_string(),
+        ));
+    }
+    let fits = if index {
+        declared == OCI_INDEX || declared == DOCKER_LIST
+    } else if image {
+        declared == OCI_MANIFEST || declared == DOCKER_MANIFEST
+    } else {
+        true
+    };
+    if !fits {
+        return Err(ManifestError::Mislabelled {
+            declared,
+            shape: if index {
+                "an index (it lists \"manifests\")"
+            } else {
+                "an image manifest (it has \"config\"/\"layers\")"
+            },
+        });
+    }
+    Ok(declared)
+}
+
 impl Manifest {
-    /// A manifest whose bytes hash to `digest` (the caller checked), with
-    /// its media type decided from the upstream's `Content-Type` and the
-    /// body, which must be a JSON object.
+    /// A manifest whose bytes hash to `digest` (the caller checked): a
+    /// JSON object whose media type comes from its own bytes. A
+    /// `content_type` that names another manifest type is refused; one
+    /// that names none (`application/json`) is ignored.
     pub fn parse(
         digest: Digest,
         content_type: Option<&str>,
         bytes: Bytes,
     ) -> Result<Manifest, ManifestError> {
+        if nests_deeper_than(&bytes, MAX_DEPTH) {
+            return Err(ManifestError::TooDeep);
+        }
         let shape: Shape = serde_json::from_slice(&bytes).map_err(|e| {
             ManifestError::NotJson(if e.is_data() {
                 "not a JSON object".to_owned()
@@ -178,17 +291,15 @@ impl Manifest {
         if index && image {
             return Err(ManifestError::Ambiguous);
         }
-        let declared = shape
-            .0
-            .get("mediaType")
-            .and_then(|v| serde_json::from_str::<String>(v.get()).ok());
-        let media_type = match (content_type.filter(|t| is_manifest_type(t)), declared) {
-            (Some(ct), _) => ct.to_owned(),
-            (None, Some(declared)) => declared,
-            (None, None) if index => OCI_INDEX.to_owned(),
-            (None, None) if image => OCI_MANIFEST.to_owned(),
-            (None, None) => return Err(ManifestError::NoMediaType),
-        };
+        let media_type = media_type_of(&shape, index, image)?;
+        if let Some(sent) = content_type.filter(|t| is_manifest_type(t)) {
+            if sent != media_type {
+                return Err(ManifestError::ContentTypeMismatch {
+                    sent: sent.to_owned(),
+                    is: media_type,
+                });
+            }
+        }
         let other = |why: String| Kind::Other(why, Box::new(Loose::read(&shape)));
         let kind = if index {
             match serde_json::from_slice::<ImageIndex>(&bytes) {
@@ -203,6 +314,7 @@ impl Manifest {
         } else {
             other("neither an image manifest nor an index".into())
         };
+        // `media_type_of` let only header-safe text through.
         let content_type = HeaderValue::from_str(&media_type)
             .map_err(|_| ManifestError::BadMediaType(media_type.escape_debug().to_string()))?;
         let digest_text = digest.to_string();
@@ -221,14 +333,10 @@ impl Manifest {
         })
     }
 
-    /// A manifest read back from the store, with the media type it was
-    /// stored with.
-    pub fn stored(
-        digest: Digest,
-        media_type: &str,
-        bytes: Bytes,
-    ) -> Result<Manifest, ManifestError> {
-        Manifest::parse(digest, Some(media_type), bytes)
+    /// A manifest read back from the store (or a bundle): its bytes are
+    /// all there is to it.
+    pub fn stored(digest: Digest, bytes: Bytes) -> Result<Manifest, ManifestError> {
+        Manifest::parse(digest, None, bytes)
     }
 
     pub fn image(&self) -> Option<&ImageManifest> {
@@ -443,30 +551,86 @@ mod tests {
     }
 
     #[test]
-    fn media_type_comes_from_header_or_body() {
+    fn media_type_comes_from_the_bytes_and_a_content_type_must_agree() {
         let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
         assert_eq!(
-            parse(
-                Some("application/vnd.docker.distribution.manifest.v2+json"),
-                oci
-            )
-            .unwrap()
-            .media_type,
-            "application/vnd.docker.distribution.manifest.v2+json"
+            parse(Some(OCI_MANIFEST), oci).unwrap().media_type,
+            OCI_MANIFEST
         );
+        // A generic Content-Type says nothing about the manifest: ignored.
         assert_eq!(
             parse(Some("text/plain"), oci).unwrap().media_type,
-            "application/vnd.oci.image.manifest.v1+json"
+            OCI_MANIFEST
         );
+        assert_eq!(parse(None, oci).unwrap().media_type, OCI_MANIFEST);
+        // Another manifest type is a relabelling: refused.
         assert_eq!(
-            parse(None, br#"{"schemaVersion":2,"manifests":[]}"#)
-                .unwrap()
-                .media_type,
-            "application/vnd.oci.image.index.v1+json"
+            parse(Some(DOCKER_MANIFEST), oci).unwrap_err(),
+            ManifestError::ContentTypeMismatch {
+                sent: DOCKER_MANIFEST.into(),
+                is: OCI_MANIFEST.into()
+            }
         );
+        assert!(matches!(
+            parse(Some(OCI_INDEX), oci),
+            Err(ManifestError::ContentTypeMismatch { .. })
+        ));
+        // Without a mediaType, the keys decide.
+        let index = br#"{"schemaVersion":2,"manifests":[]}"#;
+        assert_eq!(parse(None, index).unwrap().media_type, OCI_INDEX);
+        assert!(parse(Some(OCI_MANIFEST), index).is_err());
+        let v1 = br#"{"schemaVersion":1,"name":"a","tag":"1","fsLayers":[],"signatures":[]}"#;
+        assert_eq!(parse(None, v1).unwrap().media_type, DOCKER_V1_SIGNED);
         assert!(parse(None, b"<html>").is_err());
         assert!(parse(None, b"[1]").is_err());
-        assert!(parse(None, br#"{"a":1}"#).is_err());
+        assert_eq!(
+            parse(None, br#"{"a":1}"#).unwrap_err(),
+            ManifestError::NoMediaType
+        );
+    }
+
+    #[test]
+    fn json_nested_too_deep_is_refused_before_it_is_parsed() {
+        let at = |depth: usize| {
+            format!(
+                r#"{{"schemaVersion":2,"config":{{}},"layers":[],"x":{}1{}}}"#,
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            )
+        };
+        let ok = Bytes::from(at(MAX_DEPTH));
+        assert!(Manifest::parse(Digest::of(&ok), None, ok).is_ok());
+        let deep = Bytes::from(at(MAX_DEPTH + 1));
+        assert_eq!(
+            Manifest::parse(Digest::of(&deep), None, deep).unwrap_err(),
+            ManifestError::TooDeep
+        );
+        // Brackets inside strings, escaped quotes included, are text.
+        let text = format!(r#"{{"a":"\"{}","layers":[]}}"#, "[".repeat(500));
+        assert!(!nests_deeper_than(text.as_bytes(), MAX_DEPTH));
+    }
+
+    #[test]
+    fn a_body_whose_media_type_contradicts_its_keys_is_refused() {
+        let image_as_index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","config":{},"layers":[]}"#;
+        assert!(matches!(
+            parse(None, image_as_index),
+            Err(ManifestError::Mislabelled { .. })
+        ));
+        let index_as_image = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","manifests":[]}"#;
+        assert!(matches!(
+            parse(None, index_as_image),
+            Err(ManifestError::Mislabelled { .. })
+        ));
+        let list = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[]}"#;
+        assert_eq!(
+            parse(Some(DOCKER_LIST), list).unwrap().media_type,
+            DOCKER_LIST
+        );
+        assert!(matches!(
+            parse(None, br#"{"mediaType":7,"layers":[]}"#),
+            Err(ManifestError::BadMediaType(_))
+        ));
     }
 
     #[test]
@@ -512,6 +676,12 @@ mod tests {
         let bad = b"{\"schemaVersion\":2,\"mediaType\":\"application/x\\u0001\",\"layers\":[]}";
         assert!(matches!(
             parse(None, bad),
+            Err(ManifestError::BadMediaType(_))
+        ));
+        // Neither an index nor an image, so any type would fit its keys.
+        let other = b"{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\\r\\nX-A: b\",\"blobs\":[]}";
+        assert!(matches!(
+            parse(None, other),
             Err(ManifestError::BadMediaType(_))
         ));
     }

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! blobs/sha256/<2 hex>/<64 hex>        blob and manifest bytes, by digest
-//! manifests/sha256/<2 hex>/<64 hex>    a manifest's media type
+//! manifests/sha256/<2 hex>/<64 hex>    marks a blob as a manifest (holds its media
+//!                                       type for people; a manifest's type is read
+//!                                       from its bytes, never from here)
 //! tags/<upstream>/<repo>/_tags/<tag>   {"digest": ..., "checked": unix secs,
 //!                                       "approved": the last digest policy approved}
 //! approvals/sha256/<hex>/<id>.json     approvals recorded by `pullgate approve`
@@ -301,11 +303,14 @@ impl Inner {
         if let Some(m) = self.manifests.get(d) {
             return Ok(Some(m));
         }
-        let media_type = match fs::read_to_string(self.root.join(manifest_type_rel(d))) {
-            Ok(t) => t,
+        // The marker says the blob is a manifest; what it holds (the media
+        // type, as earlier versions wrote and read it) is not read: a
+        // manifest's type comes from its bytes.
+        match fs::metadata(self.root.join(manifest_type_rel(d))) {
+            Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
-        };
+        }
         let bytes = match fs::read(self.blob_path(d)) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -315,7 +320,7 @@ impl Inner {
             tracing::error!(digest = %d, "stored manifest does not match its digest; ignoring it");
             return Ok(None);
         }
-        let m = match Manifest::stored(*d, &media_type, Bytes::from(bytes)) {
+        let m = match Manifest::stored(*d, Bytes::from(bytes)) {
             Ok(m) => Arc::new(m),
             Err(e) => {
                 tracing::error!(digest = %d, "stored manifest is unusable ({e}); ignoring it");
