@@ -163,7 +163,10 @@ pub fn json(
     r
 }
 
-/// Points an upstream `Link: </v2/<repo>/tags/list?...>` at the client's name.
+/// Points an upstream `Link: </v2/<repo>/tags/list?...>` at the client's
+/// name, routed as the client's request was: its `?ns=` goes back in, and
+/// any `ns` the upstream put there is dropped, so that no upstream can send
+/// a client's next page to another upstream.
 pub fn rewrite_link(link: &str, route: &Route) -> Option<String> {
     let start = link.find('<')? + 1;
     let end = link[start..].find('>')? + start;
@@ -172,8 +175,20 @@ pub fn rewrite_link(link: &str, route: &Route) -> Option<String> {
     let path = &target[path_start..];
     let upstream_prefix = format!("/v2/{}/", route.repo);
     let rest = path.strip_prefix(&upstream_prefix)?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && *p != "ns" && !p.starts_with("ns="))
+        .collect();
+    let ns = route.ns.as_ref().map(|ns| format!("ns={ns}"));
+    params.extend(ns.as_deref());
+    let query = if params.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", params.join("&"))
+    };
     Some(format!(
-        "</v2/{}/{rest}>{}",
+        "</v2/{}/{rest}{query}>{}",
         route.client_name,
         &link[end + 1..]
     ))
@@ -246,5 +261,30 @@ mod tests {
             abs,
             "</v2/ghcr.io/acme/app/tags/list?n=2&last=b>; rel=\"next\""
         );
+    }
+
+    #[test]
+    fn link_headers_keep_the_clients_ns_and_drop_the_upstreams() {
+        let router = Router::new([("docker.io", true), ("ghcr.io", false)]);
+        let route = router
+            .route(&"acme/app".parse().unwrap(), Some("ghcr.io"))
+            .unwrap();
+        let l = rewrite_link("</v2/acme/app/tags/list?last=v2&n=2>; rel=\"next\"", &route).unwrap();
+        assert_eq!(
+            l,
+            "</v2/acme/app/tags/list?last=v2&n=2&ns=ghcr.io>; rel=\"next\""
+        );
+        let hostile = rewrite_link(
+            "</v2/acme/app/tags/list?ns=docker.io&last=v2>; rel=\"next\"",
+            &route,
+        )
+        .unwrap();
+        assert_eq!(
+            hostile,
+            "</v2/acme/app/tags/list?last=v2&ns=ghcr.io>; rel=\"next\""
+        );
+        let plain = router.route(&"acme/app".parse().unwrap(), None).unwrap();
+        let l = rewrite_link("</v2/acme/app/tags/list?ns=ghcr.io>; rel=\"next\"", &plain);
+        assert_eq!(l.unwrap(), "</v2/acme/app/tags/list>; rel=\"next\"");
     }
 }

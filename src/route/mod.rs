@@ -118,6 +118,9 @@ pub struct Route {
     /// The canonical name the client asked for, when a `[[rewrite]]` serves
     /// it from `canonical` instead.
     pub rewritten_from: Option<String>,
+    /// The upstream a client's `?ns=` named, to be named again in the
+    /// `Link` of a paginated answer (its next page must route the same).
+    pub ns: Option<Arc<str>>,
 }
 
 /// Picks upstreams for names; built from the config's upstream list.
@@ -154,11 +157,12 @@ impl Router {
         let canonical = self.hosts.canonical(&r);
         Ok(Route {
             upstream: r.index,
-            upstream_name,
             repo: r.repo,
             canonical,
             client_name: name.clone(),
             rewritten_from: None,
+            ns: ns.map(|_| upstream_name.clone()),
+            upstream_name,
         })
     }
 
@@ -169,6 +173,7 @@ impl Router {
         let mut route = self.route(&name, None)?;
         route.client_name = from.client_name;
         route.rewritten_from = Some(from.canonical);
+        route.ns = from.ns;
         Ok(route)
     }
 }
