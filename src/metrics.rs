@@ -52,6 +52,16 @@ pub struct Metrics {
     /// Pulls left in the upstream's rate-limit window, as it last said
     /// (Docker Hub's `ratelimit-remaining`).
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Client connections open now.
+    pub connections: IntGauge,
+    /// Connections refused because `server.max_connections` were open.
+    pub connections_refused: IntCounter,
+    /// Connections closed for a deadline, by kind (`header`: no whole
+    /// request head in time, idle keep-alive included; `send`: the client
+    /// stopped reading its response).
+    pub connection_timeouts: IntCounterVec,
+    /// Request handlers that panicked (a bug; answered 500).
+    pub panics: IntCounter,
     /// Every metric name registered, for checks against dashboards.
     pub names: Vec<&'static str>,
     /// `requests` children, resolved once per (kind, status) on first use:
@@ -245,7 +255,47 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            connections: {
+                let g = IntGauge::new("pullgate_connections", "Client connections open now.")
+                    .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            connections_refused: {
+                let c = IntCounter::new(
+                    "pullgate_connections_refused_total",
+                    "Connections answered 503 and closed because server.max_connections were open.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
+            connection_timeouts: counter(
+                &registry,
+                "pullgate_connection_timeouts_total",
+                "Connections closed for a deadline: header (no whole request head within server.header_timeout, idle keep-alive included), send (the client stopped reading for server.send_timeout).",
+                &["kind"],
+            ),
+            panics: {
+                let c = IntCounter::new(
+                    "pullgate_panics_total",
+                    "Request handlers that panicked (a bug, answered 500; the log has the message).",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
             names: vec![
+                "pullgate_connections",
+                "pullgate_connections_refused_total",
+                "pullgate_connection_timeouts_total",
+                "pullgate_panics_total",
                 "pullgate_requests_total",
                 "pullgate_blocked_pulls_total",
                 "pullgate_cache_requests_total",
@@ -287,6 +337,9 @@ impl Metrics {
         for kind in ["dropped", "write", "reopen"] {
             m.audit_errors.with_label_values(&[kind]);
         }
+        for kind in ["header", "send"] {
+            m.connection_timeouts.with_label_values(&[kind]);
+        }
         m
     }
 
@@ -315,7 +368,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            20,
+            24,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::{runtime, EXIT_CONFIG};
@@ -87,13 +86,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     // Opening the store scans it: on the blocking pool.
     let app = tokio::task::spawn_blocking(move || App::new(config)).await??;
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = pullgate::server::bind(listen)
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
     let admin = match admin_listen {
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+            pullgate::server::bind(addr)
                 .with_context(|| format!("cannot listen on {addr} (admin.listen)"))?,
         ),
         None => None,

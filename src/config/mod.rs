@@ -110,7 +110,18 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Threads that serve connections; `None`: one per CPU.
     pub workers: Option<usize>,
+    /// Connections beyond this many are answered 503 and closed.
+    pub max_connections: usize,
+    /// How long a connection may take to send a whole request head, from
+    /// when it is ready for one (idle keep-alive connections included).
+    pub header_timeout: Duration,
+    /// How long a response may wait on a client that does not read it.
+    pub send_timeout: Duration,
 }
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -293,6 +304,9 @@ struct RawServer {
     max_manifest_size: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    header_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
     tls: Option<Spanned<toml::Table>>,
 }
 
@@ -581,6 +595,32 @@ impl Validator<'_> {
             Some(w) => usize::try_from(*w.get_ref()).ok(),
             None => None,
         };
+        let max_connections = match &raw.server.max_connections {
+            Some(m) if !(1..=1_000_000).contains(m.get_ref()) => {
+                self.problem(
+                    "server.max_connections",
+                    m,
+                    format!("must be between 1 and 1000000 (default {DEFAULT_MAX_CONNECTIONS})"),
+                );
+                None
+            }
+            Some(m) => usize::try_from(*m.get_ref()).ok(),
+            None => None,
+        };
+        let mut timeout = |key: &str, s: &Option<Spanned<String>>| {
+            let d = self.duration(key, s.as_ref()?)?;
+            if d.is_zero() {
+                self.problem(
+                    key,
+                    s.as_ref()?,
+                    "must be more than zero: a connection with no deadline can be held forever",
+                );
+                return None;
+            }
+            Some(d)
+        };
+        let header_timeout = timeout("server.header_timeout", &raw.server.header_timeout);
+        let send_timeout = timeout("server.send_timeout", &raw.server.send_timeout);
         let admin = raw
             .admin
             .as_ref()
@@ -674,6 +714,9 @@ impl Validator<'_> {
                 max_manifest_size: max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),
                 shutdown_timeout: shutdown_timeout.unwrap_or(Duration::from_secs(30)),
                 workers,
+                max_connections: max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                header_timeout: header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT),
+                send_timeout: send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT),
             },
             admin,
             storage: StorageConfig {

@@ -54,7 +54,7 @@ use errors::Error;
 use respond::query_param;
 
 /// Largest total of request header bytes accepted.
-const MAX_HEADER_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +172,24 @@ impl App {
         }
         if old.server.workers != config.server.workers {
             notes.push("server.workers changed: restart to apply".to_owned());
+        }
+        for (key, changed) in [
+            (
+                "max_connections",
+                old.server.max_connections != config.server.max_connections,
+            ),
+            (
+                "header_timeout",
+                old.server.header_timeout != config.server.header_timeout,
+            ),
+            (
+                "send_timeout",
+                old.server.send_timeout != config.server.send_timeout,
+            ),
+        ] {
+            if changed {
+                notes.push(format!("server.{key} changed: restart to apply"));
+            }
         }
         let bases_changed = old.bases != config.bases
             || old.storage.base_keep != config.storage.base_keep

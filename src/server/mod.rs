@@ -4,33 +4,97 @@
 //! [`serve`] takes an already bound listener, so tests bind `127.0.0.1:0`.
 //! On shutdown it stops accepting, lets requests in flight finish for up to
 //! the configured grace period, then closes what is left. Connections are
-//! wrapped so that cached blobs can be sent with `sendfile` (see
-//! `zerocopy`). The admin endpoints are in [`admin`]. Depends on
-//! `pipeline`, `zerocopy`, `body`.
+//! bounded (`server.max_connections`, `header_timeout`, `send_timeout`;
+//! see [`conn`]) and wrapped so that cached blobs can be sent with
+//! `sendfile` (see `zerocopy`). A handler that panics is answered 500 and
+//! counted; the process and its other connections go on. The admin
+//! endpoints are in [`admin`]. Depends on `pipeline`, `zerocopy`, `body`,
+//! `metrics`.
 
 mod admin;
+pub mod conn;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{watch, Semaphore};
 
 use crate::body::Body;
+use crate::metrics::Metrics;
+use crate::oci::ApiError;
 use crate::pipeline::App;
 use crate::zerocopy::{self, Queue};
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Connections the kernel queues before pullgate accepts them. Linux's
+/// default of 128 (what `TcpListener::bind` asks for) left connections of
+/// a burst waiting for a minute; the kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: u32 = 4096;
+
+/// Connections the admin listener holds at once.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// Binds a listener with a backlog of [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// What every connection of a listener is held to.
+#[derive(Clone)]
+struct Limits {
+    slots: Arc<Semaphore>,
+    max: usize,
+    header_timeout: Duration,
+    send_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Limits {
+    fn new(app: &App, max: usize) -> Limits {
+        let server = &app.config().server;
+        Limits {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            header_timeout: server.header_timeout,
+            send_timeout: server.send_timeout,
+            metrics: app.metrics.clone(),
+        }
+    }
+}
+
+/// An open connection's slot, and its count in `pullgate_connections`.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+    }
+}
 
 /// A shutdown signal shared by every listener.
 #[derive(Clone)]
@@ -58,28 +122,60 @@ impl ShutdownTrigger {
 }
 
 /// Serves the registry API on `listener` until `shutdown`.
+/// Its connections are bounded as `[server]` says when it starts.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Shutdown, grace: Duration) {
+    let limits = Limits::new(&app, app.config().server.max_connections);
     let handler = move |req: Request<Incoming>, peer: SocketAddr, queue: Queue| {
         let app = app.clone();
         // Cached blobs go out with sendfile through this connection's queue.
-        async move { Ok::<_, Infallible>(app.serve(req, peer, Some(queue)).await) }
+        app.serve(req, peer, Some(queue))
     };
-    accept_loop(listener, handler, shutdown, grace).await;
+    accept_loop(listener, handler, limits, shutdown, grace).await;
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
 pub async fn serve_admin(listener: TcpListener, app: Arc<App>, shutdown: Shutdown) {
+    let limits = Limits::new(&app, ADMIN_MAX_CONNECTIONS);
     let handler = move |req: Request<Incoming>, _peer: SocketAddr, _queue: Queue| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(admin::answer(&app, req).await) }
+        async move { admin::answer(&app, req).await }
     };
-    accept_loop(listener, handler, shutdown, Duration::from_secs(1)).await;
+    accept_loop(listener, handler, limits, shutdown, Duration::from_secs(1)).await;
 }
 
-async fn accept_loop<H, F>(listener: TcpListener, handler: H, shutdown: Shutdown, grace: Duration)
+/// Runs a handler; a panic in it becomes a 500 (and a count and a log
+/// line) instead of a dropped connection.
+async fn guarded<F>(handler: F, metrics: Arc<Metrics>) -> Result<Response<Body>, Infallible>
 where
+    F: Future<Output = Response<Body>>,
+{
+    match AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(r) => Ok(r),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            metrics.panics.inc();
+            tracing::error!(panic = %what, "a request handler panicked (a bug in pullgate; please report it); answered 500");
+            Ok(ApiError::internal(
+                "pullgate hit an internal error (a bug) while answering; its log has the details",
+            )
+            .into_response(false))
+        }
+    }
+}
+
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: Limits,
+    shutdown: Shutdown,
+    grace: Duration,
+) where
     H: Fn(Request<Incoming>, SocketAddr, Queue) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     let stop = shutdown.wait();
@@ -97,18 +193,41 @@ where
             },
             () = &mut stop => break,
         };
+        let Ok(permit) = limits.slots.clone().try_acquire_owned() else {
+            limits.metrics.connections_refused.inc();
+            tracing::warn!(%peer, max = limits.max, "connection refused: server.max_connections are open");
+            tokio::spawn(conn::refuse(stream, limits.max));
+            continue;
+        };
+        limits.metrics.connections.inc();
+        let slot = Slot {
+            _permit: permit,
+            metrics: limits.metrics.clone(),
+        };
         let _ = stream.set_nodelay(true);
         let (stream, queue) = zerocopy::Stream::new(stream);
+        let stream = conn::Guarded::new(stream, limits.send_timeout, limits.metrics.clone());
         let handler = handler.clone();
-        let service = service_fn(move |req| handler(req, peer, queue.clone()));
+        let metrics = limits.metrics.clone();
+        let service =
+            service_fn(move |req| guarded(handler(req, peer, queue.clone()), metrics.clone()));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(limits.header_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(conn::MAX_HEADERS)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
+        let metrics = limits.metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
+                if e.is_timeout() {
+                    metrics
+                        .connection_timeouts
+                        .with_label_values(&["header"])
+                        .inc();
+                }
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
@@ -119,5 +238,60 @@ where
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_secs = grace.as_secs(), "closing connections still busy after the grace period");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn ask(addr: SocketAddr, path: &str) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_500_and_the_server_goes_on() {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Limits {
+            slots: Arc::new(Semaphore::new(8)),
+            max: 8,
+            header_timeout: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(5),
+            metrics: metrics.clone(),
+        };
+        let handler = |req: Request<Incoming>, _: SocketAddr, _: Queue| async move {
+            if req.uri().path() == "/panic" {
+                panic!("a bug, on purpose");
+            }
+            Response::new(crate::body::full(b"fine".to_vec()))
+        };
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, shutdown) = Shutdown::new();
+        let server = tokio::spawn(accept_loop(
+            listener,
+            handler,
+            limits,
+            shutdown,
+            Duration::from_secs(1),
+        ));
+        for _ in 0..3 {
+            let answer = ask(addr, "/panic").await;
+            assert!(answer.starts_with("HTTP/1.1 500 "), "{answer}");
+            assert!(answer.contains("internal error"), "{answer}");
+            assert!(ask(addr, "/").await.ends_with("fine"));
+        }
+        assert_eq!(metrics.panics.get(), 3);
+        trigger.trigger();
+        server.await.unwrap();
     }
 }

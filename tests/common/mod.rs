@@ -673,7 +673,7 @@ idle_timeout = "{idle}"
                 Err(e) => panic!("{e}"),
             }
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = pullgate::server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (trigger, shutdown) = Shutdown::new();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,482 @@
+//! Hostile input: an upstream that lies next to a real one, and clients
+//! that send too much, too slowly or stop reading. Each case checks the
+//! answer, that nothing wrong was stored, and that a real pull (skopeo,
+//! from the real distribution registry) still works afterwards.
+
+mod common;
+mod real;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{error_code, Fake, FaultKind, Proxy};
+use real::{assert_same_blobs, pull, push, Layout, Registry, RegistryAuth, Written};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// A real registry as docker.io (the default) holding `library/app:1` and
+/// `:2`, a hostile fake as evil.io, and pullgate in front of both.
+struct Site {
+    work: tempfile::TempDir,
+    registry: Registry,
+    layout: Layout,
+    images: Vec<Written>,
+    fake: Fake,
+    proxy: Proxy,
+}
+
+async fn site(server: &str) -> Site {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let registry = Registry::start(&w.join("registry"), None, RegistryAuth::None, None);
+    let mut layout = Layout::new(&w.join("src"));
+    let mut images = Vec::new();
+    for tag in ["1", "2"] {
+        let image = layout.image("amd64", &[("tag.txt", format!("tag {tag}\n").into_bytes())]);
+        layout.tag(tag, &image);
+        push(
+            w,
+            &layout.dir,
+            tag,
+            &format!("{}/library/app:{tag}", registry.addr),
+            &["--dest-tls-verify=false"],
+        );
+        images.push(image);
+    }
+    let fake = Fake::start().await;
+    let config = format!(
+        r#"
+[server]
+{server}
+
+[storage]
+path = "data"
+
+[[upstream]]
+name = "docker.io"
+url = "{registry}"
+default = true
+
+[[upstream]]
+name = "evil.io"
+url = "{fake}"
+
+[[policy]]
+name = "all"
+match = ["**"]
+"#,
+        registry = registry.url(),
+        fake = fake.url(),
+    );
+    let proxy = Proxy::with_config(Arc::new(tempfile::tempdir().unwrap()), &config).await;
+    Site {
+        work,
+        registry,
+        layout,
+        images,
+        fake,
+        proxy,
+    }
+}
+
+impl Site {
+    /// The bytes of a pushed manifest.
+    fn manifest_bytes(&self, image: &Written) -> Vec<u8> {
+        std::fs::read(
+            self.layout
+                .dir
+                .join("blobs/sha256")
+                .join(&image.digest[7..]),
+        )
+        .unwrap()
+    }
+
+    /// skopeo pulls `library/app:<tag>` from the real registry through pullgate.
+    fn real_pull_works(&self, tag: &str, image: &Written) {
+        let out = self
+            .work
+            .path()
+            .join(format!("out-{tag}-{}", rand_suffix()));
+        let src = format!("{}/docker.io/library/app:{tag}", self.proxy.addr);
+        pull(self.work.path(), &src, &out, &[]).unwrap_or_else(|e| panic!("pull {src}: {e}"));
+        assert_same_blobs(&self.layout, &out, std::slice::from_ref(&image.digest));
+        assert_same_blobs(&self.layout, &out, &image.layers);
+    }
+
+    /// Whether the store holds bytes under `digest`.
+    fn stored(&self, digest: &str) -> bool {
+        let hex = &digest[7..];
+        self.proxy
+            .dir
+            .path()
+            .join("data/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .exists()
+    }
+
+    async fn get(&self, path: &str, accept: &str) -> reqwest::Response {
+        self.proxy
+            .client
+            .get(self.proxy.url(path))
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_cannot_relabel_another_upstreams_image() {
+    let s = site("").await;
+    let (one, two) = (&s.images[0], &s.images[1]);
+
+    // docker.io's image is cached first; evil.io then serves its very bytes
+    // labelled as an index.
+    s.real_pull_works("1", one);
+    s.fake
+        .put_manifest("library/app", Some("1"), OCI_INDEX, s.manifest_bytes(one));
+    let (status, code, body) = error_code(
+        s.get("/v2/evil.io/library/app/manifests/1", ACCEPT_ALL)
+            .await,
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (502, "UNKNOWN"), "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sent as") && message.contains(OCI_INDEX),
+        "{message}"
+    );
+    // docker.io's clients still get an image manifest, by tag and digest.
+    for reference in ["1", one.digest.as_str()] {
+        let r = s
+            .get(
+                &format!("/v2/docker.io/library/app/manifests/{reference}"),
+                ACCEPT_ALL,
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], OCI_MANIFEST, "{reference}");
+    }
+    s.real_pull_works("1", one);
+
+    // The other order: evil.io's label comes first, and is refused before
+    // anything is stored, so docker.io's first pull of :2 is unaffected.
+    s.fake
+        .put_manifest("library/app", Some("2"), OCI_INDEX, s.manifest_bytes(two));
+    let r = s
+        .get("/v2/evil.io/library/app/manifests/2", ACCEPT_ALL)
+        .await;
+    assert_eq!(r.status(), 502);
+    assert!(!s.stored(&two.digest), "a refused manifest was stored");
+    s.real_pull_works("2", two);
+    let r = s
+        .get(
+            &format!("/v2/evil.io/library/app/manifests/{}", two.digest),
+            ACCEPT_ALL,
+        )
+        .await;
+    // By digest, the bytes are what they are, whoever is asked.
+    assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_characters_and_lies_in_a_manifest_get_a_clean_502() {
+    let s = site("").await;
+    let config = s.fake.put_blob(b"{}".to_vec());
+    let manifest = |media_type: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [],
+        }))
+        .unwrap()
+    };
+    let cases = [
+        (
+            "ctl",
+            manifest("application/vnd.oci.image.manifest.v1+json\u{1}"),
+        ),
+        (
+            "crlf",
+            manifest("application/vnd.oci.image.manifest.v1+json\r\nX-Evil: 1"),
+        ),
+        ("mislabelled", manifest(OCI_INDEX)),
+    ];
+    for (tag, bytes) in &cases {
+        let d = s
+            .fake
+            .put_manifest("acme/app", Some(tag), OCI_MANIFEST, bytes.clone());
+        let (status, _, body) = error_code(
+            s.get(&format!("/v2/evil.io/acme/app/manifests/{tag}"), ACCEPT_ALL)
+                .await,
+        )
+        .await;
+        assert_eq!(status, 502, "{tag}: {body}");
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unusable manifest"),
+            "{tag}: {body}"
+        );
+        assert!(!s.stored(&d), "{tag} was stored");
+    }
+
+    // Over the size limit, nested past any parser's depth, cut off midway.
+    s.fake.put_manifest(
+        "acme/app",
+        Some("huge"),
+        OCI_MANIFEST,
+        manifest(OCI_MANIFEST),
+    );
+    s.fake
+        .fault(None, "/manifests/huge", FaultKind::Huge(8 << 20), None);
+    let deep = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{}},"layers":[],"annotations":{}1{}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let deep_digest =
+        s.fake
+            .put_manifest("acme/app", Some("deep"), OCI_MANIFEST, deep.into_bytes());
+    let cut = s.fake.put_manifest(
+        "acme/app",
+        Some("cut"),
+        OCI_MANIFEST,
+        manifest(OCI_MANIFEST),
+    );
+    s.fake
+        .fault(None, "/manifests/cut", FaultKind::Truncate, None);
+    // A body cut off is a failed transfer, like an unreachable upstream.
+    for (tag, want) in [("huge", 502), ("deep", 502), ("cut", 503)] {
+        let (status, _, body) = error_code(
+            s.get(&format!("/v2/evil.io/acme/app/manifests/{tag}"), ACCEPT_ALL)
+                .await,
+        )
+        .await;
+        assert_eq!(status, want, "{tag}: {body}");
+    }
+    assert!(!s.stored(&deep_digest) && !s.stored(&cut));
+    s.real_pull_works("1", &s.images[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_lists_next_page_goes_to_the_same_upstream() {
+    let s = site("").await;
+    s.fake
+        .put_image("acme/app", "v1", &[bytes::Bytes::from_static(b"l")]);
+    let r = s.proxy.get("/v2/acme/app/tags/list?ns=evil.io&n=1").await;
+    assert_eq!(r.status(), 200);
+    let link = r.headers()["link"].to_str().unwrap().to_owned();
+    assert!(link.contains("ns=evil.io"), "{link}");
+    let next = &link[link.find('<').unwrap() + 1..link.find('>').unwrap()];
+    let r = s.proxy.get(next).await;
+    assert_eq!(r.status(), 200, "{next}");
+    assert_eq!(s.fake.hits("GET", "/v2/acme/app/tags/list"), 2);
+    assert!(
+        !s.registry.log().contains("/v2/acme/app/tags/list"),
+        "page 2 went to docker.io"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_headers_are_read_and_too_many_get_a_registry_error() {
+    let s = site("").await;
+    let with_headers = |n: usize| {
+        let mut req = s.proxy.client.get(s.proxy.url("/v2/"));
+        for i in 0..n {
+            req = req.header(format!("x-h{i}"), "v");
+        }
+        req
+    };
+    // 150 headers, about 1.5 KB: an ordinary request.
+    assert_eq!(with_headers(150).send().await.unwrap().status(), 200);
+    for _ in 0..3 {
+        let r = with_headers(400).send().await.unwrap();
+        assert_eq!(r.status(), 431);
+        assert_eq!(
+            r.headers()["docker-distribution-api-version"],
+            "registry/2.0"
+        );
+        let (_, code, body) = error_code(r).await;
+        assert_eq!(code, "SIZE_INVALID", "{body}");
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at most 256 headers"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        s.proxy
+            .metric("pullgate_requests_total{kind=\"other\",status=\"431\"}"),
+        3.0
+    );
+    // A request line that is not HTTP gets a registry error too.
+    let mut c = TcpStream::connect(s.proxy.addr).await.unwrap();
+    c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("\"code\":\"UNSUPPORTED\""), "{answer}");
+    s.real_pull_works("1", &s.images[0]);
+}
+
+/// Polls `check` every 50 ms for up to `limit`.
+async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_clients_are_cut_off_and_never_block_a_pull() {
+    let s = site("header_timeout = \"2s\"").await;
+    // 1,000 clients that send half a request head and then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        let mut c = TcpStream::connect(s.proxy.addr).await.unwrap();
+        c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    // A real pull meanwhile.
+    s.real_pull_works("1", &s.images[0]);
+    // Every slow client is let go: its connection ends without an answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for mut c in slow {
+        let mut buf = [0u8; 64];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, c.read(&mut buf))
+            .await
+            .expect("a slow client was never cut off");
+        assert!(matches!(n, Ok(0) | Err(_)), "a slow client got an answer");
+    }
+    assert!(
+        s.proxy
+            .metric("pullgate_connection_timeouts_total{kind=\"header\"}")
+            >= 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_over_the_limit_get_a_503_and_the_limit_frees_up() {
+    let s = site("max_connections = 8").await;
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(s.proxy.addr).await.unwrap());
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || s
+            .proxy
+            .metric("pullgate_connections ")
+            == 8.0)
+        .await,
+        "8 connections were never all open"
+    );
+    let mut over = TcpStream::connect(s.proxy.addr).await.unwrap();
+    over.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    over.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("server.max_connections"), "{answer}");
+    assert_eq!(s.proxy.metric("pullgate_connections_refused_total"), 1.0);
+    drop(idle);
+    assert!(
+        eventually(Duration::from_secs(10), || s
+            .proxy
+            .metric("pullgate_connections ")
+            == 0.0)
+        .await
+    );
+    s.real_pull_works("1", &s.images[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_is_let_go() {
+    let s = site("send_timeout = \"1s\"").await;
+    let blob = common::noise(32 << 20, 5);
+    s.fake
+        .put_image("acme/big", "1", std::slice::from_ref(&blob));
+    let m: serde_json::Value = serde_json::from_slice(
+        &s.get("/v2/evil.io/acme/big/manifests/1", ACCEPT_ALL)
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let path = format!("/v2/evil.io/acme/big/blobs/{layer}");
+    assert_eq!(s.proxy.get(&path).await.bytes().await.unwrap(), blob);
+
+    // A client asks for the cached 32 MiB and reads none of it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut c = socket.connect(s.proxy.addr).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            s.proxy
+                .metric("pullgate_connection_timeouts_total{kind=\"send\"}")
+                == 1.0
+        })
+        .await,
+        "the stalled response was never given up"
+    );
+    // What was already on its way arrives, then the connection ends short.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("the connection was not closed");
+    assert!(
+        got.len() < blob.len(),
+        "the whole blob arrived: {}",
+        got.len()
+    );
+    s.real_pull_works("1", &s.images[0]);
+}
+
+#[tokio::test]
+async fn the_listener_queues_a_burst_of_connections() {
+    let listener = pullgate::server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (Debian package iproute2) lists listening sockets");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // State, Recv-Q, Send-Q (the backlog), local address, peer.
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no listener in ss output: {text:?}"));
+    assert!(backlog >= 1024, "backlog {backlog}");
+}
