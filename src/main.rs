@@ -114,6 +114,20 @@ enum Command {
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Check every file of the store against its digest, and the metadata
+    /// (manifest markers, tags, approvals, base history) against the blobs.
+    ///
+    /// What is wrong (bit rot, a disk that lied, a stray file) is moved to
+    /// quarantine/<time>/ in the store, at its relative path, and listed. Safe
+    /// beside a running server, which fetches what it then misses again.
+    /// Without a server, temp files of the one that stopped are removed.
+    /// Exit status: 0 no problems, 1 problems found (and moved aside),
+    /// 64 bad config, 74 the store cannot be read.
+    Fsck {
+        /// Config file whose [storage] path is checked.
+        #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -139,6 +153,7 @@ fn main() -> ExitCode {
         Command::Verify { image, config } => cli::verify(&image, &config),
         Command::Pin { image, config } => cli::pin(&image, &config),
         Command::Approve { image, key, config } => cli::report(cli::approve(&image, &key, &config)),
+        Command::Fsck { config } => cli::fsck(&config),
         Command::Serve { config } => cli::serve(config.as_deref(), cli.log_format),
     }
 }

@@ -13,12 +13,18 @@ use tokio::sync::Semaphore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
 
+/// A port free now, below Linux's ephemeral range (32768 and up), so that
+/// the tests' own client connections cannot take it before pullgate binds.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 5_000) as u16;
+    loop {
+        let port = start + NEXT.fetch_add(1, Ordering::SeqCst) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 #[test]
@@ -121,9 +127,12 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let s = Server { child };
+        let mut s = Server { child };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+            if let Some(status) = s.child.try_wait().unwrap() {
+                panic!("pullgate exited while starting ({status})");
+            }
             assert!(Instant::now() < deadline, "pullgate did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -907,5 +916,145 @@ async fn verify_and_approve_explain_what_the_name_alone_decides() {
     assert!(
         out.contains("denies every name it matches") && !out.contains("until it does"),
         "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_during_cold_pulls_leaves_a_store_fsck_passes() {
+    const ROUNDS: usize = 25;
+    const CLIENTS: usize = 6;
+    let fake = Fake::start().await;
+    // Every round pulls images nobody pulled before, slowly enough that
+    // the kill lands mid-transfer as often as between transfers.
+    let mut images = Vec::new();
+    for i in 0..ROUNDS * CLIENTS {
+        let layers = [noise(1 << 20, i as u64), noise(300, 10_000 + i as u64)];
+        let (manifest, digests) = fake.put_image("library/app", &format!("t{i}"), &layers);
+        images.push((i, manifest, digests, layers));
+    }
+    fake.fault(
+        Some(Method::GET),
+        "/blobs/",
+        FaultKind::Trickle(64 * 1024, Duration::from_millis(4)),
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let allow = "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n";
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut interrupted = 0;
+    for round in 0..ROUNDS {
+        let (port, admin) = (free_port(), free_port());
+        let config = write_config(dir.path(), port, admin, &fake.url(), allow);
+        let mut server = Server::start(&config, admin);
+        let mut pulls = Vec::new();
+        for (i, _, digests, _) in &images[round * CLIENTS..(round + 1) * CLIENTS] {
+            let (client, i, digests) = (client.clone(), *i, digests.clone());
+            pulls.push(tokio::spawn(async move {
+                let base = format!("http://127.0.0.1:{port}/v2/library/app");
+                let _ = client.get(format!("{base}/manifests/t{i}")).send().await;
+                for d in digests {
+                    if let Ok(r) = client.get(format!("{base}/blobs/{d}")).send().await {
+                        let _ = r.bytes().await;
+                    }
+                }
+            }));
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(seed % 300)).await;
+        server.signal("KILL");
+        assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(None));
+        drop(server);
+        for p in pulls {
+            let _ = p.await;
+        }
+        let out = Command::new(BIN)
+            .args(["fsck", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("no problems found"),
+            "round {round}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if text.contains("temp files left") {
+            interrupted += 1;
+        }
+    }
+    // The kills did land mid-transfer (a temp file was left), in many rounds.
+    assert!(
+        interrupted >= ROUNDS / 3,
+        "{interrupted} of {ROUNDS} rounds"
+    );
+    // Whatever each round left, a last server serves every image whole.
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(dir.path(), port, admin, &fake.url(), allow);
+    let _server = Server::start(&config, admin);
+    fake.clear_faults();
+    for (i, manifest, digests, layers) in images.iter().step_by(7) {
+        let base = format!("http://127.0.0.1:{port}/v2/library/app");
+        let r = client
+            .get(format!("{base}/manifests/t{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["docker-content-digest"], manifest.as_str());
+        for (d, bytes) in digests.iter().zip(layers) {
+            let got = client
+                .get(format!("{base}/blobs/{d}"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert!(got == *bytes, "blob {d} of t{i}");
+        }
+    }
+
+    // Bit rot beside the running server: fsck finds it, moves it aside and
+    // exits 1; the server fetches the blob again instead of serving it.
+    let (_, _, digests, layers) = &images[0];
+    let hex = &digests[0][7..];
+    let path = dir
+        .path()
+        .join("data/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    let mut rotten = std::fs::read(&path).unwrap();
+    rotten[4096] ^= 1;
+    std::fs::write(&path, rotten).unwrap();
+    let out = Command::new(BIN)
+        .args(["fsck", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(hex) && text.contains("not to its name"),
+        "{text}"
+    );
+    assert!(text.contains("beside the running server"), "{text}");
+    let fetched = fake.hits("GET", &format!("/v2/library/app/blobs/{}", digests[0]));
+    let got = client
+        .get(format!(
+            "http://127.0.0.1:{port}/v2/library/app/blobs/{}",
+            digests[0]
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got == layers[0]);
+    assert_eq!(
+        fake.hits("GET", &format!("/v2/library/app/blobs/{}", digests[0])),
+        fetched + 1
     );
 }

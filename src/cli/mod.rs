@@ -2,10 +2,12 @@
 //! prints what a person needs to read. Exit statuses follow sysexits.h.
 
 mod explain;
+mod fsck;
 mod keys;
 mod serve;
 
 pub use explain::{pin, verify};
+pub use fsck::fsck;
 pub use keys::{approve, keygen};
 pub use serve::serve;
 

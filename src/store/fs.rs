@@ -332,9 +332,12 @@ impl Inner {
     }
 
     fn write_manifest(&self, m: &Manifest) -> io::Result<()> {
+        // The bytes first: a crash in between leaves a blob that is not yet
+        // marked as a manifest (fetched again when asked for as one), never
+        // a marker without its bytes.
+        self.write_atomic(&self.blob_path(&m.digest), &m.bytes)?;
         let type_path = self.root.join(manifest_type_rel(&m.digest));
         self.write_atomic(&type_path, m.media_type.as_bytes())?;
-        self.write_atomic(&self.blob_path(&m.digest), &m.bytes)?;
         self.index.record(&m.digest, m.bytes.len() as u64, true);
         Ok(())
     }

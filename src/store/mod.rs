@@ -18,6 +18,7 @@
 //! `metrics`, `fsutil`.
 
 mod fs;
+pub mod fsck;
 mod index;
 mod memory;
 mod overlay;

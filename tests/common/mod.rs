@@ -48,6 +48,8 @@ pub enum FaultKind {
     Huge(usize),
     /// A 200 whose body is not JSON.
     NotJson,
+    /// The body in chunks of `n` bytes, with a pause after each.
+    Trickle(usize, Duration),
 }
 
 #[derive(Clone)]
@@ -489,6 +491,19 @@ impl FakeState {
                 builder.body(gated(bytes, n, Some(gate))).unwrap()
             }
             Some(FaultKind::StallAfter(n)) => builder.body(gated(bytes, n, None)).unwrap(),
+            Some(FaultKind::Trickle(n, pause)) => {
+                let stream = futures_util::stream::unfold(bytes, move |mut rest| async move {
+                    if rest.is_empty() {
+                        return None;
+                    }
+                    let chunk = rest.split_to(n.min(rest.len()));
+                    tokio::time::sleep(pause).await;
+                    Some((Ok::<_, std::io::Error>(Frame::data(chunk)), rest))
+                });
+                builder
+                    .body(BodyExt::boxed(StreamBody::new(stream)))
+                    .unwrap()
+            }
             _ => builder
                 .body(Full::new(bytes).map_err(|n| match n {}).boxed())
                 .unwrap(),
