@@ -52,6 +52,9 @@ pub struct Metrics {
     /// Pulls left in the upstream's rate-limit window, as it last said
     /// (Docker Hub's `ratelimit-remaining`).
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Store writes that failed, by kind (`no-space`: the disk or a quota is
+    /// full; `other`).
+    pub store_write_errors: IntCounterVec,
     /// Client connections open now.
     pub connections: IntGauge,
     /// Connections refused because `server.max_connections` were open.
@@ -255,6 +258,12 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            store_write_errors: counter(
+                &registry,
+                "pullgate_store_write_errors_total",
+                "Store writes that failed, by kind: no-space (the disk or a quota is full; nothing new is cached until there is room), other.",
+                &["kind"],
+            ),
             connections: {
                 let g = IntGauge::new("pullgate_connections", "Client connections open now.")
                     .expect("valid metric");
@@ -292,6 +301,7 @@ impl Metrics {
                 c
             },
             names: vec![
+                "pullgate_store_write_errors_total",
                 "pullgate_connections",
                 "pullgate_connections_refused_total",
                 "pullgate_connection_timeouts_total",
@@ -340,6 +350,9 @@ impl Metrics {
         for kind in ["header", "send"] {
             m.connection_timeouts.with_label_values(&[kind]);
         }
+        for kind in ["no-space", "other"] {
+            m.store_write_errors.with_label_values(&[kind]);
+        }
         m
     }
 
@@ -368,7 +381,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            24,
+            25,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();

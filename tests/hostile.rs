@@ -480,3 +480,122 @@ async fn the_listener_queues_a_burst_of_connections() {
         .unwrap_or_else(|| panic!("no listener in ss output: {text:?}"));
     assert!(backlog >= 1024, "backlog {backlog}");
 }
+
+/// A small tmpfs, so that the disk really fills (ENOSPC); unmounted on drop.
+struct Tmpfs {
+    path: std::path::PathBuf,
+    sudo: bool,
+}
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let sudo = !nix_is_root();
+        let mut c = std::process::Command::new(if sudo { "sudo" } else { "mount" });
+        if sudo {
+            c.args(["-n", "mount"]);
+        }
+        let out = c
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a {size} tmpfs and could not ({}): run the tests as root, as CI does, or with passwordless sudo",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+            sudo,
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let mut c = std::process::Command::new(if self.sudo { "sudo" } else { "umount" });
+        if self.sudo {
+            c.args(["-n", "umount"]);
+        }
+        let _ = c.arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_breaks_only_the_transfer_that_filled_it_and_caching_resumes() {
+    let work = tempfile::tempdir().unwrap();
+    let mnt = Tmpfs::mount(&work.path().join("disk"), "8m");
+    let fake = Fake::start().await;
+    let big = common::noise(5 << 20, 77);
+    let (_, big_layers) = fake.put_image("acme/big", "1", std::slice::from_ref(&big));
+    let small = common::noise(10 << 10, 78);
+    let (_, small_layers) = fake.put_image("acme/small", "1", std::slice::from_ref(&small));
+    let config = format!(
+        "[storage]\npath = \"{}\"\n\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+        mnt.path.join("data").display(),
+        fake.url()
+    );
+    let proxy = Proxy::with_config(Arc::new(tempfile::tempdir().unwrap()), &config).await;
+    // 5 MiB of the 8 taken by something else: the 5 MiB layer cannot fit.
+    let filler = mnt.path.join("filler");
+    std::fs::write(&filler, vec![0u8; 5 << 20]).unwrap();
+    fake.fault(
+        None,
+        &big_layers[0],
+        FaultKind::Trickle(256 << 10, Duration::from_millis(5)),
+        Some(1),
+    );
+    let path = format!("/v2/acme/big/blobs/{}", big_layers[0]);
+    let pulls: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, url) = (proxy.client.clone(), proxy.url(&path));
+            tokio::spawn(async move {
+                let r = client.get(url).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.bytes().await.map(|b| b.len()))
+            })
+        })
+        .collect();
+    for p in pulls {
+        let (status, body) = p.await.unwrap();
+        // A failed answer, or a transfer that breaks: never a short success.
+        assert!(
+            status != 200 || body.is_err(),
+            "a client got {status} with {body:?} bytes"
+        );
+    }
+    assert_eq!(fake.hits("GET", &path), 1, "the clients shared one fetch");
+    let data = mnt.path.join("data");
+    let hex = &big_layers[0][7..];
+    assert!(!data.join("blobs/sha256").join(&hex[..2]).join(hex).exists());
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::fs::read_dir(data.join("tmp")).unwrap().count() == 0
+        })
+        .await,
+        "the temp file was not removed"
+    );
+    assert!(proxy.metric("pullgate_store_write_errors_total{kind=\"no-space\"}") >= 1.0);
+    // The space went back: small pulls work while the disk stays nearly full.
+    let r = proxy.get("/v2/acme/small/manifests/1").await;
+    assert_eq!(r.status(), 200);
+    let r = proxy
+        .get(&format!("/v2/acme/small/blobs/{}", small_layers[0]))
+        .await;
+    assert_eq!(r.bytes().await.unwrap(), small);
+    // Room again: the big layer is cached with no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let r = proxy.get(&path).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap() == big);
+    assert!(data.join("blobs/sha256").join(&hex[..2]).join(hex).exists());
+    drop(proxy);
+}

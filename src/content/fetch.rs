@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::watch;
 
-use super::{status_error, BodyProblem, ContentError};
+use super::{status_error, store_write_error, BodyProblem, ContentError};
 use crate::body::Body;
 use crate::metrics::Metrics;
 use crate::oci::names::{Digest, RepoName};
@@ -174,9 +174,11 @@ impl BlobFetches {
             s => return Err(not_cached(status_error(upstream, s, &resp.headers))),
         }
         let total = resp.content_length;
-        let mut writer = self.store.writer(digest).await.map_err(|e| {
-            ContentError::Internal(format!("cannot start writing blob {digest}: {e}"))
-        })?;
+        let mut writer = self
+            .store
+            .writer(digest)
+            .await
+            .map_err(|e| store_write_error(&self.metrics, e, format!("blob {digest}")))?;
         tx.send_modify(|p| {
             p.source = Some(writer.source());
             p.total = total;
@@ -202,9 +204,11 @@ impl BlobFetches {
                     got,
                 })
             }
-            Err(WriteError::Io(e)) => Err(ContentError::Internal(format!(
-                "cannot commit blob {digest}: {e}"
-            ))),
+            Err(WriteError::Io(e)) => Err(store_write_error(
+                &self.metrics,
+                e,
+                format!("blob {digest}"),
+            )),
         }
     }
 
@@ -266,7 +270,7 @@ impl BlobFetches {
             writer
                 .write(batch.freeze())
                 .await
-                .map_err(|e| ContentError::Internal(format!("cannot write blob {digest}: {e}")))?;
+                .map_err(|e| store_write_error(&self.metrics, e, format!("blob {digest}")))?;
             written += n;
             tx.send_modify(|p| p.written = written);
         }

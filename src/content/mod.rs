@@ -19,6 +19,7 @@
 pub mod fetch;
 pub mod flight;
 
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -136,6 +137,11 @@ pub enum ContentError {
     /// pullgate's own failure (the store, a task); the text is for logs.
     #[error("{0}")]
     Internal(String),
+    /// The store's disk (or quota) is full: `what` could not be cached.
+    #[error(
+        "pullgate's store is full, so {0} cannot be cached now; what is cached is still served"
+    )]
+    StoreFull(String),
     /// The remote failed and the store has nothing to serve instead.
     #[error("{cause}; {what} is not cached here, so there is nothing to serve until the upstream answers")]
     NotCached {
@@ -176,7 +182,8 @@ impl ContentError {
             | ContentError::Body { .. }
             | ContentError::Mismatch { .. }
             | ContentError::Unusable { .. }
-            | ContentError::Internal(_) => true,
+            | ContentError::Internal(_)
+            | ContentError::StoreFull(_) => true,
             ContentError::NotCached { cause, .. } => cause.is_transient(),
         }
     }
@@ -567,7 +574,7 @@ impl Content {
         self.store
             .update_tag(key, update)
             .await
-            .map_err(|e| ContentError::Internal(format!("cannot record tag {}: {e}", key.tag)))
+            .map_err(|e| store_write_error(&self.metrics, e, format!("tag {}", key.tag)))
     }
 
     /// Remembers the digest a tag was last approved at (tag drift).
@@ -655,7 +662,7 @@ impl Content {
         self.store
             .put_manifest(m.clone())
             .await
-            .map_err(|e| ContentError::Internal(format!("cannot store manifest {digest}: {e}")))?;
+            .map_err(|e| store_write_error(&self.metrics, e, format!("manifest {digest}")))?;
         tracing::info!(%upstream, %repo, %reference, %digest, "manifest fetched and stored");
         Ok(m)
     }
@@ -957,6 +964,35 @@ async fn read_capped(
         });
     }
     Ok(buf)
+}
+
+/// Whether a write failed for want of space (the disk, or a quota).
+pub fn is_no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// A failed store write, counted by kind; a full disk is said plainly in
+/// the log, with what to do, and is no internal error for the client.
+pub fn store_write_error(metrics: &Metrics, e: io::Error, what: String) -> ContentError {
+    if is_no_space(&e) {
+        metrics
+            .store_write_errors
+            .with_label_values(&["no-space"])
+            .inc();
+        tracing::error!(
+            "the store's disk is full: cannot write {what} ({e}); free space on the volume or lower storage.max_size below its size; caching resumes by itself once there is room"
+        );
+        ContentError::StoreFull(what)
+    } else {
+        metrics
+            .store_write_errors
+            .with_label_values(&["other"])
+            .inc();
+        ContentError::Internal(format!("cannot write {what} to the store: {e}"))
+    }
 }
 
 #[cfg(test)]

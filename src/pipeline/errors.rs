@@ -169,6 +169,11 @@ fn content(e: ContentError) -> ApiError {
         ContentError::Mismatch { .. } | ContentError::Unusable { .. } => {
             ApiError::bad_upstream(message)
         }
+        ContentError::StoreFull(_) => {
+            let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message);
+            e.origin = Origin::Internal;
+            e
+        }
         ContentError::Internal(why) => {
             tracing::error!("internal error: {why}");
             let mut e = ApiError::internal("internal error in pullgate; its log has the details");
