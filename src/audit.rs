@@ -215,7 +215,7 @@ impl Audit {
         let line = serde_json::to_string(&r).expect("JSON of plain values");
         match &self.writer {
             Some(pending) => {
-                let mut lines = pending.lines.lock().expect("audit lock");
+                let mut lines = pending.lines.lock().unwrap_or_else(|e| e.into_inner());
                 if lines.len() + line.len() < MAX_PENDING {
                     lines.extend_from_slice(line.as_bytes());
                     lines.push(b'\n');
@@ -235,13 +235,13 @@ impl Audit {
             let mut denied = self.denied.write().unwrap_or_else(|e| e.into_inner());
             if denied.len() >= 4 * RING {
                 // Bounded: names that left the ring go (their counts did).
-                let recent = self.recent.lock().expect("audit lock");
+                let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
                 denied.retain(|n, _| recent.ring.iter().any(|r| r.name == *n));
             }
             denied.insert(r.name.clone(), None);
             self.any_denied.store(true, Ordering::Relaxed);
         }
-        let mut recent = self.recent.lock().expect("audit lock");
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let hour = r.at / 3600 * 3600;
         if recent.hours.back().is_none_or(|h| h.start != hour) {
             recent.hours.push_back(Hour {
@@ -290,7 +290,7 @@ impl Audit {
 
     /// The latest denials and would-denials, newest first.
     pub fn denials(&self, limit: usize) -> serde_json::Value {
-        let recent = self.recent.lock().expect("audit lock");
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let list: Vec<&Record> = recent.ring.iter().rev().take(limit).map(|r| &**r).collect();
         serde_json::json!({ "denials": list, "total": recent.ring.len() })
     }
@@ -310,7 +310,7 @@ impl Audit {
             .unwrap_or_default()
             .as_secs();
         let this_hour = now / 3600 * 3600;
-        let recent = self.recent.lock().expect("audit lock");
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let count = |since: u64, mode: &str| -> u64 {
             recent
                 .hours
@@ -319,10 +319,11 @@ impl Audit {
                 .map(|h| if mode == "audit" { h.audit } else { h.enforce })
                 .sum()
         };
-        let by_hour: Vec<_> = (0..24)
+        // Hours before 1970 (a clock not yet set) are left out.
+        let by_hour: Vec<_> = (0..24u64)
             .rev()
-            .map(|i| {
-                let start = this_hour - i * 3600;
+            .filter_map(|i| this_hour.checked_sub(i * 3600))
+            .map(|start| {
                 let h = recent
                     .hours
                     .iter()
@@ -429,7 +430,10 @@ fn write_loop(path: PathBuf, mut file: File, pending: Arc<Pending>, metrics: Arc
                 }
             }
         }
-        std::mem::swap(&mut batch, &mut *pending.lines.lock().expect("audit lock"));
+        std::mem::swap(
+            &mut batch,
+            &mut *pending.lines.lock().unwrap_or_else(|e| e.into_inner()),
+        );
         if batch.is_empty() {
             continue;
         }

@@ -326,6 +326,19 @@ async fn ranges_are_served_from_cache_and_while_fetching() {
     assert_eq!(fake.hits("GET", &path), 1);
 }
 
+async fn an_uncached_blob_head_gives_the_upstreams_length_and_fetches_nothing() {
+    let fake = Fake::start().await;
+    let blob = noise(123_456, 6);
+    let digest = fake.put_blob(blob.clone());
+    let proxy = Proxy::start(&fake, Options::default()).await;
+    let path = format!("/v2/library/x/blobs/{digest}");
+    let r = proxy.client.head(proxy.url(&path)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "123456");
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    assert_eq!(fake.hits("GET", &path), 0);
+}
+
 async fn tags_are_revalidated_and_served_stale_when_the_upstream_fails() {
     let fake = Fake::start().await;
     let (d1, _) = fake.put_image("library/app", "v1", &[noise(100, 1)]);
@@ -1023,6 +1036,7 @@ on_both_stores!(
     wrong_bytes_abort_every_transfer_and_store_nothing,
     truncated_and_stalled_upstream_bodies_fail_cleanly,
     ranges_are_served_from_cache_and_while_fetching,
+    an_uncached_blob_head_gives_the_upstreams_length_and_fetches_nothing,
     tags_are_revalidated_and_served_stale_when_the_upstream_fails,
     a_moved_tag_whose_new_manifest_is_unusable_is_served_stale,
     an_image_never_cached_with_the_upstream_down_says_so,

@@ -120,6 +120,8 @@ pub struct ServerConfig {
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Longest duration any key takes.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -526,6 +528,16 @@ impl Validator<'_> {
 
     fn duration(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
         match humantime::parse_duration(s.get_ref()) {
+            // Deadlines are computed from these; a value past any clock's
+            // range would overflow them.
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(
+                    key,
+                    s,
+                    format!("{:?} is too long: at most 100 years", s.get_ref()),
+                );
+                None
+            }
             Ok(d) => Some(d),
             Err(_) => {
                 self.problem(
@@ -1892,6 +1904,30 @@ match = ["**"]
             .unwrap();
         assert!(p.message.contains("a positive number and a unit"), "{err}");
         assert!(!p.message.contains("expected number"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_are_checked_and_no_duration_overflows_a_deadline() {
+        let err = parse(
+            "[server]\nmax_connections = 0\nheader_timeout = \"0s\"\nsend_timeout = \"300000000000y\"\n",
+        )
+        .unwrap_err();
+        for key in [
+            "server.max_connections",
+            "server.header_timeout",
+            "server.send_timeout",
+        ] {
+            assert!(err.problems.iter().any(|p| p.key == key), "{key}: {err}");
+        }
+        let c = parse(concat!(
+            "[server]\nmax_connections = 10\nsend_timeout = \"5s\"\n",
+            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n",
+            "[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(c.server.max_connections, 10);
+        assert_eq!(c.server.send_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.header_timeout, DEFAULT_HEADER_TIMEOUT);
     }
 
     #[test]

@@ -128,12 +128,16 @@ impl BlobFetches {
         self.metrics.inflight_fetches.inc();
         tokio::spawn(async move {
             let upstream = remote.name().clone();
-            let result = this.run(&*remote, &repo, digest, &tx).await;
-            this.running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&digest);
-            this.metrics.inflight_fetches.dec();
+            // Leaves the table however the run ends; a panic fails the
+            // followers instead of leaving them on a dead fetch.
+            let leave = Leave {
+                fetches: this.clone(),
+                digest,
+                tx: Some(tx),
+            };
+            let tx = leave.tx.as_ref().expect("set above");
+            let result = this.run(&*remote, &repo, digest, tx).await;
+            let tx = leave.finish();
             match result {
                 Ok(size) => {
                     tracing::info!(%upstream, repo = %repo, %digest, size, "blob fetched and committed");
@@ -147,7 +151,48 @@ impl BlobFetches {
         });
         Some((rx, true))
     }
+}
 
+/// A running fetch's place in the table, given up when the fetch ends.
+struct Leave {
+    fetches: Arc<BlobFetches>,
+    digest: Digest,
+    /// Taken by `finish`; still here on drop when the fetch panicked.
+    tx: Option<watch::Sender<Progress>>,
+}
+
+impl Leave {
+    fn leave(&self) {
+        self.fetches
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.digest);
+        self.fetches.metrics.inflight_fetches.dec();
+    }
+
+    /// The fetch returned: out of the table, its sender back to report.
+    fn finish(mut self) -> watch::Sender<Progress> {
+        self.leave();
+        self.tx.take().expect("finish runs once")
+    }
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.leave();
+            tx.send_modify(|p| {
+                p.state = FlightState::Failed(ContentError::Internal(format!(
+                    "the fetch of blob {} panicked",
+                    self.digest
+                )))
+            });
+        }
+    }
+}
+
+impl BlobFetches {
     async fn run(
         &self,
         remote: &dyn Remote,

@@ -16,6 +16,21 @@ pub type FlightResult<V> = Result<V, ContentError>;
 
 type SharedFlight<V> = Shared<BoxFuture<'static, FlightResult<V>>>;
 
+/// Removes a finished run's key from the table.
+struct Leave<K: Eq + Hash, V> {
+    table: Arc<Mutex<HashMap<K, SharedFlight<V>>>>,
+    key: K,
+}
+
+impl<K: Eq + Hash, V> Drop for Leave<K, V> {
+    fn drop(&mut self) {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// Runs one future per key; concurrent callers with the same key share it.
 /// The future runs as its own task, so a caller's disconnect does not cancel
 /// it for the others.
@@ -51,9 +66,10 @@ where
                 let table = self.running.clone();
                 let k = key.clone();
                 let handle = tokio::spawn(async move {
-                    let r = work.await;
-                    table.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
-                    r
+                    // Leaves the table however the work ends, a panic
+                    // included, so that the key is not stuck on a dead run.
+                    let _leave = Leave { table, key: k };
+                    work.await
                 });
                 let fut = async move {
                     handle.await.unwrap_or_else(|e| {
@@ -127,5 +143,21 @@ mod tests {
         let (r, started) = sf.run(1, || async { Ok(2) }).await;
         assert_eq!((r.unwrap(), started), (1, false));
         assert_eq!(done.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn work_that_panics_fails_its_callers_and_leaves_the_key_free() {
+        let sf: SingleFlight<u8, u8> = SingleFlight::default();
+        let (r, _) = sf
+            .run(1, || async {
+                if true {
+                    panic!("a bug, on purpose");
+                }
+                Ok(0)
+            })
+            .await;
+        assert!(matches!(r, Err(ContentError::Internal(_))));
+        let (r, leader) = sf.run(1, || async { Ok(3) }).await;
+        assert_eq!((r.unwrap(), leader), (3, true));
     }
 }

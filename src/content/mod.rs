@@ -324,9 +324,15 @@ impl Content {
             tags: SingleFlight::default(),
             tag_lists: moka::sync::Cache::builder()
                 .max_capacity(64 * 1024 * 1024)
-                .weigher(|_, v: &(Bytes, Option<String>)| {
-                    u32::try_from(v.0.len()).unwrap_or(u32::MAX)
-                })
+                // Key, body, Link and the entry itself: many tiny answers
+                // under long keys must count too.
+                .weigher(
+                    |k: &(String, Option<String>), v: &(Bytes, Option<String>)| {
+                        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+                        let weight = 64 + k.0.len() + text(&k.1) + v.0.len() + text(&v.1);
+                        u32::try_from(weight).unwrap_or(u32::MAX)
+                    },
+                )
                 .build(),
             stale_if_error: std::sync::atomic::AtomicBool::new(true),
         })

@@ -162,25 +162,22 @@ impl UpstreamClient {
                     message: "401 Unauthorized without a usable WWW-Authenticate challenge".into(),
                 });
             };
-            *self.challenge.lock().expect("challenge lock") = Some(challenge.clone());
-            self.tokens.lock().expect("token lock").remove(&scope);
+            *lock(&self.challenge) = Some(challenge.clone());
+            lock(&self.tokens).remove(&scope);
             auth = self.authorize(&challenge, &scope).await?;
         }
     }
 
     /// The Authorization header for a scope, from cache or a known challenge.
     async fn auth_for(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
-        let cached = self
-            .tokens
-            .lock()
-            .expect("token lock")
+        let cached = lock(&self.tokens)
             .get(scope)
             .filter(|t| t.expires > Instant::now())
             .map(|t| t.value.clone());
         if let Some(token) = cached {
             return Ok(Some(bearer(&token)));
         }
-        let known = self.challenge.lock().expect("challenge lock").clone();
+        let known = lock(&self.challenge).clone();
         match known {
             Some(c) => self.authorize(&c, scope).await,
             None => Ok(None),
@@ -250,34 +247,19 @@ impl UpstreamClient {
                 resp.status()
             )));
         }
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-            expires_in: Option<u64>,
-        }
-        let body = tokio::time::timeout(self.idle_timeout, resp.bytes())
+        let body = tokio::time::timeout(self.idle_timeout, capped_body(resp, MAX_TOKEN_BODY))
             .await
             .map_err(|_| self.timeout())?
             .map_err(|e| self.unreachable(format!("token realm: {e}")))?;
-        let t: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| auth_err(format!("token realm sent no JSON token: {e}")))?;
-        let value = t
-            .token
-            .or(t.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| auth_err("token realm sent an empty token".into()))?;
-        let lifetime = t
-            .expires_in
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let (value, lifetime) = parse_token(&body).map_err(auth_err)?;
         // Renew a little early so a token does not expire mid-request.
         let margin = (lifetime / 10).min(Duration::from_secs(30));
-        self.tokens.lock().expect("token lock").insert(
+        let expires = Instant::now() + (lifetime - margin);
+        lock(&self.tokens).insert(
             scope.to_owned(),
             Token {
                 value: value.clone(),
-                expires: Instant::now() + lifetime - margin,
+                expires,
             },
         );
         Ok(value)
@@ -399,7 +381,12 @@ impl Remote for UpstreamClient {
             let idle = self.idle_timeout;
             let status = resp.status();
             let headers = resp.headers().clone();
-            let content_length = resp.content_length();
+            // The header, not reqwest's body length: for a HEAD answer that
+            // is 0, and the length announced is what a HEAD asks for.
+            let content_length = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
             // Each piece within the idle timeout; a stall ends the body.
             let body =
                 futures_util::stream::unfold(Some(resp.bytes_stream()), move |stream| async move {
@@ -480,6 +467,52 @@ pub fn realm_may_get_credentials(upstream: &Url, realm: &Url) -> bool {
         (Some(a), Some(b)) => a == b,
         _ => false,
     }
+}
+
+/// Largest token answer read: tokens are a few KiB.
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+
+/// Longest a token is kept, whatever its `expires_in` says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// A lock whose holder panicked still guards plain data: take it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads at most `max` bytes of a body; more is an error.
+async fn capped_body(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("answer over {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A token realm's answer: the token and how long to keep it (its
+/// `expires_in`, at most a day; five minutes when it says nothing).
+pub fn parse_token(body: &[u8]) -> Result<(String, Duration), String> {
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let t: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!("token realm sent no JSON token: {e}"))?;
+    let value = t
+        .token
+        .or(t.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| "token realm sent an empty token".to_owned())?;
+    let lifetime = t
+        .expires_in
+        .map(|s| Duration::from_secs(s).min(MAX_TOKEN_LIFETIME))
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    Ok((value, lifetime))
 }
 
 /// Parses `Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`.
@@ -594,6 +627,19 @@ mod tests {
             &gh,
             &Url::parse("https://b.github.io/token").unwrap()
         ));
+    }
+
+    #[test]
+    fn token_lifetimes_are_bounded_whatever_the_realm_says() {
+        let (t, life) =
+            parse_token(br#"{"token":"abc","expires_in":18446744073709551615}"#).unwrap();
+        assert_eq!((t.as_str(), life), ("abc", MAX_TOKEN_LIFETIME));
+        // What the cache then computes cannot overflow.
+        let _ = Instant::now() + (life - (life / 10).min(Duration::from_secs(30)));
+        let (_, life) = parse_token(br#"{"access_token":"x"}"#).unwrap();
+        assert_eq!(life, DEFAULT_TOKEN_LIFETIME);
+        assert!(parse_token(br#"{"token":""}"#).is_err());
+        assert!(parse_token(b"<html>").is_err());
     }
 
     #[test]

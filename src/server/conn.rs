@@ -7,11 +7,17 @@
 //! 431 with an empty body) straight to the connection, so the only place
 //! to turn it into a distribution-spec error is the connection's writer:
 //! [`Guarded`] recognises such a head and writes pullgate's answer in its
-//! place. The recognition rests on one rule of this crate: every answer of
-//! pullgate's own with these statuses has an error body (a HEAD answer
-//! states that body's length), so an empty-bodied one is hyper's. Written
-//! here because no crate does it; a test in `tests/hostile.rs` holds it to
-//! hyper's behaviour. Depends on `metrics`, `oci`.
+//! place, when it is the first thing written on the connection: then it
+//! cannot be a body (a blob's bytes could be made to look like such a
+//! head, so nothing later on a connection is ever looked at), and every
+//! answer of pullgate's own with these statuses has an error body (a HEAD
+//! answer states that body's length), so an empty-bodied one is hyper's.
+//! A malformed request later on a kept-alive connection gets hyper's bare
+//! answer; clients send the same headers on every request, so the first
+//! is the one that fails. Such answers are counted where the connection
+//! ends (`mod.rs`). Written here because no crate does it; tests in
+//! `tests/hostile.rs` hold it to hyper's behaviour. Depends on `metrics`,
+//! `oci`.
 
 use std::future::Future;
 use std::io;
@@ -42,6 +48,8 @@ pub struct Guarded<S> {
     /// pullgate's answer in place of hyper's: the bytes, how many are out,
     /// and how long hyper's head was.
     answer: Option<(Vec<u8>, usize, usize)>,
+    /// Something was written: nothing more is looked at.
+    wrote: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -53,6 +61,7 @@ impl<S> Guarded<S> {
             stall: None,
             stalled: false,
             answer: None,
+            wrote: false,
             metrics,
         }
     }
@@ -106,12 +115,12 @@ impl<S: AsyncWrite + Unpin> Guarded<S> {
         Poll::Ready(Ok(n))
     }
 
-    /// Whether `buf` is hyper's own answer to a malformed request; if so,
-    /// pullgate's takes its place.
+    /// Whether `buf`, the first write on the connection, is hyper's own
+    /// answer to a malformed request; if so, pullgate's takes its place.
     fn intercept(&mut self, buf: &[u8]) -> bool {
-        if self.answer.is_none() {
-            if let Some((status, bytes)) = replacement(buf) {
-                self.metrics.request("other", status);
+        if !self.wrote {
+            self.wrote = true;
+            if let Some((_, bytes)) = replacement(buf) {
                 self.answer = Some((bytes, 0, buf.len()));
             }
         }
@@ -120,7 +129,7 @@ impl<S: AsyncWrite + Unpin> Guarded<S> {
 }
 
 /// pullgate's answer for hyper's `head`, when `head` is one of hyper's.
-fn replacement(head: &[u8]) -> Option<(StatusCode, Vec<u8>)> {
+pub(crate) fn replacement(head: &[u8]) -> Option<(StatusCode, Vec<u8>)> {
     let (status, message) = match head.get(..13)? {
         b"HTTP/1.1 400 " => (
             StatusCode::BAD_REQUEST,

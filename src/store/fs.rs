@@ -349,7 +349,10 @@ impl Inner {
         let file: TagFile = serde_json::from_slice(&fs::read(self.tag_path(key)).ok()?).ok()?;
         let rec = TagRecord {
             digest: file.digest,
-            checked: UNIX_EPOCH + Duration::from_secs(file.checked),
+            // A damaged record's time is no reason to fail: long ago.
+            checked: UNIX_EPOCH
+                .checked_add(Duration::from_secs(file.checked))
+                .unwrap_or(UNIX_EPOCH),
             approved: file.approved,
         };
         self.tags.insert(key.clone(), rec);

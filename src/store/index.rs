@@ -75,7 +75,7 @@ impl Index {
     pub fn load(&self, blobs: impl IntoIterator<Item = (Digest, Entry)>) {
         let mut idx = lock(&self.inner);
         for (d, e) in blobs {
-            idx.total += e.size;
+            idx.total = idx.total.saturating_add(e.size);
             idx.blobs.insert(d, e);
         }
         self.metrics.store_size.set(idx.total as i64);
@@ -132,9 +132,9 @@ impl Index {
             },
         );
         if let Some(old) = old {
-            idx.total -= old.size;
+            idx.total = idx.total.saturating_sub(old.size);
         }
-        idx.total += size;
+        idx.total = idx.total.saturating_add(size);
         self.metrics.store_size.set(idx.total as i64);
     }
 
@@ -142,7 +142,7 @@ impl Index {
     pub fn forget(&self, d: &Digest) {
         let mut idx = lock(&self.inner);
         if let Some(e) = idx.blobs.remove(d) {
-            idx.total -= e.size;
+            idx.total = idx.total.saturating_sub(e.size);
             self.metrics.store_size.set(idx.total as i64);
         }
     }
@@ -182,8 +182,10 @@ impl Index {
             if !remove(&d) {
                 continue;
             }
-            idx.blobs.remove(&d);
-            idx.total -= size;
+            // The entry's own size: it may have been recorded again since
+            // the victims were chosen.
+            let removed = idx.blobs.remove(&d).map_or(size, |e| e.size);
+            idx.total = idx.total.saturating_sub(removed);
             self.metrics.store_size.set(idx.total as i64);
             self.metrics
                 .evictions

@@ -59,12 +59,17 @@ struct Cached {
     bases: u64,
 }
 
+/// Names one digest is remembered under; the oldest goes first.
+pub const NAMES_PER_DIGEST: usize = 16;
+
 type MemoMap<V> = std::collections::HashMap<(Digest, u64), Vec<(Box<str>, V)>>;
 
 /// A read-mostly map from (digest, config generation, name) to a value,
 /// cheap to consult on every cached pull: one read lock and one hash of the
 /// digest, no allocation. It is emptied whole when it outgrows its bound
-/// (what it holds can always be worked out again).
+/// (what it holds can always be worked out again). One digest keeps at
+/// most [`NAMES_PER_DIGEST`] names: a client asking for one stored digest
+/// under ever new names cannot grow it, nor slow its lookups.
 pub struct Memo<V> {
     map: std::sync::RwLock<MemoMap<V>>,
     bound: usize,
@@ -79,7 +84,7 @@ impl<V: Clone> Memo<V> {
     }
 
     pub fn get(&self, digest: &Digest, generation: u64, name: &str) -> Option<V> {
-        let map = self.map.read().expect("memo lock");
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         map.get(&(*digest, generation))?
             .iter()
             .find(|(n, _)| &**n == name)
@@ -88,7 +93,7 @@ impl<V: Clone> Memo<V> {
 
     /// Inserts or replaces; returns true when the memo was emptied first.
     pub fn insert(&self, digest: Digest, generation: u64, name: &str, value: V) -> bool {
-        let mut map = self.map.write().expect("memo lock");
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         let cleared = map.len() >= self.bound;
         if cleared {
             map.clear();
@@ -96,13 +101,18 @@ impl<V: Clone> Memo<V> {
         let names = map.entry((digest, generation)).or_default();
         match names.iter_mut().find(|(n, _)| &**n == name) {
             Some(slot) => slot.1 = value,
-            None => names.push((name.into(), value)),
+            None => {
+                if names.len() >= NAMES_PER_DIGEST {
+                    names.remove(0);
+                }
+                names.push((name.into(), value));
+            }
         }
         cleared
     }
 
     pub fn clear(&self) {
-        self.map.write().expect("memo lock").clear();
+        self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -425,4 +435,23 @@ async fn signatures(
         Finding::BadSignatures(_) => Reason::BadSignature,
         _ => Reason::Unsigned,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_digest_is_remembered_under_a_bounded_number_of_names() {
+        let memo = Memo::new(100);
+        let d = Digest::of(b"x");
+        for i in 0..1000 {
+            memo.insert(d, 1, &format!("docker.io/n{i}"), i);
+        }
+        let map = memo.map.read().unwrap();
+        assert_eq!(map[&(d, 1)].len(), NAMES_PER_DIGEST);
+        drop(map);
+        assert_eq!(memo.get(&d, 1, "docker.io/n999"), Some(999));
+        assert_eq!(memo.get(&d, 1, "docker.io/n0"), None);
+    }
 }
