@@ -46,6 +46,9 @@ pub mod trace;
 pub mod verify;
 pub mod zerocopy;
 
+#[doc(hidden)]
+pub mod fuzz;
+
 pub use config::Config;
 pub use oci::names;
 pub use pipeline::App;

@@ -176,9 +176,15 @@ pub fn rewrite_link(link: &str, route: &Route) -> Option<String> {
     let upstream_prefix = format!("/v2/{}/", route.repo);
     let rest = path.strip_prefix(&upstream_prefix)?;
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // The next page of a tag list, and nothing else of the repository.
+    if rest != "tags/list" {
+        return None;
+    }
+    // Keys as clients decode them (`%6Es` is `ns` too).
+    let is_ns = |p: &str| form_urlencoded::parse(p.as_bytes()).any(|(k, _)| k == "ns");
     let mut params: Vec<&str> = query
         .split('&')
-        .filter(|p| !p.is_empty() && *p != "ns" && !p.starts_with("ns="))
+        .filter(|p| !p.is_empty() && !is_ns(p))
         .collect();
     let ns = route.ns.as_ref().map(|ns| format!("ns={ns}"));
     params.extend(ns.as_deref());
@@ -275,13 +281,18 @@ mod tests {
             "</v2/acme/app/tags/list?last=v2&n=2&ns=ghcr.io>; rel=\"next\""
         );
         let hostile = rewrite_link(
-            "</v2/acme/app/tags/list?ns=docker.io&last=v2>; rel=\"next\"",
+            "</v2/acme/app/tags/list?ns=docker.io&%6Es=quay.io&last=v2>; rel=\"next\"",
             &route,
         )
         .unwrap();
         assert_eq!(
             hostile,
             "</v2/acme/app/tags/list?last=v2&ns=ghcr.io>; rel=\"next\""
+        );
+        assert_eq!(
+            rewrite_link("</v2/acme/app/manifests/x?n=1>; rel=\"next\"", &route),
+            None,
+            "a Link elsewhere is dropped"
         );
         let plain = router.route(&"acme/app".parse().unwrap(), None).unwrap();
         let l = rewrite_link("</v2/acme/app/tags/list?ns=ghcr.io>; rel=\"next\"", &plain);

@@ -1,0 +1,395 @@
+//! Entry points for the fuzz targets in `fuzz/`, one per parser of outside
+//! bytes, and for `tests/fuzz_corpus.rs`, which replays every saved input
+//! on each test run. Each feeds the bytes to the parsers and checks what
+//! must hold of any answer (a range inside the blob, a name that prints as
+//! it parsed); a panic anywhere is a finding. Not an API.
+
+use std::path::Path;
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
+
+use crate::keys::{PrivateKey, PublicKey};
+use crate::oci::manifest::Manifest;
+use crate::oci::names::{split_image, Digest, Reference, RepoName, Tag};
+use crate::pipeline::respond::{self, RangeSpec};
+use crate::route::{self, PathKind, Router};
+use crate::verify::{bases, cosign};
+
+/// A target's entry point.
+pub type Target = fn(&[u8]);
+
+/// The targets, by the name of their corpus directory.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("request_path", request_path),
+    ("names", names),
+    ("request_headers", request_headers),
+    ("manifest", manifest),
+    ("cosign", cosign_formats),
+    ("www_authenticate", www_authenticate),
+    ("config", config),
+    ("response_head", response_head),
+    ("upstream", upstream),
+];
+
+fn text(data: &[u8]) -> Option<&str> {
+    std::str::from_utf8(data).ok()
+}
+
+/// A request's path and query: routing, query parameters, and the `Link`
+/// rewrite of a tag list answer (the part after a newline is the Link).
+pub fn request_path(data: &[u8]) {
+    let Some(s) = text(data) else { return };
+    let (request, link) = s.split_once('\n').unwrap_or((s, ""));
+    let (path, query) = match request.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (request, None),
+    };
+    for name in ["ns", "n", "last", "artifactType"] {
+        let _ = respond::query_param(query, name);
+    }
+    let Ok(PathKind::Repo { name, target }) = route::parse_path(path) else {
+        return;
+    };
+    let _ = target.kind();
+    let router = Router::new([("docker.io", true), ("ghcr.io", false), ("quay.io", false)]);
+    let Ok(route) = router.route(&name, respond::query_param(query, "ns")) else {
+        return;
+    };
+    assert!(route.canonical.starts_with(&*route.upstream_name));
+    if let Some(l) = respond::rewrite_link(link, &route) {
+        // The client is sent to its own name, never to another upstream.
+        assert!(
+            l.starts_with(&format!("</v2/{}/", route.client_name)),
+            "{l}"
+        );
+        let target = l[1..].split_once('>').map_or(&l[1..], |(t, _)| t);
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let ns: Vec<String> = form_urlencoded::parse(query.as_bytes())
+            .filter(|(k, _)| k == "ns")
+            .map(|(_, v)| v.into_owned())
+            .collect();
+        let want: Vec<String> = route.ns.iter().map(|n| n.to_string()).collect();
+        assert_eq!(ns, want, "{l}");
+    }
+}
+
+/// Names, tags, digests and references: what parses prints as it parsed.
+pub fn names(data: &[u8]) {
+    let Some(s) = text(data) else { return };
+    if let Ok(d) = s.parse::<Digest>() {
+        assert_eq!(d.to_string().parse::<Digest>().ok(), Some(d));
+    }
+    let _ = Digest::from_hex(s);
+    if let Ok(n) = s.parse::<RepoName>() {
+        assert_eq!(n.to_string(), s);
+    }
+    if let Ok(t) = s.parse::<Tag>() {
+        assert_eq!(t.as_str(), s);
+        let _ = respond::is_signature_tag(&t);
+    }
+    if let Ok(r) = Reference::parse(s) {
+        assert!(Reference::parse(&r.to_string()).is_ok());
+    }
+    let _ = split_image(s);
+}
+
+/// The request headers pullgate reads: `Range` (against a size taken from
+/// the first eight bytes) and `Accept`.
+pub fn request_headers(data: &[u8]) {
+    let (size, rest) = match data.split_first_chunk::<8>() {
+        Some((n, rest)) => (u64::from_le_bytes(*n), rest),
+        None => return,
+    };
+    let Some(s) = text(rest) else { return };
+    match respond::parse_range(Some(s), size) {
+        RangeSpec::Partial(start, end) => assert!(start < end && end <= size, "{s} of {size}"),
+        RangeSpec::Full | RangeSpec::Unsatisfiable => {}
+    }
+    let mut headers = HeaderMap::new();
+    for line in s.split('\n') {
+        if let Ok(v) = HeaderValue::from_str(line) {
+            headers.append(header::ACCEPT, v);
+        }
+    }
+    let _ = crate::content::Accept::Client(&headers).value();
+}
+
+/// A manifest, index or config from an upstream (the first line is its
+/// `Content-Type`), and everything read of it afterwards.
+pub fn manifest(data: &[u8]) {
+    let (content_type, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (text(&data[..i]), &data[i + 1..]),
+        None => (None, data),
+    };
+    let bytes = Bytes::copy_from_slice(body);
+    let digest = Digest::of(&bytes);
+    let _ = crate::oci::manifest::Platform::from_config(body);
+    let Ok(m) = Manifest::parse(digest, content_type, bytes.clone()) else {
+        return;
+    };
+    // What the store reads back is the same manifest.
+    let again = Manifest::stored(digest, bytes).expect("a manifest parses again from its bytes");
+    assert_eq!(again.media_type, m.media_type);
+    let _ = m.referenced_blobs();
+    let _ = m.index_children();
+    let _ = m.layers();
+    let _ = m.platform_manifests();
+    let _ = m.config();
+    let _ = m.is_index();
+    let _ = bases::parse(&m);
+    assert!(HeaderValue::from_str(&m.media_type).is_ok());
+}
+
+/// Fixed keys of both schemes, for signature checks.
+static KEYS: LazyLock<Vec<PublicKey>> = LazyLock::new(|| {
+    let ecdsa = p256::ecdsa::SigningKey::from_bytes(&[7u8; 32].into()).expect("a valid scalar");
+    let ed = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    [PrivateKey::EcdsaP256(ecdsa), PrivateKey::Ed25519(ed)]
+        .iter()
+        .map(|k| PublicKey::from_pem(&k.public_pem()).expect("our own key"))
+        .collect()
+});
+
+/// Cosign's formats: signature manifests and their payloads, sigstore
+/// bundles, referrers indexes.
+pub fn cosign_formats(data: &[u8]) {
+    let keys: Vec<&PublicKey> = KEYS.iter().collect();
+    let image = Digest::of(b"image");
+    if let Ok(layers) = cosign::parse_signature_manifest(data) {
+        for layer in &layers {
+            let _ = cosign::check(layer, data, &image, &keys);
+        }
+    }
+    let _ = cosign::signed_digest(data);
+    let _ = cosign::check_bundle(data, &image, &keys);
+    let _ = cosign::is_bundle_manifest(data);
+    let _ = cosign::is_signature_artifact(data);
+    let _ = cosign::bundle_layer(data);
+    let _ = cosign::bundle_referrers(data);
+    for k in &keys {
+        let _ = k.verify(b"payload", data);
+    }
+}
+
+/// An upstream's `WWW-Authenticate` header and its token realm's answer.
+pub fn www_authenticate(data: &[u8]) {
+    if let Some(s) = text(data) {
+        let _ = crate::remote::registry::parse_challenge(s);
+    }
+    if let Ok((token, _)) = crate::remote::registry::parse_token(data) {
+        assert!(!token.is_empty());
+    }
+}
+
+/// A config file (files it names are looked for in a directory that does
+/// not exist).
+pub fn config(data: &[u8]) {
+    let Some(s) = text(data) else { return };
+    let _ = crate::Config::parse(s, "fuzz.toml", Path::new("/nonexistent/pullgate-fuzz"));
+}
+
+/// What the connection writer looks at for hyper's bare answers.
+pub fn response_head(data: &[u8]) {
+    if let Some((status, bytes)) = crate::server::conn::replacement(data) {
+        assert!(status.is_client_error());
+        assert!(bytes.starts_with(b"HTTP/1.1 4"));
+    }
+}
+
+/// A remote that answers from a script: one answer per request, in order
+/// (then 404s).
+struct Scripted {
+    name: std::sync::Arc<str>,
+    answers: std::sync::Mutex<std::collections::VecDeque<Answer>>,
+}
+
+struct Answer {
+    status: http::StatusCode,
+    headers: HeaderMap,
+    /// Announced length: the body's, or a lie.
+    length: Option<u64>,
+    chunks: Vec<Bytes>,
+    /// The body breaks after its chunks.
+    broken: bool,
+}
+
+impl crate::remote::Remote for Scripted {
+    fn name(&self) -> &std::sync::Arc<str> {
+        &self.name
+    }
+
+    fn send<'a>(
+        &'a self,
+        _req: crate::remote::Request<'a>,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        Result<crate::remote::Response, crate::remote::RemoteError>,
+    > {
+        use futures_util::FutureExt;
+        let next = self
+            .answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        async move {
+            let Some(a) = next else {
+                return Ok(crate::remote::Response {
+                    status: http::StatusCode::NOT_FOUND,
+                    headers: HeaderMap::new(),
+                    content_length: Some(0),
+                    body: Box::pin(futures_util::stream::empty()),
+                });
+            };
+            let mut items: Vec<Result<Bytes, crate::remote::BodyError>> =
+                a.chunks.into_iter().map(Ok).collect();
+            if a.broken {
+                items.push(Err(crate::remote::BodyError::Broken("fuzzed".into())));
+            }
+            Ok(crate::remote::Response {
+                status: a.status,
+                headers: a.headers,
+                content_length: a.length,
+                body: Box::pin(futures_util::stream::iter(items)),
+            })
+        }
+        .boxed()
+    }
+}
+
+/// Reads an answer script: answers separated by a 0xff byte; in each, a first
+/// byte choosing the status and quirks, header lines (`Name: value`) up
+/// to an empty line, then the body (split into chunks at `\0`).
+fn script(data: &[u8]) -> std::collections::VecDeque<Answer> {
+    const STATUSES: [u16; 8] = [200, 200, 200, 404, 401, 429, 500, 307];
+    let mut out = std::collections::VecDeque::new();
+    for part in data.split(|&b| b == 0xff).take(16) {
+        let Some((&first, rest)) = part.split_first() else {
+            continue;
+        };
+        let status = http::StatusCode::from_u16(STATUSES[usize::from(first & 7)])
+            .unwrap_or(http::StatusCode::OK);
+        let (head, body) = match rest.windows(2).position(|w| w == b"\n\n") {
+            Some(i) => (&rest[..i], &rest[i + 2..]),
+            None => (&b""[..], rest),
+        };
+        let mut headers = HeaderMap::new();
+        for line in head.split(|&b| b == b'\n') {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        let len = body.len() as u64;
+        let length = match first >> 3 & 3 {
+            0 | 1 => Some(len),
+            2 => None,
+            _ => Some(len.saturating_add(u64::from(first >> 5))),
+        };
+        out.push_back(Answer {
+            status,
+            headers,
+            length,
+            chunks: body
+                .split(|&b| b == 0)
+                .map(Bytes::copy_from_slice)
+                .collect(),
+            broken: first & 0x80 != 0 && first & 0x40 != 0,
+        });
+    }
+    out
+}
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+});
+
+/// What an upstream answers, to every kind of request the content layer
+/// makes: a tag, a manifest by digest, a blob (read back whole), a tag list,
+/// referrers. Whatever it sends, what the store then holds under a digest
+/// hashes to that digest.
+pub fn upstream(data: &[u8]) {
+    use crate::content::{Accept, BlobAnswer, Content, Lookup};
+    use crate::store::{MemoryStore, Store, TagKey};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    // One registry of metrics for every input: building it is most of the
+    // cost of a run otherwise.
+    static METRICS: LazyLock<Arc<crate::metrics::Metrics>> =
+        LazyLock::new(|| Arc::new(crate::metrics::Metrics::new()));
+    let store = MemoryStore::new(None, METRICS.clone());
+    let content = Content::new(Arc::new(store.clone()), METRICS.clone());
+    let remote: Arc<dyn crate::remote::Remote> = Arc::new(Scripted {
+        name: Arc::from("fuzz.io"),
+        answers: std::sync::Mutex::new(script(data)),
+    });
+    let repo: RepoName = "acme/app".parse().expect("a valid name");
+    let key = TagKey {
+        upstream: remote.name().clone(),
+        repo: repo.clone(),
+        tag: "1".parse().expect("a valid tag"),
+    };
+    let wanted = Digest::of(data);
+    RUNTIME.block_on(async {
+        let max = 1 << 20;
+        if let Ok(m) = content
+            .resolve_tag(&remote, &key, Accept::Any, max, Duration::ZERO)
+            .await
+        {
+            assert_eq!(Digest::of(&m.bytes), m.digest);
+        }
+        if let Ok(m) = content
+            .manifest(&remote, &repo, wanted, Accept::Any, max, Lookup::Client)
+            .await
+        {
+            assert_eq!(m.digest, wanted);
+        }
+        if let Ok(answer) = content.blob(&remote, &repo, wanted).await {
+            let whole = match answer {
+                BlobAnswer::Stored(h) => crate::content::read_whole(&h).await.ok(),
+                BlobAnswer::Following {
+                    progress, guard, ..
+                } => {
+                    let reader = crate::content::fetch::BlobReader::following(
+                        progress,
+                        0,
+                        None,
+                        guard,
+                        METRICS.clone(),
+                    );
+                    http_body_util::BodyExt::collect(reader.into_body())
+                        .await
+                        .ok()
+                        .map(|c| c.to_bytes())
+                }
+            };
+            if let Some(bytes) = whole {
+                assert_eq!(
+                    Digest::of(&bytes),
+                    wanted,
+                    "a whole body under another digest"
+                );
+            }
+        }
+        if let Some(h) = store.open(&wanted).await.ok().flatten() {
+            let bytes = crate::content::read_whole(&h)
+                .await
+                .expect("a stored blob reads");
+            assert_eq!(Digest::of(&bytes), wanted, "stored under another digest");
+        }
+        let _ = content
+            .tag_list(&*remote, &repo, "fuzz.io/acme/app", Some("n=1".into()))
+            .await;
+        let _ = content.referrers(&*remote, &repo, wanted, None).await;
+    });
+}
