@@ -88,6 +88,12 @@ const KINDS: [&str; 7] = [
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        fn single_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        }
         fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             r.register(Box::new(c.clone()))
@@ -185,7 +191,7 @@ impl Metrics {
             evictions: counter(
                 &registry,
                 "pullgate_evictions_total",
-                "Blobs evicted to stay under storage.max_size.",
+                "Blobs removed from the store, by reason: max_size (to stay under storage.max_size), damaged (its size was not the one its manifest gives; moved to quarantine/ and fetched again).",
                 &["reason"],
             ),
             inflight_fetches,
@@ -272,34 +278,22 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
-            connections_refused: {
-                let c = IntCounter::new(
-                    "pullgate_connections_refused_total",
-                    "Connections answered 503 and closed because server.max_connections were open.",
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(c.clone()))
-                    .expect("metric registered once");
-                c
-            },
+            connections_refused: single_counter(
+                &registry,
+                "pullgate_connections_refused_total",
+                "Connections answered 503 and closed because server.max_connections were open.",
+            ),
             connection_timeouts: counter(
                 &registry,
                 "pullgate_connection_timeouts_total",
                 "Connections closed for a deadline: header (no whole request head within server.header_timeout, idle keep-alive included), send (the client stopped reading for server.send_timeout).",
                 &["kind"],
             ),
-            panics: {
-                let c = IntCounter::new(
-                    "pullgate_panics_total",
-                    "Request handlers that panicked (a bug, answered 500; the log has the message).",
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(c.clone()))
-                    .expect("metric registered once");
-                c
-            },
+            panics: single_counter(
+                &registry,
+                "pullgate_panics_total",
+                "Request handlers that panicked (a bug, answered 500; the log has the message).",
+            ),
             names: vec![
                 "pullgate_store_write_errors_total",
                 "pullgate_connections",

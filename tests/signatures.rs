@@ -641,3 +641,53 @@ async fn signed_by_and_bases_must_both_hold() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_stored_blob_whose_size_is_not_its_manifests_is_fetched_again() {
+    let fake = Fake::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let layer = noise(1000, 21);
+    let (signed, layers) = fake.put_image("library/app", "v1", std::slice::from_ref(&layer));
+    sign(
+        &fake,
+        "library/app",
+        &signed,
+        &signed,
+        Signer_::Ecdsa(release_key()),
+    );
+    let proxy = start(&fake, keys.path(), "enforce").await;
+    assert_eq!(
+        proxy.get("/v2/library/app/manifests/v1").await.status(),
+        200
+    );
+    let path = format!("/v2/library/app/blobs/{}", layers[0]);
+    assert_eq!(proxy.get(&path).await.bytes().await.unwrap(), layer);
+    assert_eq!(fake.hits("GET", &path), 1);
+
+    // The disk loses the end of the file.
+    let hex = &layers[0][7..];
+    let file = proxy
+        .dir
+        .path()
+        .join("data/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    std::fs::write(&file, &layer[..500]).unwrap();
+    let r = proxy.get(&path).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        layer,
+        "the whole blob, fetched again"
+    );
+    assert_eq!(fake.hits("GET", &path), 2);
+    assert_eq!(
+        proxy.metric("pullgate_evictions_total{reason=\"damaged\"}"),
+        1.0
+    );
+    // The damaged copy was kept aside, and the new one is served from now on.
+    assert_eq!(proxy.get(&path).await.bytes().await.unwrap(), layer);
+    assert_eq!(fake.hits("GET", &path), 2);
+    let quarantine = proxy.dir.path().join("data/quarantine");
+    assert_eq!(std::fs::read_dir(&quarantine).unwrap().count(), 1);
+}

@@ -303,6 +303,9 @@ pub struct Content {
     tags: SingleFlight<TagKey, Arc<Manifest>>,
     /// The last tag list per (name, query), served when the remote fails.
     tag_lists: moka::sync::Cache<(String, Option<String>), (Bytes, Option<String>)>,
+    /// Blobs already fetched again for looking damaged: a second look is
+    /// not taken (a manifest that lies about a size would loop).
+    refetched: moka::sync::Cache<Digest, ()>,
     /// `pullgate_cache_requests_total{kind="manifest",result="hit"}`,
     /// resolved once for the cached path.
     manifest_hits: prometheus::IntCounter,
@@ -322,6 +325,7 @@ impl Content {
             metrics,
             manifests: SingleFlight::default(),
             tags: SingleFlight::default(),
+            refetched: moka::sync::Cache::new(10_000),
             tag_lists: moka::sync::Cache::builder()
                 .max_capacity(64 * 1024 * 1024)
                 // Key, body, Link and the entry itself: many tiny answers
@@ -711,6 +715,33 @@ impl Content {
         self.store.open(digest).await.map_err(|e| {
             ContentError::Internal(format!("cannot read blob {digest} from the store: {e}"))
         })
+    }
+
+    /// Takes a stored blob whose size is not the `expected` one out of the
+    /// store, so that the next lookup fetches it again; once per blob, so
+    /// a manifest that lies about a size cannot make it loop. True when it
+    /// was taken out.
+    pub async fn discard_if_damaged(
+        &self,
+        digest: &Digest,
+        stored: u64,
+        expected: u64,
+    ) -> Result<bool, ContentError> {
+        if stored == expected || self.refetched.contains_key(digest) {
+            return Ok(false);
+        }
+        self.refetched.insert(*digest, ());
+        tracing::warn!(
+            %digest,
+            stored,
+            expected,
+            "a stored blob's size is not the one its manifest gives: moving it aside and fetching it again"
+        );
+        self.metrics.evictions.with_label_values(&["damaged"]).inc();
+        self.store.discard(digest).await.map_err(|e| {
+            ContentError::Internal(format!("cannot move damaged blob {digest} aside: {e}"))
+        })?;
+        Ok(true)
     }
 
     /// Counts a blob HEAD that the store answered.

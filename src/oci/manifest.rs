@@ -370,6 +370,22 @@ impl Manifest {
         }
     }
 
+    /// [`Manifest::referenced_blobs`] with the size each descriptor gives
+    /// (none for descriptors read leniently).
+    pub fn referenced_blob_sizes(&self) -> Vec<(Digest, Option<u64>)> {
+        match &self.kind {
+            Kind::Image(m) => std::iter::once(m.config())
+                .chain(m.layers())
+                .filter_map(|d| Some((digest_of(d)?, Some(d.size()))))
+                .collect(),
+            _ => self
+                .referenced_blobs()
+                .into_iter()
+                .map(|d| (d, None))
+                .collect(),
+        }
+    }
+
     /// The manifests an index lists, or `None` when this is not an index.
     pub fn index_children(&self) -> Option<Vec<Digest>> {
         match &self.kind {

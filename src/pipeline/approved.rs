@@ -7,7 +7,8 @@ use crate::oci::Manifest;
 use crate::verify::Memo;
 
 pub struct Approved {
-    blobs: Memo<()>,
+    /// Each blob with the size its approved manifest gives it.
+    blobs: Memo<Option<u64>>,
     /// Manifests whose blobs are in `blobs`; emptied with it.
     manifests: Memo<()>,
 }
@@ -28,8 +29,8 @@ impl Approved {
         if self.manifests.get(&m.digest, gen.id, name).is_some() {
             return;
         }
-        for blob in m.referenced_blobs() {
-            if self.blobs.insert(blob, gen.id, name, ()) {
+        for (blob, size) in m.referenced_blob_sizes() {
+            if self.blobs.insert(blob, gen.id, name, size) {
                 // Emptied for size: the manifests recorded so far must be
                 // recorded again at their next pull.
                 self.manifests.clear();
@@ -40,6 +41,11 @@ impl Approved {
 
     pub fn contains(&self, blob: &Digest, gen: &Generation, name: &str) -> bool {
         self.blobs.get(blob, gen.id, name).is_some()
+    }
+
+    /// The size an approved manifest of `name` gives `blob`, if known.
+    pub fn expected_size(&self, blob: &Digest, gen: &Generation, name: &str) -> Option<u64> {
+        self.blobs.get(blob, gen.id, name).flatten()
     }
 
     /// Forgets everything: approvals are reached again with new bases.

@@ -52,6 +52,15 @@ pub async fn get(
             )?;
         }
     }
+    // The size an approved manifest gives the blob: a stored copy of
+    // another size is damaged (a disk that lied, a truncated file).
+    let expected = policy
+        .is_some_and(|p| p.checks_content())
+        .then(|| {
+            app.approved
+                .expected_size(&digest, &ctx.gen, &route.canonical)
+        })
+        .flatten();
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     if ctx.head {
         if let Some(h) = app.content.open_blob(&digest).await? {
@@ -72,7 +81,17 @@ pub async fn get(
             body::empty(),
         ));
     }
-    match app.content.blob(&ctx.remote, &route.repo, digest).await? {
+    let mut answer = app.content.blob(&ctx.remote, &route.repo, digest).await?;
+    let check = match (&answer, expected) {
+        (BlobAnswer::Stored(h), Some(want)) => Some((h.size, want)),
+        _ => None,
+    };
+    if let Some((size, want)) = check {
+        if app.content.discard_if_damaged(&digest, size, want).await? {
+            answer = app.content.blob(&ctx.remote, &route.repo, digest).await?;
+        }
+    }
+    match answer {
         BlobAnswer::Stored(h) => Ok(stored(app, digest, h, range, false, zero_copy)),
         BlobAnswer::Following {
             progress, guard, ..

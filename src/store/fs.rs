@@ -428,6 +428,34 @@ impl Store for FsStore {
         })
     }
 
+    fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
+        let inner = self.0.clone();
+        let d = *d;
+        blocking(move || {
+            let from = inner.blob_path(&d);
+            let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+                .to_string()
+                .replace([':', '-'], "");
+            let rel = from
+                .strip_prefix(&inner.root)
+                .unwrap_or(&from)
+                .to_path_buf();
+            let to = inner.root.join("quarantine").join(stamp).join(rel);
+            if let Some(dir) = to.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            match fs::rename(&from, &to) {
+                Ok(()) => {
+                    tracing::warn!(digest = %d, to = %to.display(), "damaged blob moved aside");
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            inner.index.forget(&d);
+            Ok(())
+        })
+    }
+
     fn pin(&self, d: &Digest) -> ReadGuard {
         self.0.index.pin(d, true).expect("an unconditional pin")
     }

@@ -174,6 +174,12 @@ impl Store for MemoryStore {
         }) as Box<dyn BlobWriter>)
     }
 
+    fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
+        self.0.state().blobs.remove(d);
+        self.0.index.forget(d);
+        done(())
+    }
+
     fn pin(&self, d: &Digest) -> ReadGuard {
         self.0.index.pin(d, true).expect("an unconditional pin")
     }

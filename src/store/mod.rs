@@ -122,6 +122,9 @@ pub trait Store: Send + Sync {
     fn open<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<BlobHandle>>;
     /// A writer for bytes that must hash to `d`.
     fn writer(&self, d: Digest) -> StoreFuture<'_, Box<dyn BlobWriter>>;
+    /// Takes a blob found damaged out of the store, so that it is fetched
+    /// again; the filesystem keeps its bytes under `quarantine/`.
+    fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()>;
     /// Keeps `d` from eviction (followers of a fetch being committed).
     fn pin(&self, d: &Digest) -> ReadGuard;
     /// Bytes held.

@@ -60,6 +60,11 @@ impl Store for Overlay {
         self.upper.writer(d)
     }
 
+    fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
+        // The lower store is read only: what is above goes.
+        self.upper.discard(d)
+    }
+
     fn pin(&self, d: &Digest) -> ReadGuard {
         self.upper.pin(d)
     }
