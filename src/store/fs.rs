@@ -433,14 +433,11 @@ impl Store for FsStore {
         let d = *d;
         blocking(move || {
             let from = inner.blob_path(&d);
-            let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
-                .to_string()
-                .replace([':', '-'], "");
             let rel = from
                 .strip_prefix(&inner.root)
                 .unwrap_or(&from)
                 .to_path_buf();
-            let to = inner.root.join("quarantine").join(stamp).join(rel);
+            let to = super::fsck::quarantine_dir(&inner.root).join(rel);
             if let Some(dir) = to.parent() {
                 fs::create_dir_all(dir)?;
             }

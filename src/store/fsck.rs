@@ -75,12 +75,9 @@ pub fn fsck(root: &Path, progress: &mut dyn FnMut(Progress)) -> io::Result<Repor
             ),
         ));
     }
-    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
-        .to_string()
-        .replace([':', '-'], "");
     let mut check = Check {
         root,
-        quarantine: root.join("quarantine").join(stamp),
+        quarantine: quarantine_dir(root),
         report: Report::default(),
         progress,
         last_progress: Instant::now(),
@@ -98,6 +95,15 @@ pub fn fsck(root: &Path, progress: &mut dyn FnMut(Progress)) -> io::Result<Repor
         check.report.quarantine = Some(check.quarantine.clone());
     }
     Ok(check.report)
+}
+
+/// `quarantine/<UTC time>` under a store's root: where what is found wrong
+/// now goes.
+pub fn quarantine_dir(root: &Path) -> PathBuf {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace([':', '-'], "");
+    root.join("quarantine").join(stamp)
 }
 
 /// Whether a server holds the store's lock now.
