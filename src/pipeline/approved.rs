@@ -39,13 +39,10 @@ impl Approved {
         self.manifests.insert(m.digest, gen.id, name, ());
     }
 
-    pub fn contains(&self, blob: &Digest, gen: &Generation, name: &str) -> bool {
-        self.blobs.get(blob, gen.id, name).is_some()
-    }
-
-    /// The size an approved manifest of `name` gives `blob`, if known.
-    pub fn expected_size(&self, blob: &Digest, gen: &Generation, name: &str) -> Option<u64> {
-        self.blobs.get(blob, gen.id, name).flatten()
+    /// Whether an approved manifest of `name` references `blob`, and the
+    /// size it gives it (`Some(None)`: approved, no size known).
+    pub fn lookup(&self, blob: &Digest, gen: &Generation, name: &str) -> Option<Option<u64>> {
+        self.blobs.get(blob, gen.id, name)
     }
 
     /// Forgets everything: approvals are reached again with new bases.

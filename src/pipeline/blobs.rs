@@ -37,10 +37,13 @@ pub async fn get(
     }
     // Under a policy with requirements, only blobs of approved manifests of
     // this repository: a denied image's layers cannot be fetched by digest.
-    // Clients fetch the manifest first, so this costs them nothing.
-    if let Some(policy) = policy {
-        let gated = policy.checks_content() && policy.mode == Mode::Enforce;
-        if gated && !app.approved.contains(&digest, &ctx.gen, &route.canonical) {
+    // Clients fetch the manifest first, so this costs them nothing. The
+    // size such a manifest gives the blob tells a damaged stored copy (a
+    // disk that lied, a truncated file).
+    let mut expected = None;
+    if let Some(policy) = policy.filter(|p| p.checks_content()) {
+        let approved = app.approved.lookup(&digest, &ctx.gen, &route.canonical);
+        if approved.is_none() && policy.mode == Mode::Enforce {
             let verdict = Verdict::of(policy, vec![Reason::NotApproved]);
             decide::apply(
                 app,
@@ -51,16 +54,8 @@ pub async fn get(
                 false,
             )?;
         }
+        expected = approved.flatten();
     }
-    // The size an approved manifest gives the blob: a stored copy of
-    // another size is damaged (a disk that lied, a truncated file).
-    let expected = policy
-        .is_some_and(|p| p.checks_content())
-        .then(|| {
-            app.approved
-                .expected_size(&digest, &ctx.gen, &route.canonical)
-        })
-        .flatten();
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     if ctx.head {
         if let Some(h) = app.content.open_blob(&digest).await? {
