@@ -174,19 +174,29 @@ pub(crate) fn replacement(head: &[u8]) -> Option<(StatusCode, Vec<u8>)> {
     } else {
         "UNSUPPORTED"
     };
-    let body = ApiError::new(status, code, message).body_json();
-    let mut out = format!("{status_line}\r\n");
+    let mut head = format!("{status_line}\r\n");
     for line in kept {
-        out.push_str(line);
-        out.push_str("\r\n");
+        head.push_str(line);
+        head.push_str("\r\n");
     }
-    out.push_str(&format!(
+    Some((
+        status,
+        last_answer(head, &ApiError::new(status, code, message)),
+    ))
+}
+
+/// A connection's last answer, written by hand: `head` (status line and
+/// headers, each ending in CRLF), the registry error headers, and the
+/// error body; the connection closes after it.
+fn last_answer(mut head: String, e: &ApiError) -> Vec<u8> {
+    let body = e.body_json();
+    head.push_str(&format!(
         "content-type: application/json\r\ndocker-distribution-api-version: registry/2.0\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
         body.len()
     ));
-    let mut bytes = out.into_bytes();
+    let mut bytes = head.into_bytes();
     bytes.extend_from_slice(&body);
-    Some((status, bytes))
+    bytes
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
@@ -246,19 +256,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
 /// The answer to a connection over `server.max_connections`.
 fn refusal(max: usize) -> Vec<u8> {
-    let body = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "UNAVAILABLE",
-        format!("pullgate has its {max} connections open (server.max_connections); try again"),
+    last_answer(
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n".into(),
+        &ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("pullgate has its {max} connections open (server.max_connections); try again"),
+        ),
     )
-    .body_json();
-    let mut out = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ndocker-distribution-api-version: registry/2.0\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(&body);
-    out
 }
 
 /// Answers a connection over the limit with a 503 and closes it, reading

@@ -230,7 +230,7 @@ async fn accept_loop<H, F>(
                 } else if e.is_parse_too_large() {
                     // Answered 431 by hyper (in pullgate's words, see `conn`).
                     metrics.request("other", http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-                } else if e.is_parse() && !e.to_string().contains("HTTP2") {
+                } else if e.is_parse() && !e.is_parse_version_h2() {
                     // Answered 400 (414 for a long path), an HTTP/2 preface aside.
                     metrics.request("other", http::StatusCode::BAD_REQUEST);
                 }

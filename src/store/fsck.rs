@@ -242,15 +242,8 @@ impl Check<'_> {
         // A server may have committed the right bytes under this name
         // between the read and the move: if what was moved now matches, it
         // was theirs, and it goes back.
-        let Some(moved) = self
-            .report
-            .findings
-            .last()
-            .map(|f| self.quarantine.join(&f.path))
-        else {
-            return Ok(());
-        };
-        if moved.exists() && hash_file(&moved).is_ok_and(|(d, _)| d == digest) && !path.exists() {
+        let moved = self.quarantine.join(self.rel(path));
+        if hash_file(&moved).is_ok_and(|(d, _)| d == digest) && !path.exists() {
             fs::rename(&moved, path)?;
             self.report.findings.pop();
         }
