@@ -14,6 +14,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 { command -v containerd >/dev/null && command -v ctr >/dev/null; } || need+=(containerd)
 command -v openssl >/dev/null || need+=(openssl)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
+command -v curl >/dev/null || need+=(curl)
 command -v chromium >/dev/null || need+=(chromium)
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need+=(prometheus)
 if ((${#need[@]})); then

@@ -60,6 +60,13 @@ pub struct Record {
     /// Tag drift: the last approved digest served instead of `digest`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub served_digest: Option<String>,
+    /// Who asked (`user:alice`, `cert:node-1.team-a.example`), when the
+    /// client had to identify itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The tenant of `identity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     #[serde(skip)]
     at: u64,
 }
@@ -96,6 +103,8 @@ impl Record {
             rewritten_from: None,
             detail: None,
             served_digest: None,
+            identity: None,
+            tenant: None,
             at: now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
         }
     }

@@ -22,17 +22,22 @@
 //!   upstream registry today).
 //! - [`audit`], [`metrics`]: what is recorded and counted.
 //! - [`oci`]: names, digests, typed manifests, the spec's error JSON.
-//! - [`config`] (with [`keys`]): the TOML file, validated before anything
-//!   starts; a leaf.
+//! - [`auth`]: who is asking (a client certificate, an htpasswd user)
+//!   and the tenant whose repositories they may pull.
+//! - [`config`] (with [`keys`], [`tls`], [`htpasswd`]): the TOML file,
+//!   validated before anything starts, the files it names read and
+//!   checked; a leaf.
 //! - [`zerocopy`], [`body`], [`fsutil`], [`trace`]: small shared pieces.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod content;
 pub mod fsutil;
+pub mod htpasswd;
 pub mod keys;
 pub mod metrics;
 pub mod oci;
@@ -42,6 +47,7 @@ pub mod remote;
 pub mod route;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod trace;
 pub mod verify;
 pub mod zerocopy;

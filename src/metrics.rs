@@ -65,6 +65,20 @@ pub struct Metrics {
     pub connection_timeouts: IntCounterVec,
     /// Request handlers that panicked (a bug; answered 500).
     pub panics: IntCounter,
+    /// Requests answered 401, by reason (`missing`, `malformed`,
+    /// `bad-credentials`).
+    pub auth_failures: IntCounterVec,
+    /// htpasswd files read again after a change, by result (`ok`, `error`).
+    pub auth_reloads: IntCounterVec,
+    /// TLS handshakes that failed (an untrusted or expired client
+    /// certificate, a client that does not speak TLS, a timeout).
+    pub tls_handshake_failures: IntCounter,
+    /// Requests of identities that belong to a tenant, by tenant, kind and
+    /// status code (tenants come from the config: bounded).
+    pub tenant_requests: IntCounterVec,
+    /// Requests refused because they came round to this pullgate again, or
+    /// passed too many pullgates.
+    pub loops_refused: IntCounter,
     /// Every metric name registered, for checks against dashboards.
     pub names: Vec<&'static str>,
     /// `requests` children, resolved once per (kind, status) on first use:
@@ -294,7 +308,40 @@ impl Metrics {
                 "pullgate_panics_total",
                 "Request handlers that panicked (a bug, answered 500; the log has the message).",
             ),
+            auth_failures: counter(
+                &registry,
+                "pullgate_auth_failures_total",
+                "Requests answered 401 for want of an identity, by reason: missing (no credentials sent: a client's first try), malformed, bad-credentials (an unknown user or a wrong password).",
+                &["reason"],
+            ),
+            auth_reloads: counter(
+                &registry,
+                "pullgate_auth_reloads_total",
+                "htpasswd files read again after they changed, by result (ok; error: the users read before stay in force).",
+                &["result"],
+            ),
+            tls_handshake_failures: single_counter(
+                &registry,
+                "pullgate_tls_handshake_failures_total",
+                "TLS handshakes that failed: an untrusted or expired client certificate, a client that does not speak TLS, no handshake within server.header_timeout.",
+            ),
+            tenant_requests: counter(
+                &registry,
+                "pullgate_tenant_requests_total",
+                "Requests of identities that belong to a [[tenant]], by tenant, kind and status code.",
+                &["tenant", "kind", "code"],
+            ),
+            loops_refused: single_counter(
+                &registry,
+                "pullgate_loops_refused_total",
+                "Requests refused with 508 because they came round to this pullgate again or passed too many pullgates (chained upstreams that loop).",
+            ),
             names: vec![
+                "pullgate_auth_failures_total",
+                "pullgate_auth_reloads_total",
+                "pullgate_tls_handshake_failures_total",
+                "pullgate_tenant_requests_total",
+                "pullgate_loops_refused_total",
                 "pullgate_store_write_errors_total",
                 "pullgate_connections",
                 "pullgate_connections_refused_total",
@@ -347,6 +394,12 @@ impl Metrics {
         for kind in ["no-space", "other"] {
             m.store_write_errors.with_label_values(&[kind]);
         }
+        for reason in ["missing", "malformed", "bad-credentials"] {
+            m.auth_failures.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            m.auth_reloads.with_label_values(&[result]);
+        }
         m
     }
 
@@ -375,7 +428,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            25,
+            30,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();

@@ -28,11 +28,13 @@ pub enum Reason {
     NotApproved,
     TagNotAllowed,
     BaseNotAllowed,
+    /// The identity's tenant does not hold this name.
+    NotInTenant,
 }
 
 impl Reason {
     /// Every reason, for docs and for metrics that start at zero.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::NoPolicy,
         Reason::DeniedByPolicy,
         Reason::Unsigned,
@@ -41,6 +43,7 @@ impl Reason {
         Reason::NotApproved,
         Reason::TagNotAllowed,
         Reason::BaseNotAllowed,
+        Reason::NotInTenant,
     ];
 
     /// The stable slug (`unsigned`, `base-not-allowed`, ...).
@@ -54,6 +57,7 @@ impl Reason {
             Reason::NotApproved => "not-approved",
             Reason::TagNotAllowed => "tag-not-allowed",
             Reason::BaseNotAllowed => "base-not-allowed",
+            Reason::NotInTenant => "not-in-tenant",
         }
     }
 
@@ -68,6 +72,7 @@ impl Reason {
                 "the policy does not allow pulling this tag (require_digest or deny_tags); pull by digest"
             }
             Reason::BaseNotAllowed => "the image is not built on an allowed base image",
+            Reason::NotInTenant => "the name is not among the repositories of the client's tenant",
             Reason::NotApproved => {
                 "the blob is not part of an approved manifest of this repository"
             }

@@ -162,7 +162,7 @@ fn hints(e: &Explained, config: &Path) -> Vec<String> {
             Reason::DeniedByPolicy => {
                 "the policy denies every name it matches (deny = true): narrow its match, or put a policy for this name before it".to_owned()
             }
-            Reason::NotApproved | Reason::VerificationUnavailable => continue,
+            Reason::NotApproved | Reason::VerificationUnavailable | Reason::NotInTenant => continue,
         };
         if !out.contains(&hint) {
             out.push(hint);

@@ -5,7 +5,7 @@
 use toml_edit::{ImDocument, Item, TableLike};
 
 /// A table's keys: `None` for tables whose keys are the user's (`[keys]`,
-/// `[bases]`, `[pins]`, `server.tls`).
+/// `[bases]`, `[pins]`).
 fn allowed(path: &str) -> Option<&'static [&'static str]> {
     Some(match path {
         "" => &[
@@ -20,6 +20,8 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
             "rewrite",
             "pins",
             "pins_file",
+            "auth",
+            "tenant",
         ],
         "server" => &[
             "listen",
@@ -31,6 +33,9 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
             "send_timeout",
             "tls",
         ],
+        "server.tls" => &["cert", "key", "client_ca"],
+        "auth" => &["htpasswd"],
+        "tenant" => &["name", "users", "clients", "repositories"],
         "admin" => &["listen"],
         "storage" => &["path", "max_size", "tag_ttl", "base_refresh", "base_keep"],
         "audit" => &["path", "approvals"],
@@ -44,6 +49,8 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
             "ca",
             "idle_timeout",
             "aliases",
+            "client_cert",
+            "client_key",
         ],
         "policy" => &[
             "name",

@@ -7,8 +7,11 @@
 //! such as the audit file are `audit::probe`'s). A leaf: depends on
 //! `oci::names` and `keys` only.
 
+mod gateway;
 mod keys_known;
 mod pins;
+
+pub use gateway::{dns_as_path, AuthConfig, TenantConfig, TlsConfig};
 
 pub use pins::{write_pins_file, Pins};
 
@@ -48,6 +51,10 @@ pub struct Config {
     pub pins_file: Option<PathBuf>,
     /// `[bases]`, in file order.
     pub bases: Vec<BaseSet>,
+    /// `[auth]`: HTTP Basic users.
+    pub auth: Option<AuthConfig>,
+    /// `[[tenant]]`, in file order.
+    pub tenants: Vec<TenantConfig>,
 }
 
 /// One `[[rewrite]]`, with canonical names (`<upstream>/<repository>`).
@@ -117,6 +124,8 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// How long a response may wait on a client that does not read it.
     pub send_timeout: Duration,
+    /// `server.tls`: the listener speaks TLS.
+    pub tls: Option<TlsConfig>,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -156,6 +165,12 @@ pub struct UpstreamConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// An upstream body that sends nothing for this long is abandoned.
     pub idle_timeout: Duration,
+    /// The repository path this upstream serves under (`docker.io` for
+    /// `https://gateway:5443/docker.io`): another pullgate, a Harbor proxy
+    /// project, an Artifactory remote. Empty for a plain registry.
+    pub prefix: String,
+    /// `client_cert` and `client_key` (PEM, concatenated): mTLS to the upstream.
+    pub client_identity: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -169,6 +184,8 @@ impl fmt::Debug for UpstreamConfig {
                 &self.credentials.as_ref().map(|c| &c.username),
             )
             .field("ca", &self.ca_pem.is_some())
+            .field("prefix", &self.prefix)
+            .field("client_cert", &self.client_identity.is_some())
             .finish()
     }
 }
@@ -285,6 +302,9 @@ struct RawConfig {
     rewrite: Vec<RawRewrite>,
     pins: Option<Spanned<toml::Table>>,
     pins_file: Option<Spanned<String>>,
+    auth: Option<gateway::RawAuth>,
+    #[serde(default)]
+    tenant: Vec<gateway::RawTenant>,
 }
 
 #[derive(Deserialize)]
@@ -309,7 +329,7 @@ struct RawServer {
     max_connections: Option<Spanned<i64>>,
     header_timeout: Option<Spanned<String>>,
     send_timeout: Option<Spanned<String>>,
-    tls: Option<Spanned<toml::Table>>,
+    tls: Option<Spanned<gateway::RawTls>>,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +359,8 @@ struct RawUpstream {
     idle_timeout: Option<Spanned<String>>,
     #[serde(default)]
     aliases: Vec<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -570,18 +592,9 @@ impl Validator<'_> {
         }
     }
 
-    fn unsupported<T>(&mut self, key: &str, at: &Option<Spanned<T>>, what: &str) {
-        if let Some(at) = at {
-            self.problem(
-                key,
-                at,
-                format!("{what} is not implemented in this version of pullgate yet"),
-            );
-        }
-    }
-
     fn validate(&mut self, raw: RawConfig, source: &str) -> Config {
-        self.unsupported("server.tls", &raw.server.tls, "serving TLS (server.tls)");
+        let tls = self.tls(raw.server.tls.as_ref());
+        let auth = self.auth(raw.auth.as_ref());
 
         let listen = match &raw.server.listen {
             Some(s) => self.addr("server.listen", s),
@@ -699,6 +712,7 @@ impl Validator<'_> {
             .map(|u| u.name.get_ref().as_str())
             .collect();
         let policies = self.policies(&raw.policy, &keys, &bases, &upstream_names);
+        let tenants = self.tenants(&raw.tenant, tls.as_ref(), auth.as_ref(), &upstream_names);
         let rewrites = self.rewrites(&raw.rewrite, &upstreams);
         let mut pins = Pins::default();
         if let Some(table) = &raw.pins {
@@ -729,6 +743,7 @@ impl Validator<'_> {
                 max_connections: max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                 header_timeout: header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT),
                 send_timeout: send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT),
+                tls,
             },
             admin,
             storage: StorageConfig {
@@ -744,6 +759,8 @@ impl Validator<'_> {
             pins,
             pins_file,
             bases,
+            auth,
+            tenants,
         }
     }
 
@@ -790,17 +807,40 @@ impl Validator<'_> {
                 Ok(url)
                     if (url.scheme() == "http" || url.scheme() == "https")
                         && url.host().is_some()
-                        && (url.path() == "/" || url.path().is_empty())
-                        && url.query().is_none() =>
+                        && url.query().is_none()
+                        && url.fragment().is_none()
+                        && url.username().is_empty()
+                        && url.password().is_none() =>
                 {
-                    Some(url)
+                    let prefix = url.path().trim_matches('/').to_owned();
+                    let prefix_ok = prefix.is_empty()
+                        || (!prefix.contains("//")
+                            && format!("{prefix}/x")
+                                .parse::<crate::oci::names::RepoName>()
+                                .is_ok()
+                            && prefix.split('/').next() != Some("v2"));
+                    if prefix_ok {
+                        let mut base = url.clone();
+                        base.set_path("/");
+                        Some((base, prefix))
+                    } else {
+                        self.problem(
+                            key("url"),
+                            &u.url,
+                            format!(
+                                "{:?}: the path must be a repository prefix (lowercase, e.g. \"https://gateway.corp:5443/docker.io\"), without /v2",
+                                u.url.get_ref()
+                            ),
+                        );
+                        None
+                    }
                 }
                 Ok(_) => {
                     self.problem(
                         key("url"),
                         &u.url,
                         format!(
-                            "{:?} must be an http:// or https:// URL with a host and no path",
+                            "{:?} must be an http:// or https:// URL with a host, and no query or credentials",
                             u.url.get_ref()
                         ),
                     );
@@ -811,6 +851,41 @@ impl Validator<'_> {
                         key("url"),
                         &u.url,
                         format!("{:?} is not a URL: {e}", u.url.get_ref()),
+                    );
+                    None
+                }
+            };
+            let client_identity = match (&u.client_cert, &u.client_key) {
+                (None, None) => None,
+                (Some(cert), Some(k)) => {
+                    let (cp, kp) = (self.path(cert.get_ref()), self.path(k.get_ref()));
+                    match crate::tls::certified_key(&cp, &kp) {
+                        Ok(_) => match (std::fs::read(&cp), std::fs::read(&kp)) {
+                            (Ok(mut pem), Ok(key_pem)) => {
+                                pem.push(b'\n');
+                                pem.extend_from_slice(&key_pem);
+                                Some(pem)
+                            }
+                            (Err(e), _) | (_, Err(e)) => {
+                                self.problem(key("client_cert"), cert, format!("cannot read: {e}"));
+                                None
+                            }
+                        },
+                        Err(e) => {
+                            let (k2, at) = match e.file {
+                                crate::tls::File::Key => (key("client_key"), k),
+                                _ => (key("client_cert"), cert),
+                            };
+                            self.problem(k2, at, e.message);
+                            None
+                        }
+                    }
+                }
+                (Some(at), None) | (None, Some(at)) => {
+                    self.problem(
+                        key("client_cert"),
+                        at,
+                        "client_cert and client_key go together (mTLS to the upstream)",
                     );
                     None
                 }
@@ -925,10 +1000,12 @@ impl Validator<'_> {
                 Some(s) => self.duration(&key("idle_timeout"), s),
                 None => Some(Duration::from_secs(60)),
             };
-            if let (Some(url), Some(idle_timeout)) = (url, idle_timeout) {
+            if let (Some((url, prefix)), Some(idle_timeout)) = (url, idle_timeout) {
                 out.push(UpstreamConfig {
                     name: name.clone(),
                     url,
+                    prefix,
+                    client_identity,
                     default: u.default,
                     aliases,
                     credentials,
@@ -983,6 +1060,48 @@ impl Validator<'_> {
         out
     }
 
+    /// Canonical-name patterns (`policy.match`, `tenant.repositories`):
+    /// each compiled, and one whose first segment names no upstream
+    /// refused (it could never match).
+    fn name_patterns(
+        &mut self,
+        key: &str,
+        list: &[Spanned<String>],
+        upstreams: &[&str],
+    ) -> (Vec<String>, GlobSetBuilder) {
+        let mut set = GlobSetBuilder::new();
+        let mut patterns = Vec::new();
+        for (j, pat) in list.iter().enumerate() {
+            // Names are `<upstream>/<repository>`: a pattern whose first
+            // segment is a plain word that names no upstream can never
+            // match, and a deny rule written so would silently do nothing.
+            let first = pat.get_ref().split('/').next().unwrap_or("");
+            let literal = !first.contains(['*', '?', '[', '{']);
+            if literal && !upstreams.contains(&first) {
+                self.problem(
+                    format!("{key}[{j}]"),
+                    pat,
+                    format!(
+                        "{:?} can never match: names start with the upstream ({}), e.g. \"{}/{}\"",
+                        pat.get_ref(),
+                        upstreams.join(", "),
+                        upstreams.first().copied().unwrap_or("docker.io"),
+                        pat.get_ref()
+                    ),
+                );
+                continue;
+            }
+            match compile_pattern(pat.get_ref()) {
+                Ok(g) => {
+                    set.add(g);
+                    patterns.push(pat.get_ref().clone());
+                }
+                Err(msg) => self.problem(format!("{key}[{j}]"), pat, msg),
+            }
+        }
+        (patterns, set)
+    }
+
     fn policies(
         &mut self,
         raw: &[RawPolicy],
@@ -1028,36 +1147,11 @@ impl Validator<'_> {
             if p.patterns.get_ref().is_empty() {
                 self.problem(key("match"), &p.patterns, "needs at least one pattern");
             }
-            let mut set = GlobSetBuilder::new();
-            let mut patterns = Vec::new();
-            for (j, pat) in p.patterns.get_ref().iter().enumerate() {
-                // Names are `<upstream>/<repository>`: a pattern whose first
-                // segment is a plain word that names no upstream can never
-                // match, and a deny rule written so would silently do nothing.
-                let first = pat.get_ref().split('/').next().unwrap_or("");
-                let literal = !first.contains(['*', '?', '[', '{']);
-                if literal && !upstreams.contains(&first) {
-                    self.problem(
-                        format!("policy[{i}].match[{j}]"),
-                        pat,
-                        format!(
-                            "{:?} can never match: names start with the upstream ({}), e.g. \"{}/{}\"",
-                            pat.get_ref(),
-                            upstreams.join(", "),
-                            upstreams.first().copied().unwrap_or("docker.io"),
-                            pat.get_ref()
-                        ),
-                    );
-                    continue;
-                }
-                match compile_pattern(pat.get_ref()) {
-                    Ok(g) => {
-                        set.add(g);
-                        patterns.push(pat.get_ref().clone());
-                    }
-                    Err(msg) => self.problem(format!("policy[{i}].match[{j}]"), pat, msg),
-                }
-            }
+            let (patterns, set) = self.name_patterns(
+                &format!("policy[{i}].match"),
+                p.patterns.get_ref(),
+                upstreams,
+            );
             let mut signed_by = Vec::new();
             if let Some(s) = &p.signed_by {
                 for name in s.get_ref() {
@@ -1641,11 +1735,11 @@ match = ["**"]
     }
 
     #[test]
-    fn features_of_later_versions_are_refused_not_ignored() {
+    fn tls_files_are_read_when_the_config_loads() {
         let err = parse(
             r#"
 [server]
-tls = { cert = "tls.crt", key = "tls.key" }
+tls = { cert = "no-such.crt", key = "tls.key" }
 [[upstream]]
 name = "ghcr.io"
 url = "https://ghcr.io"
@@ -1655,8 +1749,9 @@ match = ["**"]
 "#,
         )
         .unwrap_err();
-        assert_eq!(err.problems[0].key, "server.tls");
-        assert!(err.problems[0].message.contains("not implemented"));
+        assert_eq!(err.problems[0].key, "server.tls.cert");
+        assert!(err.problems[0].message.contains("cannot read"), "{err}");
+        assert!(err.problems[0].message.contains("no-such.crt"), "{err}");
     }
 
     const TWO_UPSTREAMS: &str = r#"

@@ -29,8 +29,9 @@ pub struct ApiError {
     pub message: String,
     pub detail: Option<serde_json::Value>,
     pub origin: Origin,
-    /// Passed on with 429 answers.
-    pub retry_after: Option<HeaderValue>,
+    /// A header the answer carries: `Retry-After` passed on with a 429,
+    /// the `WWW-Authenticate` challenge of a 401.
+    pub header: Option<Box<(http::HeaderName, HeaderValue)>>,
 }
 
 impl ApiError {
@@ -46,7 +47,7 @@ impl ApiError {
             message: message.into(),
             detail: None,
             origin,
-            retry_after: None,
+            header: None,
         }
     }
 
@@ -118,8 +119,9 @@ impl ApiError {
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::CONTENT_LENGTH, bytes.len())
             .header("Docker-Distribution-API-Version", "registry/2.0");
-        if let Some(ra) = self.retry_after {
-            r = r.header(header::RETRY_AFTER, ra);
+        if let Some(h) = self.header {
+            let (name, value) = *h;
+            r = r.header(name, value);
         }
         let b = if head {
             body::empty()

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::auth::{Gate, Identity};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
@@ -27,18 +28,27 @@ pub struct Generation {
     pub policies: Policies,
     /// One remote per configured upstream, in config order.
     pub remotes: Vec<Arc<dyn Remote>>,
+    /// Identities and tenants.
+    pub gate: Gate,
 }
 
 impl Generation {
-    pub fn build(config: Config, metrics: &Arc<Metrics>) -> Result<Generation, ClientError> {
+    /// `instance` is what this pullgate calls itself in the hop header.
+    pub fn build(
+        config: Config,
+        metrics: &Arc<Metrics>,
+        instance: &Arc<str>,
+    ) -> Result<Generation, ClientError> {
         let remotes = config
             .upstreams
             .iter()
             .map(|u| {
-                UpstreamClient::new(u, metrics.clone()).map(|c| Arc::new(c) as Arc<dyn Remote>)
+                UpstreamClient::new(u, metrics.clone(), instance.clone())
+                    .map(|c| Arc::new(c) as Arc<dyn Remote>)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Generation {
+            gate: Gate::new(&config, metrics),
             id: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             router: Router::for_upstreams(&config.upstreams),
             policies: Policies::new(config.policies.clone()),
@@ -49,12 +59,18 @@ impl Generation {
     }
 }
 
-/// Who is asking. Today every client is anonymous; the site gateway fills
-/// this from a client certificate or an htpasswd user.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Identity {
-    #[default]
-    Anonymous,
+/// The client end of a connection: its address, and the names of the
+/// certificate it verified with (TLS with `client_ca`).
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+    pub cert: Option<Arc<crate::tls::ClientCert>>,
+}
+
+impl Client {
+    pub fn anonymous(addr: SocketAddr) -> Client {
+        Client { addr, cert: None }
+    }
 }
 
 /// One request on its way through the pipeline.
@@ -66,6 +82,8 @@ pub struct Ctx {
     /// The client's address, for the audit log.
     pub peer: SocketAddr,
     pub identity: Identity,
+    /// The tenant of `identity`, when tenants are configured.
+    pub tenant: Option<Arc<str>>,
     pub head: bool,
     /// The decision in words, for `pullgate verify`; `None` for pulls.
     pub trace: Option<Arc<Trace>>,
@@ -79,6 +97,7 @@ impl Ctx {
             route,
             peer,
             identity: Identity::Anonymous,
+            tenant: None,
             head,
             trace: None,
         }

@@ -87,6 +87,8 @@ fn record(
     );
     r.rewritten_from = ctx.route.rewritten_from.clone();
     r.detail = verdict.detail.as_deref().map(str::to_owned);
+    r.identity = ctx.identity.shown();
+    r.tenant = ctx.tenant.as_deref().map(str::to_owned);
     r
 }
 

@@ -36,6 +36,20 @@ pub enum Error {
     BadPageSize(String),
     /// `artifactType` that is not a media type.
     BadArtifactType,
+    /// No identity where one is required: 401 with a Basic challenge.
+    Unauthenticated {
+        failure: crate::auth::AuthFailure,
+        certs: bool,
+        users: bool,
+    },
+    /// A name outside the tenant's repositories (or an identity of no
+    /// tenant): 403 `not-in-tenant`.
+    NotInTenant {
+        message: String,
+        tenant: Option<String>,
+    },
+    /// The request came round to this pullgate again, or passed too many.
+    Loop(String),
 }
 
 impl From<RouteError> for Error {
@@ -86,8 +100,44 @@ impl Error {
                 "UNSUPPORTED",
                 "artifactType is not a media type",
             ),
+            Error::Unauthenticated {
+                failure,
+                certs,
+                users,
+            } => {
+                let mut e = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    failure.message(certs, users),
+                );
+                e.header = Some(Box::new((
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Basic realm=\"pullgate\""),
+                )));
+                e
+            }
+            Error::NotInTenant { message, tenant } => {
+                ApiError::denied(message).with_detail(json!({
+                    "reasons": [crate::policy::Reason::NotInTenant.slug()],
+                    "tenant": tenant,
+                }))
+            }
+            Error::Loop(message) => {
+                ApiError::new(StatusCode::LOOP_DETECTED, "UNSUPPORTED", message)
+            }
         }
     }
+}
+
+/// What a client outside its tenant is told.
+pub fn not_in_tenant_message(identity: &str, tenant: Option<&str>, canonical: &str) -> String {
+    let why = match tenant {
+        Some(t) => format!(
+            "{canonical:?} is not among the repositories of tenant {t:?}, to which {identity} belongs"
+        ),
+        None => format!("{identity} belongs to no tenant, so it may pull nothing"),
+    };
+    format!("blocked: {why} [{}]", crate::policy::Reason::NotInTenant)
 }
 
 /// The `403 DENIED` answer (see docs/configuration.md).
@@ -142,7 +192,7 @@ fn content(e: ContentError) -> ApiError {
         } => match status {
             StatusCode::TOO_MANY_REQUESTS => {
                 let mut e = ApiError::new(status, "TOOMANYREQUESTS", message).from_upstream();
-                e.retry_after = retry_after;
+                e.header = retry_after.map(|v| Box::new((http::header::RETRY_AFTER, v)));
                 e
             }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {

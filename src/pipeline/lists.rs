@@ -36,7 +36,10 @@ pub async fn tags(app: &Arc<App>, ctx: &Ctx, query: Option<&str>) -> Result<Resp
         .tag_list(&*ctx.remote, &ctx.route.repo, &ctx.route.canonical, query)
         .await?;
     let link = link
-        .and_then(|l| respond::rewrite_link(&l, &ctx.route))
+        .and_then(|l| {
+            let prefix = &ctx.gen.config.upstreams[ctx.route.upstream].prefix;
+            respond::rewrite_link_behind(&l, &ctx.route, prefix)
+        })
         .and_then(|l| HeaderValue::from_str(&l).ok())
         .map(|l| (header::LINK, l));
     Ok(respond::json("application/json", bytes, link, ctx.head))

@@ -49,6 +49,7 @@ use crate::store::{FsStore, Store};
 use crate::verify::bases::{BaseTable, Refresher};
 use crate::verify::Verifier;
 use approved::Approved;
+pub use context::Client;
 use context::{Ctx, Generation};
 use errors::Error;
 use respond::query_param;
@@ -82,6 +83,10 @@ pub struct App {
     /// Blobs that approved manifests reference.
     approved: Approved,
     bases: Arc<Refresher>,
+    /// What this pullgate calls itself in the hop header.
+    pub instance: Arc<str>,
+    /// Slows clients that keep failing to authenticate.
+    throttle: crate::auth::Throttle,
 }
 
 impl App {
@@ -122,8 +127,11 @@ impl App {
             config.audit.approvals,
             metrics.clone(),
         )?;
-        let generation = Generation::build(config, &metrics)?;
+        let instance = crate::remote::new_instance_id();
+        let generation = Generation::build(config, &metrics, &instance)?;
         let app = Arc::new(App {
+            instance,
+            throttle: crate::auth::Throttle::default(),
             generation: ArcSwap::from_pointee(generation),
             content: Content::new(store.clone(), metrics.clone()),
             store,
@@ -194,7 +202,13 @@ impl App {
         let bases_changed = old.bases != config.bases
             || old.storage.base_keep != config.storage.base_keep
             || old.storage.base_refresh != config.storage.base_refresh;
-        let generation = Generation::build(config, &self.metrics)?;
+        if old.server.tls.is_some() != config.server.tls.is_some() {
+            notes.push(
+                "server.tls added or removed: restart to apply (a changed certificate applies now)"
+                    .to_owned(),
+            );
+        }
+        let generation = Generation::build(config, &self.metrics, &self.instance)?;
         self.generation.store(Arc::new(generation));
         if bases_changed {
             self.bases.wake();
@@ -257,7 +271,7 @@ impl App {
 
     /// Answers one client request. Never fails: errors become spec JSON.
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>, peer: SocketAddr) -> Response<Body> {
-        self.serve(req, peer, None).await
+        self.serve(req, Client::anonymous(peer), None).await
     }
 
     /// [`App::handle`] on a connection whose cached blobs can go out with
@@ -265,9 +279,10 @@ impl App {
     pub async fn serve<B>(
         self: Arc<Self>,
         req: Request<B>,
-        peer: SocketAddr,
+        client: Client,
         zero_copy: Option<crate::zerocopy::Queue>,
     ) -> Response<Body> {
+        let peer = client.addr;
         let started = Instant::now();
         let span = tracing::info_span!(
             "request",
@@ -283,6 +298,7 @@ impl App {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
+        let mut tenant = None;
         let (kind, result) = if header_bytes > MAX_HEADER_BYTES {
             let e = Error::HeadersTooLarge {
                 bytes: header_bytes,
@@ -290,7 +306,7 @@ impl App {
             };
             ("other", Err(e))
         } else {
-            self.dispatch(&req, peer, zero_copy)
+            self.dispatch(&req, &client, zero_copy, &mut tenant)
                 .instrument(span.clone())
                 .await
         };
@@ -319,6 +335,12 @@ impl App {
         );
         let status = resp.status();
         self.metrics.request(kind, status);
+        if let Some(t) = &tenant {
+            self.metrics
+                .tenant_requests
+                .with_label_values(&[t, kind, status.as_str()])
+                .inc();
+        }
         if kind == "manifest" {
             self.metrics
                 .manifest_duration
@@ -335,16 +357,30 @@ impl App {
         resp
     }
 
-    /// Routes a request and runs its step.
+    /// Identifies the client, routes the request and runs its step;
+    /// `tenant` is set to the client's tenant once known.
     async fn dispatch<B>(
         self: &Arc<Self>,
         req: &Request<B>,
-        peer: SocketAddr,
+        client: &Client,
         zero_copy: Option<crate::zerocopy::Queue>,
+        tenant: &mut Option<Arc<str>>,
     ) -> (&'static str, Result<Response<Body>, Error>) {
+        let peer = client.addr;
         let method = req.method();
         let readonly = method == Method::GET || method == Method::HEAD;
         let head = method == Method::HEAD;
+        let gen = self.generation.load_full();
+        let identity = match self.identify(&gen, req.headers(), client).await {
+            Ok(i) => i,
+            Err(e) => return ("other", Err(e)),
+        };
+        let hops = match self.hops(req.headers()) {
+            Ok(h) => h,
+            Err(e) => return ("other", Err(e)),
+        };
+        let tenant_config = gen.gate.tenant_of(&identity);
+        *tenant = tenant_config.map(|t| t.name.clone());
         let (name, target) = match parse_path(req.uri().path()) {
             Ok(PathKind::Repo { name, target }) => (name, target),
             Ok(PathKind::Base) if readonly => return ("base", Ok(version_check(head))),
@@ -356,12 +392,22 @@ impl App {
         if !readonly {
             return (kind, Err(Error::ReadOnly));
         }
-        let gen = self.generation.load_full();
         let query = req.uri().query();
         let mut route = match gen.router.route(&name, query_param(query, "ns")) {
             Ok(r) => r,
             Err(e) => return (kind, Err(e.into())),
         };
+        // The name the client asked for, before any rewrite, and before
+        // anything else is done for it.
+        if gen.gate.has_tenants() {
+            let allowed = tenant_config.is_some_and(|t| t.repo_matcher.is_match(&route.canonical));
+            if !allowed {
+                return (
+                    kind,
+                    Err(self.not_in_tenant(&identity, tenant_config, &route, kind, peer)),
+                );
+            }
+        }
         if !gen.rewrites.is_empty() {
             if let Some(to) = gen.rewrites.apply(&route.canonical) {
                 route = match gen.router.rewritten(route, &to) {
@@ -380,7 +426,15 @@ impl App {
                 Target::TagsList => &span,
             };
         }
-        let ctx = Ctx::new(gen, route, peer, head);
+        let mut ctx = Ctx::new(gen, route, peer, head);
+        if let Some(hops) = hops {
+            ctx.remote = Arc::new(crate::remote::Hopped {
+                inner: ctx.remote,
+                hops,
+            });
+        }
+        ctx.identity = identity;
+        ctx.tenant = tenant.clone();
         let result = match target {
             Target::Manifest(reference) => {
                 manifests::get(self, &ctx, reference, req.headers()).await
@@ -390,6 +444,116 @@ impl App {
             Target::Referrers(digest) => lists::referrers(self, &ctx, digest, query).await,
         };
         (kind, result)
+    }
+}
+
+impl App {
+    /// The client's identity, or the 401 it gets (slowed down when its
+    /// address keeps failing).
+    async fn identify(
+        &self,
+        gen: &Generation,
+        headers: &http::HeaderMap,
+        client: &Client,
+    ) -> Result<crate::auth::Identity, Error> {
+        match gen.gate.identify(headers, client.cert.as_ref()).await {
+            Ok(identity) => {
+                if gen.gate.required() {
+                    self.throttle.succeeded(client.addr.ip());
+                }
+                Ok(identity)
+            }
+            Err(failure) => {
+                self.metrics
+                    .auth_failures
+                    .with_label_values(&[failure.slug()])
+                    .inc();
+                if failure != crate::auth::AuthFailure::Missing {
+                    let wait = self.throttle.failed(client.addr.ip());
+                    tracing::info!(peer = %client.addr, reason = failure.slug(), wait_ms = wait.as_millis() as u64, "authentication failed");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(Error::Unauthenticated {
+                    failure,
+                    certs: gen.gate.accepts_certs(),
+                    users: gen.gate.accepts_users(),
+                })
+            }
+        }
+    }
+
+    /// The hops a request came through (its hop header), refused when
+    /// this pullgate is among them or there are too many.
+    fn hops(&self, headers: &http::HeaderMap) -> Result<Option<String>, Error> {
+        let mut seen = 0;
+        let mut all = Vec::new();
+        for v in headers.get_all(crate::remote::HOP_HEADER) {
+            let Ok(v) = v.to_str() else { continue };
+            for hop in v.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+                seen += 1;
+                if hop == &*self.instance {
+                    self.metrics.loops_refused.inc();
+                    return Err(Error::Loop(format!(
+                        "this request came round to this pullgate ({}) again: its upstreams lead back to it (hops: {})",
+                        self.instance,
+                        v.trim()
+                    )));
+                }
+                all.push(hop);
+            }
+        }
+        if seen >= crate::remote::MAX_HOPS {
+            self.metrics.loops_refused.inc();
+            return Err(Error::Loop(format!(
+                "this request passed {seen} pullgates already (at most {} are allowed): do the upstreams loop?",
+                crate::remote::MAX_HOPS
+            )));
+        }
+        Ok((!all.is_empty()).then(|| all.join(", ")))
+    }
+
+    /// Records and counts a name outside the client's tenant.
+    fn not_in_tenant(
+        &self,
+        identity: &crate::auth::Identity,
+        tenant: Option<&crate::config::TenantConfig>,
+        route: &crate::route::Route,
+        kind: &str,
+        peer: SocketAddr,
+    ) -> Error {
+        let identity = identity
+            .shown()
+            .unwrap_or_else(|| "an anonymous client".into());
+        let message =
+            errors::not_in_tenant_message(&identity, tenant.map(|t| &*t.name), &route.canonical);
+        if kind == "manifest" {
+            self.metrics
+                .blocked_pulls
+                .with_label_values(&[
+                    &*route.upstream_name,
+                    crate::policy::Reason::NotInTenant.slug(),
+                    "enforce",
+                ])
+                .inc();
+        }
+        let mut r = crate::audit::Record::new(
+            peer,
+            &route.canonical,
+            "",
+            None,
+            None,
+            crate::config::Mode::Enforce,
+            &[crate::policy::Reason::NotInTenant],
+            message.clone(),
+        );
+        r.identity = Some(identity);
+        r.tenant = tenant.map(|t| t.name.to_string());
+        self.audit.record(r);
+        tracing::info!(canonical = %route.canonical, "pull denied: not in the client's tenant");
+        Error::NotInTenant {
+            message,
+            tenant: tenant.map(|t| t.name.to_string()),
+        }
     }
 }
 

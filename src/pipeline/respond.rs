@@ -168,12 +168,22 @@ pub fn json(
 /// any `ns` the upstream put there is dropped, so that no upstream can send
 /// a client's next page to another upstream.
 pub fn rewrite_link(link: &str, route: &Route) -> Option<String> {
+    rewrite_link_behind(link, route, "")
+}
+
+/// [`rewrite_link`] for an upstream that serves the repository under
+/// `prefix` (a gateway pullgate, a Harbor proxy project).
+pub fn rewrite_link_behind(link: &str, route: &Route, prefix: &str) -> Option<String> {
     let start = link.find('<')? + 1;
     let end = link[start..].find('>')? + start;
     let target = &link[start..end];
     let path_start = target.find("/v2/")?;
     let path = &target[path_start..];
-    let upstream_prefix = format!("/v2/{}/", route.repo);
+    let upstream_prefix = if prefix.is_empty() {
+        format!("/v2/{}/", route.repo)
+    } else {
+        format!("/v2/{prefix}/{}/", route.repo)
+    };
     let rest = path.strip_prefix(&upstream_prefix)?;
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     // The next page of a tag list, and nothing else of the repository.
@@ -295,6 +305,15 @@ mod tests {
             "a Link elsewhere is dropped"
         );
         let plain = router.route(&"acme/app".parse().unwrap(), None).unwrap();
+        let behind = rewrite_link_behind(
+            "</v2/ghcr.io/acme/app/tags/list?n=1&last=a>; rel=\"next\"",
+            &route,
+            "ghcr.io",
+        )
+        .unwrap();
+        assert!(behind.starts_with("</v2/"), "{behind}");
+        assert!(!behind.contains("ghcr.io/ghcr.io"), "{behind}");
+        assert!(rewrite_link_behind("</v2/acme/app/tags/list?n=1>", &route, "ghcr.io").is_none());
         let l = rewrite_link("</v2/acme/app/tags/list?ns=ghcr.io>; rel=\"next\"", &plain);
         assert_eq!(l.unwrap(), "</v2/acme/app/tags/list>; rel=\"next\"");
     }

@@ -45,6 +45,21 @@ impl std::fmt::Display for Endpoint<'_> {
     }
 }
 
+/// The header in which each pullgate names itself to its upstream, after
+/// the names its own client's request came with: `node-a1b2, gw-c3d4`.
+pub const HOP_HEADER: &str = "pullgate-hop";
+
+/// Most pullgates a request may have passed through.
+pub const MAX_HOPS: usize = 8;
+
+/// A name for this pullgate in hop headers: random, so that two
+/// processes (or two in one test) never share one.
+pub fn new_instance_id() -> Arc<str> {
+    let mut b = [0u8; 6];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    format!("pullgate-{}", hex::encode(b)).into()
+}
+
 /// One request to a remote.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
@@ -54,6 +69,8 @@ pub struct Request<'a> {
     pub accept: Option<HeaderValue>,
     /// A query string the caller built from validated parts.
     pub query: Option<String>,
+    /// The hops the client's request came through (its hop header).
+    pub hops: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -64,6 +81,7 @@ impl<'a> Request<'a> {
             endpoint,
             accept: None,
             query: None,
+            hops: None,
         }
     }
 
@@ -122,6 +140,25 @@ pub enum BodyError {
     /// More than the limit.
     #[error("over the limit")]
     TooLarge,
+}
+
+/// A remote reached for a request that came through other pullgates:
+/// their hops go upstream ahead of this one's, so a loop of chained
+/// pullgates is seen by the first of them when the request comes round.
+pub struct Hopped {
+    pub inner: Arc<dyn Remote>,
+    pub hops: String,
+}
+
+impl Remote for Hopped {
+    fn name(&self) -> &Arc<str> {
+        self.inner.name()
+    }
+
+    fn send<'a>(&'a self, mut req: Request<'a>) -> BoxFuture<'a, Result<Response, RemoteError>> {
+        req.hops = Some(&self.hops);
+        self.inner.send(req)
+    }
 }
 
 /// A source of registry content.

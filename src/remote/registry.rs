@@ -58,6 +58,11 @@ pub struct UpstreamClient {
     challenge: Mutex<Option<Challenge>>,
     pub idle_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// The repository path the upstream serves under (`docker.io` for a
+    /// gateway pullgate's `/v2/docker.io/...`); empty for a registry.
+    prefix: String,
+    /// What this pullgate calls itself in the hop header.
+    instance: Arc<str>,
 }
 
 /// What to send along with a request.
@@ -65,6 +70,9 @@ pub struct UpstreamClient {
 struct RequestOptions {
     accept: Option<HeaderValue>,
     query: Option<String>,
+    /// The hop header: the hops the client's request came through, and
+    /// this pullgate.
+    hops: Option<HeaderValue>,
 }
 
 /// Why a client for an upstream cannot be built.
@@ -77,7 +85,11 @@ pub enum ClientError {
 }
 
 impl UpstreamClient {
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<UpstreamClient, ClientError> {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+        instance: Arc<str>,
+    ) -> Result<UpstreamClient, ClientError> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
@@ -93,6 +105,13 @@ impl UpstreamClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
+        if let Some(pem) = &cfg.client_identity {
+            let identity = reqwest::Identity::from_pem(pem).map_err(|e| ClientError::Build {
+                upstream: cfg.name.clone(),
+                message: format!("client_cert/client_key: {}", error_chain(&e)),
+            })?;
+            builder = builder.identity(identity);
+        }
         let http = builder.build().map_err(|e| ClientError::Build {
             upstream: cfg.name.clone(),
             message: error_chain(&e),
@@ -106,6 +125,8 @@ impl UpstreamClient {
             challenge: Mutex::new(None),
             idle_timeout: cfg.idle_timeout,
             metrics,
+            prefix: cfg.prefix.clone(),
+            instance,
         })
     }
 
@@ -120,14 +141,21 @@ impl UpstreamClient {
         path: &str,
         opts: &RequestOptions,
     ) -> Result<reqwest::Response, UpstreamError> {
+        // Behind a prefix, the repository is the prefix's: in the path
+        // and in the token scope alike.
+        let there = if self.prefix.is_empty() {
+            repo.to_string()
+        } else {
+            format!("{}/{repo}", self.prefix)
+        };
         let mut url = self
             .base
-            .join(&format!("/v2/{repo}/{path}"))
+            .join(&format!("/v2/{there}/{path}"))
             .map_err(|e| self.unreachable(e.to_string()))?;
         if let Some(q) = &opts.query {
             url.set_query(Some(q));
         }
-        let scope = format!("repository:{repo}:pull");
+        let scope = format!("repository:{there}:pull");
         let mut auth = self.auth_for(&scope).await?;
         let mut retried = false;
         loop {
@@ -280,9 +308,12 @@ impl UpstreamClient {
             if let Some(a) = &opts.accept {
                 headers.insert(header::ACCEPT, a.clone());
             }
-            if let Some(a) = auth {
-                if same_origin(&self.base, &url) {
+            if same_origin(&self.base, &url) {
+                if let Some(a) = auth {
                     headers.insert(header::AUTHORIZATION, a.clone());
+                }
+                if let Some(h) = &opts.hops {
+                    headers.insert(super::HOP_HEADER, h.clone());
                 }
             }
             let started = Instant::now();
@@ -372,9 +403,14 @@ impl Remote for UpstreamClient {
 
     fn send<'a>(&'a self, req: Request<'a>) -> BoxFuture<'a, Result<Response, UpstreamError>> {
         async move {
+            let hops = match req.hops {
+                Some(before) => format!("{before}, {}", self.instance),
+                None => self.instance.to_string(),
+            };
             let opts = RequestOptions {
                 accept: req.accept,
                 query: req.query,
+                hops: HeaderValue::from_str(&hops).ok(),
             };
             let path = req.endpoint.to_string();
             let resp = self.send_raw(req.method, req.repo, &path, &opts).await?;

@@ -5,10 +5,16 @@
 //! On shutdown it stops accepting, lets requests in flight finish for up to
 //! the configured grace period, then closes what is left. Connections are
 //! bounded (`server.max_connections`, `header_timeout`, `send_timeout`;
-//! see [`conn`]) and wrapped so that cached blobs can be sent with
-//! `sendfile` (see `zerocopy`). A handler that panics is answered 500 and
-//! counted; the process and its other connections go on. The admin
-//! endpoints are in [`admin`]. Depends on `pipeline`, `zerocopy`, `body`,
+//! see [`conn`]). A plain listener speaks HTTP/1.1, and HTTP/2 to a client
+//! that opens with its preface (h2c with prior knowledge); its HTTP/1.1
+//! connections send cached blobs with `sendfile` (see `zerocopy`). With
+//! `server.tls` every connection is TLS 1.2/1.3 (rustls), HTTP/2 or
+//! HTTP/1.1 as ALPN agrees, with the client certificate's names passed on
+//! to the pipeline; each handshake uses the TLS setup of the config in
+//! force, so a certificate reloaded on SIGHUP serves new connections while
+//! open ones go on. A handler that panics is answered 500 and counted;
+//! the process and its other connections go on. The admin endpoints are
+//! in [`admin`]. Depends on `pipeline`, `tls`, `zerocopy`, `body`,
 //! `metrics`.
 
 mod admin;
@@ -25,9 +31,9 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
@@ -35,8 +41,14 @@ use tokio::sync::{watch, Semaphore};
 use crate::body::Body;
 use crate::metrics::Metrics;
 use crate::oci::ApiError;
-use crate::pipeline::App;
+use crate::pipeline::{App, Client};
 use crate::zerocopy::{self, Queue};
+
+/// The HTTP/2 connection preface, which an h2c client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Streams one HTTP/2 connection may have open at once.
+const H2_MAX_STREAMS: u32 = 256;
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -70,6 +82,10 @@ struct Limits {
     send_timeout: Duration,
     metrics: Arc<Metrics>,
 }
+
+/// Where a connection's TLS setup comes from: the config in force when
+/// it connects.
+type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
 
 impl Limits {
     fn new(app: &App, max: usize) -> Limits {
@@ -123,24 +139,48 @@ impl ShutdownTrigger {
 
 /// Serves the registry API on `listener` until `shutdown`.
 /// Its connections are bounded as `[server]` says when it starts.
+/// With `server.tls` at start, every connection is TLS.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Shutdown, grace: Duration) {
     let limits = Limits::new(&app, app.config().server.max_connections);
-    let handler = move |req: Request<Incoming>, peer: SocketAddr, queue: Queue| {
+    let tls: Option<TlsSource> = app.config().server.tls.as_ref().map(|first| {
+        let first = first.rustls.clone();
         let app = app.clone();
-        // Cached blobs go out with sendfile through this connection's queue.
-        app.serve(req, peer, Some(queue))
+        Arc::new(move || {
+            // A reload that dropped server.tls needs a restart: until
+            // then the listener stays TLS with the setup it had.
+            app.config()
+                .server
+                .tls
+                .as_ref()
+                .map_or_else(|| first.clone(), |t| t.rustls.clone())
+        }) as TlsSource
+    });
+    let handler = move |req: Request<Incoming>, client: Client, queue: Option<Queue>| {
+        let app = app.clone();
+        // Cached blobs go out with sendfile through an HTTP/1.1
+        // connection's queue; HTTP/2 frames its bodies itself.
+        let queue = queue.filter(|_| req.version() != http::Version::HTTP_2);
+        app.serve(req, client, queue)
     };
-    accept_loop(listener, handler, limits, shutdown, grace).await;
+    accept_loop(listener, handler, limits, tls, shutdown, grace).await;
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
 pub async fn serve_admin(listener: TcpListener, app: Arc<App>, shutdown: Shutdown) {
     let limits = Limits::new(&app, ADMIN_MAX_CONNECTIONS);
-    let handler = move |req: Request<Incoming>, _peer: SocketAddr, _queue: Queue| {
+    let handler = move |req: Request<Incoming>, _client: Client, _queue: Option<Queue>| {
         let app = app.clone();
         async move { admin::answer(&app, req).await }
     };
-    accept_loop(listener, handler, limits, shutdown, Duration::from_secs(1)).await;
+    accept_loop(
+        listener,
+        handler,
+        limits,
+        None,
+        shutdown,
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 /// Runs a handler; a panic in it becomes a 500 (and a count and a log
@@ -171,10 +211,11 @@ async fn accept_loop<H, F>(
     listener: TcpListener,
     handler: H,
     limits: Limits,
+    tls: Option<TlsSource>,
     shutdown: Shutdown,
     grace: Duration,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr, Queue) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Client, Option<Queue>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -205,36 +246,56 @@ async fn accept_loop<H, F>(
             metrics: limits.metrics.clone(),
         };
         let _ = stream.set_nodelay(true);
-        let (stream, queue) = zerocopy::Stream::new(stream);
-        let stream = conn::Guarded::new(stream, limits.send_timeout, limits.metrics.clone());
         let handler = handler.clone();
-        let metrics = limits.metrics.clone();
-        let service =
-            service_fn(move |req| guarded(handler(req, peer, queue.clone()), metrics.clone()));
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .max_headers(conn::MAX_HEADERS)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        let metrics = limits.metrics.clone();
+        let limits = limits.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.as_ref().map(|source| source());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
-                if e.is_timeout() {
-                    metrics
-                        .connection_timeouts
-                        .with_label_values(&["header"])
-                        .inc();
-                } else if e.is_parse_too_large() {
-                    // Answered 431 by hyper (in pullgate's words, see `conn`).
-                    metrics.request("other", http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-                } else if e.is_parse() && !e.is_parse_version_h2() {
-                    // Answered 400 (414 for a long path), an HTTP/2 preface aside.
-                    metrics.request("other", http::StatusCode::BAD_REQUEST);
+            let client = Client {
+                addr: peer,
+                cert: None,
+            };
+            match tls {
+                None => {
+                    let h2 = starts_with_preface(&stream, limits.header_timeout).await;
+                    let (stream, queue) = zerocopy::Stream::new(stream);
+                    let io =
+                        conn::Guarded::new(stream, limits.send_timeout, limits.metrics.clone());
+                    connection(io, h2, client, Some(queue), handler, &limits, watcher).await;
                 }
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                Some(config) => {
+                    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+                    let stream = match tokio::time::timeout(limits.header_timeout, accept).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            limits.metrics.tls_handshake_failures.inc();
+                            tracing::info!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            limits.metrics.tls_handshake_failures.inc();
+                            tracing::info!(%peer, "TLS handshake failed: not done within server.header_timeout");
+                            return;
+                        }
+                    };
+                    let (_, session) = stream.get_ref();
+                    let h2 = session.alpn_protocol() == Some(b"h2");
+                    let cert = session
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|der| match crate::tls::client_cert(der) {
+                            Ok(c) => Some(Arc::new(c)),
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "a verified client certificate could not be read: treated as none");
+                                None
+                            }
+                        });
+                    let client = Client { addr: peer, cert };
+                    let io =
+                        conn::Guarded::new(stream, limits.send_timeout, limits.metrics.clone());
+                    connection(io, h2, client, None, handler, &limits, watcher).await;
+                }
             }
         });
     }
@@ -244,6 +305,88 @@ async fn accept_loop<H, F>(
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_secs = grace.as_secs(), "closing connections still busy after the grace period");
         }
+    }
+}
+
+/// Whether a plain connection opens with the HTTP/2 preface (h2c with
+/// prior knowledge). Peeks, so nothing is consumed; an HTTP/1.1 request
+/// differs from the preface within its first two bytes. A client that
+/// sends nothing is left to hyper's header timeout, as HTTP/1.1.
+async fn starts_with_preface(stream: &tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let look = async {
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if buf[..n] != H2_PREFACE[..n] {
+                return false;
+            }
+            if n == H2_PREFACE.len() {
+                return true;
+            }
+            // A preface split across packets: wait for the rest.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(within, look).await.unwrap_or(false)
+}
+
+/// Serves one connection (HTTP/2 when `h2`, else HTTP/1.1) until it
+/// closes, and counts how it ended.
+async fn connection<I, H, F>(
+    io: I,
+    h2: bool,
+    client: Client,
+    queue: Option<Queue>,
+    handler: H,
+    limits: &Limits,
+    graceful: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Client, Option<Queue>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let metrics = limits.metrics.clone();
+    let peer = client.addr;
+    let service = service_fn(move |req| {
+        guarded(handler(req, client.clone(), queue.clone()), metrics.clone())
+    });
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .keep_alive_interval(Some(limits.header_timeout))
+            .keep_alive_timeout(limits.send_timeout)
+            .serve_connection(io, service);
+        graceful.watch(conn).await
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(conn::MAX_HEADERS)
+            .serve_connection(io, service);
+        graceful.watch(conn).await
+    };
+    if let Err(e) = result {
+        let metrics = &limits.metrics;
+        if e.is_timeout() {
+            metrics
+                .connection_timeouts
+                .with_label_values(&["header"])
+                .inc();
+        } else if e.is_parse_too_large() {
+            // Answered 431 by hyper (in pullgate's words, see `conn`).
+            metrics.request("other", http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        } else if e.is_parse() && !e.is_parse_version_h2() {
+            // Answered 400 (414 for a long path).
+            metrics.request("other", http::StatusCode::BAD_REQUEST);
+        }
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -274,7 +417,7 @@ mod tests {
             send_timeout: Duration::from_secs(5),
             metrics: metrics.clone(),
         };
-        let handler = |req: Request<Incoming>, _: SocketAddr, _: Queue| async move {
+        let handler = |req: Request<Incoming>, _: Client, _: Option<Queue>| async move {
             if req.uri().path() == "/panic" {
                 panic!("a bug, on purpose");
             }
@@ -287,6 +430,7 @@ mod tests {
             listener,
             handler,
             limits,
+            None,
             shutdown,
             Duration::from_secs(1),
         ));
