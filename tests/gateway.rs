@@ -466,6 +466,40 @@ async fn skopeo_pulls_from_the_gateway_with_a_client_certificate_or_a_password()
             "alice:alice-pw",
         ],
     ));
+    // `skopeo login` (containers/image's login, which podman login uses):
+    // refused with a wrong password, then stored and used by copy.
+    let auth_file = w.join("auth.json");
+    let login = |password: &str| {
+        let mut c = real::skopeo(w);
+        c.args([
+            "login",
+            "--cert-dir",
+            ca_only.to_str().unwrap(),
+            "-u",
+            "bob",
+            "-p",
+            password,
+        ])
+        .arg("--authfile")
+        .arg(&auth_file)
+        .arg(&host);
+        c
+    };
+    let e = run_failing(&mut login("wrong"));
+    assert!(e.contains("invalid username/password"), "{e}");
+    let said = run(&mut login("bob-pw"));
+    assert!(said.contains("Login Succeeded"), "{said}");
+    run(&mut copy(
+        "team-b/app:v1",
+        &w.join("after-login"),
+        &[
+            "--src-cert-dir",
+            ca_only.to_str().unwrap(),
+            "--src-authfile",
+            auth_file.to_str().unwrap(),
+        ],
+    ));
+
     // The other tenant's image, a wrong password, no identity.
     let e = run_failing(&mut copy(
         "team-b/app:v1",

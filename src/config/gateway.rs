@@ -240,3 +240,115 @@ pub fn client_pattern(pattern: &str) -> Result<globset::Glob, String> {
 pub fn dns_as_path(name: &str) -> String {
     name.replace('.', "/")
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const UPSTREAM: &str = "[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n";
+
+    fn problems(text: &str, dir: &std::path::Path) -> Vec<(String, String)> {
+        Config::parse(text, "test.toml", dir)
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|p| (p.key, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn tenant_mistakes_are_config_problems_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        std::fs::write(dir.path().join("users"), format!("alice:{hash}\n")).unwrap();
+        let text = format!(
+            "{UPSTREAM}[auth]\nhtpasswd = \"users\"\n\
+             [[tenant]]\nname = \"a\"\nusers = [\"alice\"]\nrepositories = [\"docker.io/a/**\"]\n\
+             [[tenant]]\nname = \"b\"\nusers = [\"alice\"]\nclients = [\"*.b.example\"]\nrepositories = [\"quay.io/b/**\", \"docker.io/[b\"]\n\
+             [[tenant]]\nname = \"no one\"\nrepositories = [\"**\"]\n"
+        );
+        let p = problems(&text, dir.path());
+        let has = |key: &str, words: &str| p.iter().any(|(k, m)| k == key && m.contains(words));
+        assert!(
+            has("tenant[1].users[0]", "already in tenant \"a\""),
+            "{p:?}"
+        );
+        assert!(
+            has("tenant[1].clients[0]", "needs [server] tls with client_ca"),
+            "{p:?}"
+        );
+        assert!(has("tenant[1].repositories[0]", "can never match"), "{p:?}");
+        assert!(
+            has("tenant[1].repositories[1]", "not a valid pattern"),
+            "{p:?}"
+        );
+        assert!(has("tenant[2].name", "not a tenant name"), "{p:?}");
+        assert!(has("tenant[2].name", "needs users"), "{p:?}");
+    }
+
+    #[test]
+    fn users_need_an_htpasswd_file_of_bcrypt_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("users"), "alice:$apr1$x$y\n").unwrap();
+        let p = problems(
+            &format!("{UPSTREAM}[auth]\nhtpasswd = \"users\"\n"),
+            dir.path(),
+        );
+        assert_eq!(p[0].0, "auth.htpasswd");
+        assert!(p[0].1.contains("htpasswd -B"), "{p:?}");
+        let p = problems(
+            &format!("{UPSTREAM}[[tenant]]\nname = \"a\"\nusers = [\"alice\"]\nrepositories = [\"**\"]\n"),
+            dir.path(),
+        );
+        assert!(p[0].1.contains("needs [auth] htpasswd"), "{p:?}");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_a_key_that_is_the_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = problems(
+            &format!("[server]\ntls = {{ cert = \"tls.crt\" }}\n{UPSTREAM}"),
+            dir.path(),
+        );
+        assert_eq!(p[0].0, "server.tls");
+        assert!(p[0].1.contains("needs cert and key"), "{p:?}");
+        let p = problems(
+            &format!("[server]\ntls = {{ cert = \"tls.crt\", key = \"tls.key\", client_ca = \"ca.pem\", ca = \"x\" }}\n{UPSTREAM}"),
+            dir.path(),
+        );
+        assert!(
+            p.iter().any(|(k, _)| k == "server.tls.ca"),
+            "unknown key: {p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|(k, m)| k == "server.tls.cert" && m.contains("cannot read")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn an_upstream_path_is_a_repository_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::parse(
+            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://gw.corp:5443/docker.io/\"\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+            "t",
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].prefix, "docker.io");
+        assert_eq!(c.upstreams[0].url.as_str(), "https://gw.corp:5443/");
+        for bad in [
+            "https://gw/v2/docker.io",
+            "https://gw/Docker.io",
+            "https://gw/a//b",
+            "https://u:p@gw/",
+        ] {
+            let p = problems(
+                &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{bad}\"\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n"),
+                dir.path(),
+            );
+            assert_eq!(p[0].0, "upstream[0].url", "{bad}: {p:?}");
+        }
+    }
+}
