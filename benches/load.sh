@@ -7,10 +7,12 @@
 #   benches/load.sh                 # full run (1 GiB blob, 10 s per wrk run)
 #   BLOB_MIB=256 DURATION=5 benches/load.sh
 #   PG_WORKERS=2 benches/load.sh    # pullgate with two worker threads (default 1, as nginx)
+#   TLS=0 benches/load.sh           # leave out the TLS part (the site gateway's)
 #
 # Prints a table and the ratios that BENCHMARKS.md records. Needs the Debian
-# packages docker-registry, skopeo, nginx-light, wrk, curl (installed when
-# missing) and a release build of pullgate (built here).
+# packages docker-registry, skopeo, nginx-light, wrk, curl, nghttp2-client
+# (h2load), apache2-utils (htpasswd), openssl (installed when missing) and a
+# release build of pullgate (built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +24,11 @@ COLD_MIB=${COLD_MIB:-256}
 COLD_CLIENTS=${COLD_CLIENTS:-32}
 # pullgate's worker threads; 1 matches nginx's one worker process.
 PG_WORKERS=${PG_WORKERS:-1}
+TLS=${TLS:-1}
 
 need=()
-for tool in docker-registry:docker-registry skopeo:skopeo nginx:nginx-light wrk:wrk curl:curl python3:python3; do
+for tool in docker-registry:docker-registry skopeo:skopeo nginx:nginx-light wrk:wrk curl:curl python3:python3 \
+            h2load:nghttp2-client htpasswd:apache2-utils openssl:openssl; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 if ((${#need[@]})); then
@@ -227,6 +231,32 @@ RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-rewrites.toml" > "$WORK
 PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PGR/v2/" >/dev/null && break; sleep 0.1; done
 
+# TLS: pullgate with server.tls (and a second one with htpasswd users as
+# well), nginx with a TLS server next to its plain one; one certificate
+# (ECDSA P-256) for all of them.
+NGT=$(port); PGT=$(port); PGTADMIN=$(port); PGU=$(port); PGUADMIN=$(port)
+mkdir -p "$WORK/tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=127.0.0.1 \
+  -addext "subjectAltName=IP:127.0.0.1" -keyout "$WORK/tls/key.pem" -out "$WORK/tls/cert.pem" 2>/dev/null
+chmod 644 "$WORK/tls/key.pem"   # nginx reads it as root, pullgate as this user: a throwaway key
+if [ "$TLS" = 1 ]; then
+  sed -e "s/127.0.0.1:$PG\"/127.0.0.1:$PGT\"/" -e "s/127.0.0.1:$PGADMIN\"/127.0.0.1:$PGTADMIN\"/" \
+      -e "s|$WORK/pullgate-data|$WORK/pullgate-tls-data|" \
+      -e "/^\[server\]/a tls = { cert = \"$WORK/tls/cert.pem\", key = \"$WORK/tls/key.pem\" }" \
+      "$WORK/pullgate.toml" > "$WORK/pullgate-tls.toml"
+  RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-tls.toml" > "$WORK/pullgate-tls.log" 2>&1 &
+  PGT_PID=$!; PIDS+=($PGT_PID)
+  htpasswd -B -C 10 -b -c "$WORK/users.htpasswd" bench bench-password 2>/dev/null
+  sed -e "s/127.0.0.1:$PGT\"/127.0.0.1:$PGU\"/" -e "s/127.0.0.1:$PGTADMIN\"/127.0.0.1:$PGUADMIN\"/" \
+      -e "s|$WORK/pullgate-tls-data|$WORK/pullgate-users-data|" "$WORK/pullgate-tls.toml" > "$WORK/pullgate-users.toml"
+  printf '[auth]\nhtpasswd = "%s"\n' "$WORK/users.htpasswd" >> "$WORK/pullgate-users.toml"
+  RUST_LOG=warn "$PULLGATE" serve --config "$WORK/pullgate-users.toml" > "$WORK/pullgate-users.log" 2>&1 &
+  PIDS+=($!)
+  for p in $PGT $PGU; do
+    for _ in $(seq 100); do curl -s --cacert "$WORK/tls/cert.pem" -o /dev/null "https://127.0.0.1:$p/v2/" && break; sleep 0.1; done
+  done
+fi
+
 # nginx: one worker, sendfile, the same manifest and blob bytes as files.
 mkdir -p "$WORK/static/v2/bench/app/manifests" "$WORK/static/v2/bench/app/blobs" "$WORK/nginx"
 cp "$WORK/layout/blobs/sha256/${SMALL_M#sha256:}" "$WORK/static/v2/bench/app/manifests/small"
@@ -247,6 +277,12 @@ http {
   client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx; fastcgi_temp_path $WORK/nginx;
   uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
   server { listen 127.0.0.1:$NG; root $WORK/static; }
+  server {
+    listen 127.0.0.1:$NGT ssl http2;
+    ssl_certificate $WORK/tls/cert.pem;
+    ssl_certificate_key $WORK/tls/key.pem;
+    root $WORK/static;
+  }
 }
 NGX
 nginx -c "$WORK/nginx/nginx.conf" &
@@ -386,6 +422,81 @@ wait "${clients[@]}"
 PG_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$PG_PID/status")
 
 ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+
+TLS_REPORT=""
+if [ "$TLS" = 1 ]; then
+  echo "load.sh: TLS: manifests (h2load, $CONNS connections, HTTP/2 and HTTP/1.1, ${DURATION}s each, $ROUNDS rounds, median)"
+  TA="https://127.0.0.1:$NGT/v2/bench/app"
+  TP="https://127.0.0.1:$PGT/v2/bench/app"
+  TU="https://127.0.0.1:$PGU/v2/bench/app"
+  BASIC="authorization: Basic $(printf 'bench:bench-password' | base64)"
+  for u in "$TP/manifests/small" "$TU/manifests/small" "$TP/blobs/$BIG_L"; do
+    curl -sS -f --cacert "$WORK/tls/cert.pem" -H "$ACCEPT" -H "$BASIC" -o /dev/null "$u" \
+      || { echo "load.sh: warming $u failed"; tail -n 20 "$WORK/pullgate-tls.log"; exit 1; }
+  done
+  for u in "$TA/manifests/small" "$TP/manifests/small" "$TA/blobs/$BIG_L" "$TP/blobs/$BIG_L"; do
+    code=$(curl -s --cacert "$WORK/tls/cert.pem" -o /dev/null -r 0-0 -w '%{http_code} %{http_version}' --http2 -H "$ACCEPT" "$u")
+    case "$code" in "200 2"|"206 2") ;; *) echo "load.sh: $u answered $code, not 200 over HTTP/2"; exit 1 ;; esac
+  done
+  h2_run() { # url [h2load args...] -> req/s; fails when any answer was not a 2xx
+    local url=$1 out; shift
+    out=$(h2load -c"$CONNS" -t2 -m1 -D"$DURATION" -H "$ACCEPT" "$@" "$url" 2>&1)
+    local ok bad
+    ok=$(awk '/^status codes:/ {print $3}' <<<"$out")
+    bad=$(awk '/^status codes:/ {print $5+$7+$9}' <<<"$out")
+    if [ -z "$ok" ] || [ "$ok" = 0 ] || [ "$bad" != 0 ]; then
+      echo "load.sh: $url gave errors:" >&2; echo "$out" >&2; exit 1
+    fi
+    awk '/^finished in/ {print $4}' <<<"$out"
+  }
+  declare -A tls
+  tlsorder=(N2 P2 N1 P1 U2)
+  for round in $(seq "$ROUNDS"); do
+    for k in 0 1 2 3 4; do
+      who=${tlsorder[$(( (round + k) % 5 ))]}
+      case $who in
+        N2) tls[N2]+="$(h2_run "$TA/manifests/small")"$'\n' ;;
+        P2) tls[P2]+="$(h2_run "$TP/manifests/small")"$'\n' ;;
+        N1) tls[N1]+="$(h2_run "$TA/manifests/small" --h1)"$'\n' ;;
+        P1) tls[P1]+="$(h2_run "$TP/manifests/small" --h1)"$'\n' ;;
+        U2) tls[U2]+="$(h2_run "$TU/manifests/small" -H "$BASIC")"$'\n' ;;
+      esac
+    done
+  done
+  for k in N2 P2 N1 P1 U2; do tls[$k]=$(printf '%s' "${tls[$k]}" | median); done
+  echo "load.sh: TLS: cached blob, one client (curl, HTTP/1.1 and HTTP/2)"
+  tls_blob() { # url curl-args... -> bytes/s, median of ROUNDS
+    local url=$1; shift
+    for _ in $(seq "$ROUNDS"); do
+      curl -sf --cacert "$WORK/tls/cert.pem" "$@" -o /dev/null -w '%{speed_download}\n' "$url"
+    done | sort -n | awk '{l[NR]=$0} END {print l[int((NR+1)/2)]}'
+  }
+  NB1=$(tls_blob "$TA/blobs/$BIG_L" --http1.1); PB1=$(tls_blob "$TP/blobs/$BIG_L" --http1.1)
+  NB2=$(tls_blob "$TA/blobs/$BIG_L" --http2); PB2=$(tls_blob "$TP/blobs/$BIG_L" --http2)
+  mb() { python3 -c "print(round($1/1e6))"; }
+  TLS_REPORT=$(cat <<TLSEOF
+TLS 1.3, ECDSA P-256, one certificate; h2load -c$CONNS -t2 -m1   req/s (median of $ROUNDS)
+  nginx HTTP/2          ${tls[N2]}
+  pullgate HTTP/2       ${tls[P2]}
+  nginx HTTP/1.1        ${tls[N1]}
+  pullgate HTTP/1.1     ${tls[P1]}
+  pullgate HTTP/2 users ${tls[U2]}   ([auth] htpasswd, bcrypt cost 10, Basic on every request)
+TLS cached blob, 1 client (curl)   MB/s
+  nginx HTTP/1.1 $(mb "$NB1")   HTTP/2 $(mb "$NB2")
+  pullgate HTTP/1.1 $(mb "$PB1")   HTTP/2 $(mb "$PB2")
+
+TLS ratios
+  pullgate / nginx over TLS, manifest by tag, HTTP/2:    $(ratio "${tls[P2]}" "${tls[N2]}")
+  pullgate / nginx over TLS, manifest by tag, HTTP/1.1:  $(ratio "${tls[P1]}" "${tls[N1]}")
+  pullgate HTTP/2 / HTTP/1.1 over TLS:                   $(ratio "${tls[P2]}" "${tls[P1]}")
+  nginx HTTP/2 / HTTP/1.1 over TLS:                      $(ratio "${tls[N2]}" "${tls[N1]}")
+  htpasswd users on / off (TLS, HTTP/2):                 $(ratio "${tls[U2]}" "${tls[P2]}")
+  pullgate / nginx over TLS, blob, HTTP/1.1:             $(ratio "$PB1" "$NB1")
+  pullgate / nginx over TLS, blob, HTTP/2:               $(ratio "$PB2" "$NB2")
+TLSEOF
+)
+fi
+
 cat <<EOF
 
 == results ($(date -u +%Y-%m-%dT%H:%MZ); pullgate workers=$PG_WORKERS, nginx 1 worker; $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)) ==
@@ -420,4 +531,6 @@ ratios
   pullgate / nginx, CPU per GiB:              $(ratio "$P_CPU" "$N_CPU")   (process)
   pullgate / distribution, machine CPU/GiB:   $(ratio "$P_MCPU" "$D_MCPU")
   pullgate / nginx, machine CPU/GiB:          $(ratio "$P_MCPU" "$N_MCPU")
+
+$TLS_REPORT
 EOF

@@ -258,7 +258,20 @@ async fn accept_loop<H, F>(
             };
             match tls {
                 None => {
-                    let h2 = starts_with_preface(&stream, limits.header_timeout).await;
+                    let h2 = match opening(&stream, limits.header_timeout).await {
+                        Opening::H2 => true,
+                        Opening::Http1 => false,
+                        Opening::Closed => return,
+                        Opening::Silent => {
+                            // hyper's own header timeout, earlier.
+                            limits
+                                .metrics
+                                .connection_timeouts
+                                .with_label_values(&["header"])
+                                .inc();
+                            return;
+                        }
+                    };
                     let (stream, queue) = zerocopy::Stream::new(stream);
                     let io =
                         conn::Guarded::new(stream, limits.send_timeout, limits.metrics.clone());
@@ -308,29 +321,40 @@ async fn accept_loop<H, F>(
     }
 }
 
-/// Whether a plain connection opens with the HTTP/2 preface (h2c with
-/// prior knowledge). Peeks, so nothing is consumed; an HTTP/1.1 request
-/// differs from the preface within its first two bytes. A client that
-/// sends nothing is left to hyper's header timeout, as HTTP/1.1.
-async fn starts_with_preface(stream: &tokio::net::TcpStream, within: Duration) -> bool {
+/// How a plain connection opens.
+enum Opening {
+    /// With the HTTP/2 preface: h2c with prior knowledge.
+    H2,
+    Http1,
+    /// The client closed before sending a byte.
+    Closed,
+    /// Nothing that decides it arrived within the header timeout.
+    Silent,
+}
+
+/// Peeks at a plain connection's first bytes, so nothing is consumed. An
+/// HTTP/1.1 request differs from the preface within its first two bytes.
+async fn opening(stream: &tokio::net::TcpStream, within: Duration) -> Opening {
     let mut buf = [0u8; H2_PREFACE.len()];
     let look = async {
         loop {
             let n = match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return Opening::Closed,
                 Ok(n) => n,
             };
             if buf[..n] != H2_PREFACE[..n] {
-                return false;
+                return Opening::Http1;
             }
             if n == H2_PREFACE.len() {
-                return true;
+                return Opening::H2;
             }
             // A preface split across packets: wait for the rest.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(within, look).await.unwrap_or(false)
+    tokio::time::timeout(within, look)
+        .await
+        .unwrap_or(Opening::Silent)
 }
 
 /// Serves one connection (HTTP/2 when `h2`, else HTTP/1.1) until it
