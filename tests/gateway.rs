@@ -804,3 +804,37 @@ async fn a_reload_serves_a_new_certificate_and_a_bad_pair_keeps_the_old() {
     assert!(served_subject(&pki, port).contains("CN = rotated"));
     gw.stop().await;
 }
+
+/// The bug found chaining: distribution's pull-through cache in front of
+/// pullgate asks `HEAD` for a blob before fetching it, and pullgate, not
+/// having the blob yet, said `Content-Length: 0`; distribution then kept
+/// an empty blob. The pull through both must give every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_distribution_pull_through_cache_in_front_of_pullgate_gets_whole_blobs() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (registry, layout, digests) = registry_with_images(w);
+    let dir = Arc::new(tempfile::tempdir_in(w).unwrap());
+    let proxy = Proxy::with_config(
+        dir,
+        &format!(
+            "[storage]\npath = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+            registry.url()
+        ),
+    )
+    .await;
+    let cache = Registry::start(
+        &w.join("cache"),
+        None,
+        RegistryAuth::None,
+        Some(&format!("http://{}", proxy.addr)),
+    );
+    let out = w.join("through-both");
+    real::pull(w, &format!("{}/team-a/app:multi", cache.addr), &out, &[]).unwrap();
+    real::assert_same_blobs(&layout, &out, &digests);
+    // Pulled again, from distribution's own cache this time: still whole.
+    let again = w.join("from-the-cache");
+    real::pull(w, &format!("{}/team-a/app:multi", cache.addr), &again, &[]).unwrap();
+    real::assert_same_blobs(&layout, &again, &digests);
+    proxy.stop().await;
+}

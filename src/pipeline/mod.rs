@@ -371,9 +371,15 @@ impl App {
         let readonly = method == Method::GET || method == Method::HEAD;
         let head = method == Method::HEAD;
         let gen = self.generation.load_full();
-        let identity = match self.identify(&gen, req.headers(), client).await {
-            Ok(i) => i,
-            Err(e) => return ("other", Err(e)),
+        // Boxed: a node mirror identifies nobody, and its requests should
+        // not carry the state of a password check in their futures.
+        let identity = if gen.gate.required() {
+            match Box::pin(self.identify(&gen, req.headers(), client)).await {
+                Ok(i) => i,
+                Err(e) => return ("other", Err(e)),
+            }
+        } else {
+            crate::auth::Identity::Anonymous
         };
         let hops = match self.hops(req.headers()) {
             Ok(h) => h,
@@ -458,9 +464,7 @@ impl App {
     ) -> Result<crate::auth::Identity, Error> {
         match gen.gate.identify(headers, client.cert.as_ref()).await {
             Ok(identity) => {
-                if gen.gate.required() {
-                    self.throttle.succeeded(client.addr.ip());
-                }
+                self.throttle.succeeded(client.addr.ip());
                 Ok(identity)
             }
             Err(failure) => {
@@ -485,9 +489,12 @@ impl App {
     /// The hops a request came through (its hop header), refused when
     /// this pullgate is among them or there are too many.
     fn hops(&self, headers: &http::HeaderMap) -> Result<Option<String>, Error> {
+        if !headers.contains_key(&crate::remote::HOP_HEADER) {
+            return Ok(None);
+        }
         let mut seen = 0;
         let mut all = Vec::new();
-        for v in headers.get_all(crate::remote::HOP_HEADER) {
+        for v in headers.get_all(&crate::remote::HOP_HEADER) {
             let Ok(v) = v.to_str() else { continue };
             for hop in v.split(',').map(str::trim).filter(|h| !h.is_empty()) {
                 seen += 1;

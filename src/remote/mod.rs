@@ -47,7 +47,7 @@ impl std::fmt::Display for Endpoint<'_> {
 
 /// The header in which each pullgate names itself to its upstream, after
 /// the names its own client's request came with: `node-a1b2, gw-c3d4`.
-pub const HOP_HEADER: &str = "pullgate-hop";
+pub static HOP_HEADER: http::HeaderName = http::HeaderName::from_static("pullgate-hop");
 
 /// Most pullgates a request may have passed through.
 pub const MAX_HOPS: usize = 8;

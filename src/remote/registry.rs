@@ -313,7 +313,7 @@ impl UpstreamClient {
                     headers.insert(header::AUTHORIZATION, a.clone());
                 }
                 if let Some(h) = &opts.hops {
-                    headers.insert(super::HOP_HEADER, h.clone());
+                    headers.insert(&super::HOP_HEADER, h.clone());
                 }
             }
             let started = Instant::now();
