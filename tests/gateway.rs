@@ -838,3 +838,55 @@ async fn a_distribution_pull_through_cache_in_front_of_pullgate_gets_whole_blobs
     real::assert_same_blobs(&layout, &again, &digests);
     proxy.stop().await;
 }
+
+/// A Harbor proxy project, an Artifactory remote, a gateway pullgate: the
+/// registry's repositories live under a path there, with token auth whose
+/// scopes name that path too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_behind_a_path_prefix_gets_its_paths_and_token_scopes() {
+    let fake = common::Fake::start().await;
+    fake.set_auth(Some(common::Auth::Token {
+        user: "robot".into(),
+        pass: "secret".into(),
+    }));
+    let (digest, layers) = fake.put_image("proj/library/app", "1", &[common::noise(1000, 1)]);
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::write(dir.path().join("pw"), "secret\n").unwrap();
+    let proxy = Proxy::with_config(
+        dir,
+        &format!(
+            "[storage]\npath = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}/proj\"\ndefault = true\nusername = \"robot\"\npassword_file = \"pw\"\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+            fake.url()
+        ),
+    )
+    .await;
+    let r = proxy
+        .client
+        .get(proxy.url("/v2/docker.io/app/manifests/1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    let blob = proxy
+        .get(&format!("/v2/docker.io/app/blobs/{}", layers[0]))
+        .await;
+    assert_eq!(blob.status(), 200);
+    assert_eq!(blob.bytes().await.unwrap().len(), 1000);
+    assert_eq!(
+        fake.hits("GET", "/v2/proj/library/app/manifests/1"),
+        2,
+        "401, then with the token"
+    );
+    assert_eq!(fake.hits("GET", "/v2/library/app/manifests/1"), 0);
+    let scopes = fake.state.token_scopes.lock().unwrap().clone();
+    assert!(!scopes.is_empty());
+    assert!(
+        scopes
+            .iter()
+            .all(|s| s == "repository:proj/library/app:pull"),
+        "{scopes:?}"
+    );
+    proxy.stop().await;
+}

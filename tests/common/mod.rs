@@ -83,6 +83,8 @@ pub struct FakeState {
     pub token_epoch: AtomicU64,
     /// Authorization headers seen, by path.
     pub seen_auth: Mutex<Vec<(String, Option<String>)>>,
+    /// The `scope` of every token request.
+    pub token_scopes: Mutex<Vec<String>>,
     /// Every query string seen, by path.
     pub seen_query: Mutex<Vec<(String, String)>>,
     pub addr: Mutex<Option<SocketAddr>>,
@@ -327,6 +329,13 @@ impl FakeState {
             if given != Some(&format!("Basic {}", b64(&format!("{user}:{pass}")))) {
                 return full(StatusCode::UNAUTHORIZED, "bad credentials");
             }
+            let scope = req
+                .uri()
+                .query()
+                .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "scope"))
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            self.token_scopes.lock().unwrap().push(scope);
             let n = self.tokens_issued.fetch_add(1, Ordering::SeqCst);
             let epoch = self.token_epoch.load(Ordering::SeqCst);
             return full(
