@@ -154,6 +154,9 @@ pub fn parse(text: &str) -> Result<HashMap<String, String>, Vec<String>> {
 pub struct Htpasswd {
     path: PathBuf,
     entries: ArcSwap<Entries>,
+    /// The version of the file last looked at, read or not: a file that
+    /// did not parse is not read again until it changes once more.
+    seen: Mutex<Stamp>,
     checked: Mutex<Instant>,
     checking: AtomicBool,
     /// SHA-256 of `user \0 password` for pairs that verified.
@@ -169,6 +172,7 @@ impl Htpasswd {
     ) -> Htpasswd {
         Htpasswd {
             path,
+            seen: Mutex::new(entries.stamp),
             entries: ArcSwap::new(entries),
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),
@@ -225,9 +229,15 @@ impl Htpasswd {
     }
 
     fn reload_if_changed(&self) {
-        let now = Stamp::of(&self.path).ok();
-        if now == Some(self.entries.load().stamp) {
+        let Ok(now) = Stamp::of(&self.path) else {
             return;
+        };
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return;
+            }
+            *seen = now;
         }
         match Entries::read(&self.path) {
             Ok(e) => {
@@ -242,18 +252,6 @@ impl Htpasswd {
                     .auth_reloads
                     .with_label_values(&["error"])
                     .inc();
-                // Not again until it changes once more.
-                if let Some(stamp) = now {
-                    let mut kept = Entries {
-                        users: self.entries.load().users.clone(),
-                        stamp,
-                        dummy: OnceLock::new(),
-                    };
-                    if let Some(d) = self.entries.load().dummy.get() {
-                        kept.dummy = OnceLock::from(d.clone());
-                    }
-                    self.entries.store(Arc::new(kept));
-                }
             }
         }
     }
