@@ -27,6 +27,8 @@
 //! - [`config`] (with [`keys`], [`tls`], [`htpasswd`]): the TOML file,
 //!   validated before anything starts, the files it names read and
 //!   checked; a leaf.
+//! - [`bundle`]: `pullgate export` and `import`, approved images across an
+//!   air gap (beside the pipeline, which both ends run).
 //! - [`zerocopy`], [`body`], [`fsutil`], [`trace`]: small shared pieces.
 
 #![forbid(unsafe_code)]
@@ -34,6 +36,7 @@
 pub mod audit;
 pub mod auth;
 pub mod body;
+pub mod bundle;
 pub mod config;
 pub mod content;
 pub mod fsutil;

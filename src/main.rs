@@ -114,6 +114,56 @@ enum Command {
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Write approved images into a bundle for an air-gapped site.
+    ///
+    /// Each reference is decided by this site's policy first (as `pullgate verify`
+    /// does; the server's store is read, never written): a denied one fails the
+    /// export and nothing is written. The bundle is a tar of one OCI image layout
+    /// holding every platform, blob and signature artifact (the .sig tag,
+    /// referrers, this site's local approvals as cosign signatures), each image
+    /// named by its full reference, so `skopeo copy oci-archive:BUNDLE.tar:REF ...`
+    /// reads it. With --key, the bundle manifest is signed (cosign simple-signing).
+    /// Exit status: 0 written, 1 a reference is denied, 64 bad config or
+    /// arguments, 69 an upstream or the store failed.
+    Export {
+        /// Config file (upstreams, policies, keys); its store is read.
+        #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: PathBuf,
+        /// The bundle to write (replaced only when complete).
+        #[arg(long, value_name = "BUNDLE.tar")]
+        out: PathBuf,
+        /// Private key that signs the bundle (e.g. PREFIX.key from `pullgate keygen`).
+        #[arg(long, value_name = "PREFIX.key")]
+        key: Option<PathBuf>,
+        /// A file of references, one per line (# comments).
+        #[arg(long, value_name = "LIST")]
+        from: Option<PathBuf>,
+        /// NAME[:TAG] or NAME@DIGEST, e.g. docker.io/library/alpine:3.20
+        #[arg(value_name = "REF")]
+        refs: Vec<String>,
+    },
+    /// Bring a bundle into the store, verified again under this site's policy.
+    ///
+    /// Runs beside a server on the same store, which serves the images as soon as
+    /// the import ends. The bundle signature is checked against [bundles]
+    /// signed_by, every blob is hashed, and every image is decided by this site's
+    /// policy from the bundle's content alone; nothing becomes visible unless all
+    /// of it passes. A tag that would move back to an older bundle's digest is
+    /// refused unless --allow-rollback. A kill at any moment leaves the store
+    /// consistent. Exit status: 0 imported, 1 bad bundle or an image refused
+    /// (each named), 64 bad config, 74 the store failed, 75 committed but the
+    /// running server has not applied it yet.
+    Import {
+        /// Config file (usually with offline upstreams); its store receives the images.
+        #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: PathBuf,
+        /// Let tags move back to the digests of an older bundle.
+        #[arg(long)]
+        allow_rollback: bool,
+        /// The bundle (from `pullgate export`).
+        #[arg(value_name = "BUNDLE.tar")]
+        bundle: PathBuf,
+    },
     /// Check every file of the store against its digest, and the metadata
     /// (manifest markers, tags, approvals, base history) against the blobs.
     ///
@@ -154,6 +204,18 @@ fn main() -> ExitCode {
         Command::Pin { image, config } => cli::pin(&image, &config),
         Command::Approve { image, key, config } => cli::report(cli::approve(&image, &key, &config)),
         Command::Fsck { config } => cli::fsck(&config),
+        Command::Export {
+            config,
+            out,
+            key,
+            from,
+            refs,
+        } => cli::export(&config, &out, key.as_deref(), &refs, from.as_deref()),
+        Command::Import {
+            config,
+            allow_rollback,
+            bundle,
+        } => cli::import(&config, &bundle, allow_rollback),
         Command::Serve { config } => cli::serve(config.as_deref(), cli.log_format),
     }
 }

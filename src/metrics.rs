@@ -79,6 +79,8 @@ pub struct Metrics {
     /// Requests refused because they came round to this pullgate again, or
     /// passed too many pullgates.
     pub loops_refused: IntCounter,
+    /// Imports (`pullgate import`) this server applied to its store.
+    pub imports_applied: IntCounter,
     /// Every metric name registered, for checks against dashboards.
     pub names: Vec<&'static str>,
     /// `requests` children, resolved once per (kind, status) on first use:
@@ -336,7 +338,13 @@ impl Metrics {
                 "pullgate_loops_refused_total",
                 "Requests refused with 508 because they came round to this pullgate again or passed too many pullgates (chained upstreams that loop).",
             ),
+            imports_applied: single_counter(
+                &registry,
+                "pullgate_imports_applied_total",
+                "Imports (pullgate import) this server applied to its store while running; each one's images are served from then on.",
+            ),
             names: vec![
+                "pullgate_imports_applied_total",
                 "pullgate_auth_failures_total",
                 "pullgate_auth_reloads_total",
                 "pullgate_tls_handshake_failures_total",
@@ -428,7 +436,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            30,
+            31,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();

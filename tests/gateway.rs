@@ -382,6 +382,14 @@ async fn tls_gateway_serves_http2_and_maps_users_and_certificates_to_tenants() {
         let e = curl(&pki, &cert_args(&pki, name, &mut buf), &url("/v2/")).unwrap_err();
         assert!(!e.contains("200"), "{name}: {e}");
     }
+    // The server counts a failed handshake after the client has given up
+    // on it: wait (bounded) for both to be counted.
+    for _ in 0..50 {
+        if gw.metric("pullgate_tls_handshake_failures_total") >= failures + 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         gw.metric("pullgate_tls_handshake_failures_total"),
         failures + 2.0

@@ -1,11 +1,13 @@
 //! The commands: each parses nothing (clap did), calls the library and
 //! prints what a person needs to read. Exit statuses follow sysexits.h.
 
+mod bundle;
 mod explain;
 mod fsck;
 mod keys;
 mod serve;
 
+pub use bundle::{export, import};
 pub use explain::{pin, verify};
 pub use fsck::fsck;
 pub use keys::{approve, keygen};

@@ -337,7 +337,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.upstreams[0].prefix, "docker.io");
-        assert_eq!(c.upstreams[0].url.as_str(), "https://gw.corp:5443/");
+        assert_eq!(
+            c.upstreams[0].url.as_ref().unwrap().as_str(),
+            "https://gw.corp:5443/"
+        );
         for bad in [
             "https://gw/v2/docker.io",
             "https://gw/Docker.io",

@@ -22,6 +22,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
             "pins_file",
             "auth",
             "tenant",
+            "bundles",
         ],
         "server" => &[
             "listen",
@@ -35,6 +36,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         ],
         "server.tls" => &["cert", "key", "client_ca"],
         "auth" => &["htpasswd"],
+        "bundles" => &["signed_by"],
         "tenant" => &["name", "users", "clients", "repositories"],
         "admin" => &["listen"],
         "storage" => &["path", "max_size", "tag_ttl", "base_refresh", "base_keep"],
@@ -42,6 +44,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "upstream" => &[
             "name",
             "url",
+            "offline",
             "default",
             "username",
             "password_file",

@@ -55,6 +55,15 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// `[[tenant]]`, in file order.
     pub tenants: Vec<TenantConfig>,
+    /// `[bundles]`: whose bundle signatures `pullgate import` accepts.
+    pub bundles: Option<BundlesConfig>,
+}
+
+/// `[bundles]`.
+#[derive(Debug, Clone)]
+pub struct BundlesConfig {
+    /// A bundle must be signed by one of these keys.
+    pub signed_by: Vec<TrustedKey>,
 }
 
 /// One `[[rewrite]]`, with canonical names (`<upstream>/<repository>`).
@@ -156,7 +165,9 @@ pub struct StorageConfig {
 pub struct UpstreamConfig {
     /// The registry host as clients name it (`docker.io`).
     pub name: String,
-    pub url: reqwest::Url,
+    /// `None` for an offline upstream (`offline = true`): served only from
+    /// what `pullgate import` brought in; nothing dials out.
+    pub url: Option<reqwest::Url>,
     pub default: bool,
     /// Other spellings of the registry host (`index.docker.io`), routed here.
     pub aliases: Vec<String>,
@@ -173,11 +184,18 @@ pub struct UpstreamConfig {
     pub client_identity: Option<Vec<u8>>,
 }
 
+impl UpstreamConfig {
+    /// Served only from imported bundles.
+    pub fn offline(&self) -> bool {
+        self.url.is_none()
+    }
+}
+
 impl fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpstreamConfig")
             .field("name", &self.name)
-            .field("url", &self.url.as_str())
+            .field("url", &self.url.as_ref().map(|u| u.as_str()))
             .field("default", &self.default)
             .field(
                 "credentials",
@@ -305,6 +323,12 @@ struct RawConfig {
     auth: Option<gateway::RawAuth>,
     #[serde(default)]
     tenant: Vec<gateway::RawTenant>,
+    bundles: Option<RawBundles>,
+}
+
+#[derive(Deserialize)]
+struct RawBundles {
+    signed_by: Spanned<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -349,7 +373,9 @@ struct RawStorage {
 #[derive(Deserialize)]
 struct RawUpstream {
     name: Spanned<String>,
-    url: Spanned<String>,
+    url: Option<Spanned<String>>,
+    #[serde(default)]
+    offline: bool,
     #[serde(default)]
     default: bool,
     username: Option<Spanned<String>>,
@@ -713,6 +739,9 @@ impl Validator<'_> {
             .collect();
         let policies = self.policies(&raw.policy, &keys, &bases, &upstream_names);
         let tenants = self.tenants(&raw.tenant, tls.as_ref(), auth.as_ref(), &upstream_names);
+        let bundles = raw.bundles.as_ref().map(|b| BundlesConfig {
+            signed_by: self.bundle_keys(&b.signed_by, &keys),
+        });
         let rewrites = self.rewrites(&raw.rewrite, &upstreams);
         let mut pins = Pins::default();
         if let Some(table) = &raw.pins {
@@ -761,7 +790,35 @@ impl Validator<'_> {
             bases,
             auth,
             tenants,
+            bundles,
         }
+    }
+
+    fn bundle_keys(
+        &mut self,
+        names: &Spanned<Vec<String>>,
+        keys: &[TrustedKey],
+    ) -> Vec<TrustedKey> {
+        if names.get_ref().is_empty() {
+            self.problem(
+                "bundles.signed_by",
+                names,
+                "names no key: list the [keys] whose bundle signatures `pullgate import` accepts, or leave [bundles] out to accept unsigned bundles",
+            );
+        }
+        let mut out = Vec::new();
+        for name in names.get_ref() {
+            match keys.iter().find(|k| &k.name == name) {
+                Some(k) => out.push(k.clone()),
+                None if self.unusable_keys.contains(name) => {}
+                None => self.problem(
+                    "bundles.signed_by",
+                    names,
+                    format!("key {name:?} is not defined in [keys]"),
+                ),
+            }
+        }
+        out
     }
 
     fn upstreams(&mut self, raw: &[RawUpstream]) -> Vec<UpstreamConfig> {
@@ -803,58 +860,45 @@ impl Validator<'_> {
                     );
                 }
             }
-            let url = match reqwest::Url::parse(u.url.get_ref()) {
-                Ok(url)
-                    if (url.scheme() == "http" || url.scheme() == "https")
-                        && url.host().is_some()
-                        && url.query().is_none()
-                        && url.fragment().is_none()
-                        && url.username().is_empty()
-                        && url.password().is_none() =>
-                {
-                    let prefix = url.path().trim_matches('/').to_owned();
-                    let prefix_ok = prefix.is_empty()
-                        || (!prefix.contains("//")
-                            && format!("{prefix}/x")
-                                .parse::<crate::oci::names::RepoName>()
-                                .is_ok()
-                            && prefix.split('/').next() != Some("v2"));
-                    if prefix_ok {
-                        let mut base = url.clone();
-                        base.set_path("/");
-                        Some((base, prefix))
-                    } else {
+            let url = match (&u.url, u.offline) {
+                (None, true) => Some(None),
+                (Some(url), true) => {
+                    self.problem(
+                        key("url"),
+                        url,
+                        "an offline upstream has no url: it is served only from what `pullgate import` brought in, and never dials out",
+                    );
+                    None
+                }
+                (None, false) => {
+                    self.problem(
+                        key("url"),
+                        &u.name,
+                        "missing: an upstream needs a url, or offline = true (served only from imported bundles)",
+                    );
+                    None
+                }
+                (Some(url), false) => self.upstream_url(&key("url"), url).map(Some),
+            };
+            if u.offline {
+                for (k, given) in [
+                    ("username", u.username.is_some()),
+                    ("password_file", u.password_file.is_some()),
+                    ("password_env", u.password_env.is_some()),
+                    ("ca", u.ca.is_some()),
+                    ("client_cert", u.client_cert.is_some()),
+                    ("client_key", u.client_key.is_some()),
+                    ("idle_timeout", u.idle_timeout.is_some()),
+                ] {
+                    if given {
                         self.problem(
-                            key("url"),
-                            &u.url,
-                            format!(
-                                "{:?}: the path must be a repository prefix (lowercase, e.g. \"https://gateway.corp:5443/docker.io\"), without /v2",
-                                u.url.get_ref()
-                            ),
+                            key(k),
+                            &u.name,
+                            format!("{k} is for a registry that is dialled; an offline upstream never dials out"),
                         );
-                        None
                     }
                 }
-                Ok(_) => {
-                    self.problem(
-                        key("url"),
-                        &u.url,
-                        format!(
-                            "{:?} must be an http:// or https:// URL with a host, and no query or credentials",
-                            u.url.get_ref()
-                        ),
-                    );
-                    None
-                }
-                Err(e) => {
-                    self.problem(
-                        key("url"),
-                        &u.url,
-                        format!("{:?} is not a URL: {e}", u.url.get_ref()),
-                    );
-                    None
-                }
-            };
+            }
             let client_identity = match (&u.client_cert, &u.client_key) {
                 (None, None) => None,
                 (Some(cert), Some(k)) => {
@@ -1000,7 +1044,11 @@ impl Validator<'_> {
                 Some(s) => self.duration(&key("idle_timeout"), s),
                 None => Some(Duration::from_secs(60)),
             };
-            if let (Some((url, prefix)), Some(idle_timeout)) = (url, idle_timeout) {
+            if let (Some(url), Some(idle_timeout)) = (url, idle_timeout) {
+                let (url, prefix) = match url {
+                    Some((url, prefix)) => (Some(url), prefix),
+                    None => (None, String::new()),
+                };
                 out.push(UpstreamConfig {
                     name: name.clone(),
                     url,
@@ -1015,6 +1063,62 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    /// An upstream's `url`: its base and the repository prefix under it.
+    fn upstream_url(&mut self, key: &str, raw: &Spanned<String>) -> Option<(reqwest::Url, String)> {
+        match reqwest::Url::parse(raw.get_ref()) {
+            Ok(url)
+                if (url.scheme() == "http" || url.scheme() == "https")
+                    && url.host().is_some()
+                    && url.query().is_none()
+                    && url.fragment().is_none()
+                    && url.username().is_empty()
+                    && url.password().is_none() =>
+            {
+                let prefix = url.path().trim_matches('/').to_owned();
+                let prefix_ok = prefix.is_empty()
+                    || (!prefix.contains("//")
+                        && format!("{prefix}/x")
+                            .parse::<crate::oci::names::RepoName>()
+                            .is_ok()
+                        && prefix.split('/').next() != Some("v2"));
+                if prefix_ok {
+                    let mut base = url.clone();
+                    base.set_path("/");
+                    Some((base, prefix))
+                } else {
+                    self.problem(
+                            key.to_owned(),
+                            raw,
+                            format!(
+                                "{:?}: the path must be a repository prefix (lowercase, e.g. \"https://gateway.corp:5443/docker.io\"), without /v2",
+                                raw.get_ref()
+                            ),
+                        );
+                    None
+                }
+            }
+            Ok(_) => {
+                self.problem(
+                        key.to_owned(),
+                        raw,
+                        format!(
+                            "{:?} must be an http:// or https:// URL with a host, and no query or credentials",
+                            raw.get_ref()
+                        ),
+                    );
+                None
+            }
+            Err(e) => {
+                self.problem(
+                    key.to_owned(),
+                    raw,
+                    format!("{:?} is not a URL: {e}", raw.get_ref()),
+                );
+                None
+            }
+        }
     }
 
     fn keys(&mut self, raw: Option<&Spanned<toml::Table>>) -> Vec<TrustedKey> {

@@ -94,6 +94,13 @@ pub enum ContentError {
         repo: RepoName,
         reference: String,
     },
+    /// Asked of an offline upstream, which has only what was imported.
+    #[error("manifest {reference} of {upstream}/{repo} was never imported (upstream {upstream} is offline: it serves only what `pullgate import` brought in)")]
+    NeverImported {
+        upstream: Arc<str>,
+        repo: RepoName,
+        reference: String,
+    },
     #[error("tag {tag} is no longer in {upstream}/{repo}")]
     TagGone {
         upstream: Arc<str>,
@@ -174,6 +181,7 @@ impl ContentError {
                 *status != StatusCode::UNAUTHORIZED && *status != StatusCode::FORBIDDEN
             }
             ContentError::ManifestUnknown { .. }
+            | ContentError::NeverImported { .. }
             | ContentError::TagGone { .. }
             | ContentError::BlobUnknown { .. }
             | ContentError::NameUnknown { .. }
@@ -497,7 +505,11 @@ impl Content {
                 Ok(resp) if resp.status == StatusCode::OK => {
                     if header_digest(&resp.headers) == Some(rec.digest) {
                         if let Some(m) = self.stored_manifest(&rec.digest).await? {
-                            self.save_tag(&key, rec.digest).await?;
+                            // An offline upstream's records are the
+                            // import's: their time is the bundle's.
+                            if !remote.offline() {
+                                self.save_tag(&key, rec.digest).await?;
+                            }
                             return Ok(m);
                         }
                     }
@@ -628,6 +640,13 @@ impl Content {
             .await?;
         match resp.status {
             StatusCode::OK => {}
+            StatusCode::NOT_FOUND if remote.offline() => {
+                return Err(ContentError::NeverImported {
+                    upstream: upstream.clone(),
+                    repo: repo.clone(),
+                    reference: reference.to_string(),
+                })
+            }
             StatusCode::NOT_FOUND => {
                 return Err(ContentError::ManifestUnknown {
                     upstream: upstream.clone(),

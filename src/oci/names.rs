@@ -128,6 +128,27 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
+/// Names and tags as JSON strings, validated when read (import records).
+macro_rules! serde_as_text {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+serde_as_text!(RepoName);
+serde_as_text!(Tag);
+
 /// Incremental SHA-256 for content streamed through pullgate.
 #[derive(Default, Clone)]
 pub struct Hasher(Sha256);

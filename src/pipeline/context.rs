@@ -9,10 +9,12 @@ use crate::auth::{Gate, Identity};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
+use crate::remote::offline::Offline;
 use crate::remote::registry::ClientError;
 use crate::remote::{Remote, UpstreamClient};
 use crate::route::rewrite::Rewrites;
 use crate::route::{Route, Router};
+use crate::store::Store;
 use crate::trace::Trace;
 
 /// Numbers config generations; verdicts are cached per generation.
@@ -33,16 +35,23 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// `instance` is what this pullgate calls itself in the hop header.
+    /// `instance` is what this pullgate calls itself in the hop header;
+    /// offline upstreams answer from `offline` (the first store holding an
+    /// answer).
     pub fn build(
         config: Config,
         metrics: &Arc<Metrics>,
         instance: &Arc<str>,
+        offline: &[Arc<dyn Store>],
     ) -> Result<Generation, ClientError> {
         let remotes = config
             .upstreams
             .iter()
             .map(|u| {
+                if u.offline() {
+                    let name = Arc::from(u.name.as_str());
+                    return Ok(Arc::new(Offline::new(name, offline.to_vec())) as Arc<dyn Remote>);
+                }
                 UpstreamClient::new(u, metrics.clone(), instance.clone())
                     .map(|c| Arc::new(c) as Arc<dyn Remote>)
             })

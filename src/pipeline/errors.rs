@@ -201,6 +201,7 @@ fn content(e: ContentError) -> ApiError {
             _ => ApiError::unavailable(message),
         },
         ContentError::ManifestUnknown { .. }
+        | ContentError::NeverImported { .. }
         | ContentError::TagGone { .. }
         | ContentError::NoReferrers { .. } => ApiError::manifest_unknown(message),
         ContentError::BlobUnknown { fetched, .. } => {

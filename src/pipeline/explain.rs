@@ -71,9 +71,31 @@ impl App {
             Arc::new(FsStore::attach(&config.storage.path)),
             MemoryStore::new(None, metrics.clone()),
         );
-        let app = App::build(config, Arc::new(store), metrics, false)?;
+        let store: Arc<dyn crate::store::Store> = Arc::new(store);
+        let app = App::build(config, store.clone(), metrics, false, vec![store])?;
         // A command says when it cannot ask the upstream, rather than
         // answer from what the server last knew.
+        app.content.set_stale_if_error(false);
+        Ok(app)
+    }
+
+    /// A pipeline that decides what an import brings: on the staged
+    /// `bundle`, every upstream offline (answering from the bundle, then
+    /// from what the `site` holds), no rewrites or pins (the bundle names
+    /// the digests), nothing recorded.
+    pub fn for_import(
+        mut config: Config,
+        bundle: Arc<dyn crate::store::Store>,
+        site: Arc<dyn crate::store::Store>,
+    ) -> Result<Arc<App>, super::StartError> {
+        for u in &mut config.upstreams {
+            u.url = None;
+        }
+        config.rewrites.clear();
+        config.pins = Default::default();
+        config.audit = Default::default();
+        let metrics = Arc::new(Metrics::new());
+        let app = App::build(config, bundle.clone(), metrics, false, vec![bundle, site])?;
         app.content.set_stale_if_error(false);
         Ok(app)
     }

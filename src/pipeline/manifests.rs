@@ -127,7 +127,12 @@ pub async fn decide_manifest(
                 repo: route.repo.clone(),
                 tag: tag.clone(),
             };
-            let ttl = config.storage.tag_ttl;
+            // An offline upstream's tags change only by import.
+            let ttl = if ctx.remote.offline() {
+                std::time::Duration::MAX
+            } else {
+                config.storage.tag_ttl
+            };
             let t = app.content.tag(&ctx.remote, &key, accept, max, ttl).await?;
             tag_state = Some((key, t.approved));
             t.manifest

@@ -31,7 +31,7 @@ mod sources;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::{header, HeaderValue, Method, Request, Response};
@@ -56,6 +56,9 @@ use respond::query_param;
 
 /// Largest total of request header bytes accepted.
 pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// How often a server looks for imports to apply.
+const IMPORT_WATCH: Duration = Duration::from_millis(500);
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,9 @@ pub struct App {
     pub instance: Arc<str>,
     /// Slows clients that keep failing to authenticate.
     throttle: crate::auth::Throttle,
+    /// What offline upstreams answer from: the store, or (verifying an
+    /// import) the bundle, then the site's store.
+    offline: Vec<Arc<dyn Store>>,
 }
 
 impl App {
@@ -111,7 +117,8 @@ impl App {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<App>, StartError> {
-        App::build(config, store, metrics, true)
+        let offline = vec![store.clone()];
+        App::build(config, store, metrics, true, offline)
     }
 
     /// With `refresh`, base images are resolved in the background (in a
@@ -121,6 +128,7 @@ impl App {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         refresh: bool,
+        offline: Vec<Arc<dyn Store>>,
     ) -> Result<Arc<App>, StartError> {
         let audit = Audit::new(
             config.audit.path.as_deref(),
@@ -128,8 +136,9 @@ impl App {
             metrics.clone(),
         )?;
         let instance = crate::remote::new_instance_id();
-        let generation = Generation::build(config, &metrics, &instance)?;
+        let generation = Generation::build(config, &metrics, &instance, &offline)?;
         let app = Arc::new(App {
+            offline,
             instance,
             throttle: crate::auth::Throttle::default(),
             generation: ArcSwap::from_pointee(generation),
@@ -145,8 +154,44 @@ impl App {
         // background; the server always has one.
         if refresh && tokio::runtime::Handle::try_current().is_ok() {
             Refresher::spawn(&app);
+            App::spawn_import_watch(&app);
         }
         Ok(app)
+    }
+
+    /// Applies what `pullgate import` commits to the store while the server
+    /// runs, within a second (the import waits for it).
+    fn spawn_import_watch(app: &Arc<App>) {
+        let weak = Arc::downgrade(app);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IMPORT_WATCH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(app) = weak.upgrade() else { return };
+                match app.store.apply_imports().await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        app.metrics.imports_applied.inc_by(n as u64);
+                        // Blobs are approved again with their manifests.
+                        app.approved.clear();
+                    }
+                    Err(e) => tracing::error!("cannot apply an import to the store: {e}"),
+                }
+            }
+        });
+    }
+
+    /// Where a name goes, and the remote its content comes from (for
+    /// commands: export reads what the pipeline approved).
+    pub fn route_remote(
+        &self,
+        name: &crate::oci::names::RepoName,
+    ) -> Result<(crate::route::Route, Arc<dyn crate::remote::Remote>), String> {
+        let gen = self.generation.load();
+        let route = gen.router.route(name, None).map_err(|e| e.to_string())?;
+        let remote = gen.remotes[route.upstream].clone();
+        Ok((route, remote))
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -208,7 +253,7 @@ impl App {
                     .to_owned(),
             );
         }
-        let generation = Generation::build(config, &self.metrics, &self.instance)?;
+        let generation = Generation::build(config, &self.metrics, &self.instance, &self.offline)?;
         self.generation.store(Arc::new(generation));
         if bases_changed {
             self.bases.wake();

@@ -1,13 +1,14 @@
 //! Where content comes from when the store does not have it: a [`Remote`].
 //!
-//! Today's remote is an upstream registry ([`registry::UpstreamClient`]:
-//! HTTP, token auth, redirects). An offline remote (nothing but what was
-//! imported) and a gateway behind a path prefix plug in the same way. A
+//! A remote is an upstream registry ([`registry::UpstreamClient`]: HTTP,
+//! token auth, redirects, a path prefix for a gateway in front), or an
+//! offline upstream ([`offline::Offline`]: nothing but what was imported). A
 //! remote only speaks the registry API's pull endpoints and hands back what
 //! it was told; deciding what an answer means (a missing tag, a wrong
 //! digest, stale-if-error) is the content layer's job. Depends on `oci`,
 //! `config`, `metrics`.
 
+pub mod offline;
 pub mod registry;
 
 use std::pin::Pin;
@@ -155,6 +156,10 @@ impl Remote for Hopped {
         self.inner.name()
     }
 
+    fn offline(&self) -> bool {
+        self.inner.offline()
+    }
+
     fn send<'a>(&'a self, mut req: Request<'a>) -> BoxFuture<'a, Result<Response, RemoteError>> {
         req.hops = Some(&self.hops);
         self.inner.send(req)
@@ -165,6 +170,11 @@ impl Remote for Hopped {
 pub trait Remote: Send + Sync {
     /// The upstream's configured name (`docker.io`).
     fn name(&self) -> &Arc<str>;
+    /// Answers only from stores (an offline upstream): a 404 means the
+    /// content was never imported.
+    fn offline(&self) -> bool {
+        false
+    }
     /// Sends one request. Any status comes back as a response; `Err` only
     /// when there was no usable answer.
     fn send<'a>(&'a self, req: Request<'a>) -> BoxFuture<'a, Result<Response, RemoteError>>;

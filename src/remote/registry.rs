@@ -118,7 +118,10 @@ impl UpstreamClient {
         })?;
         Ok(UpstreamClient {
             name: Arc::from(cfg.name.as_str()),
-            base: cfg.url.clone(),
+            base: cfg.url.clone().ok_or_else(|| ClientError::Build {
+                upstream: cfg.name.clone(),
+                message: "an offline upstream has no url to dial".to_owned(),
+            })?,
             credentials: cfg.credentials.clone(),
             http,
             tokens: Mutex::new(HashMap::new()),

@@ -11,6 +11,7 @@
 //!                                       "approved": the last digest policy approved}
 //! approvals/sha256/<hex>/<id>.json     approvals recorded by `pullgate approve`
 //! bases/history.json                   every digest each base tag has had
+//! imports/                             bundles being imported ([`super::imports`])
 //! tmp/                                 files being written; emptied at start-up
 //! ```
 //!
@@ -55,14 +56,14 @@ const MAX_APPROVALS: usize = 32;
 #[derive(Clone)]
 pub struct FsStore(Arc<Inner>);
 
-struct Inner {
+pub(super) struct Inner {
     /// Held (flock) for the life of the store; `None` when attached.
     _lock: Option<File>,
-    root: PathBuf,
+    pub(super) root: PathBuf,
     /// Attached beside a running server: no index, so blobs are looked up
     /// on disk.
     attached: bool,
-    index: Index,
+    pub(super) index: Index,
     /// Recently used manifests, so a cached pull touches no disk.
     manifests: moka::sync::Cache<Digest, Arc<Manifest>>,
     /// Tag records read or written since start-up.
@@ -122,7 +123,21 @@ impl FsStore {
         if removed > 0 {
             tracing::info!(removed, "removed temp files left by an earlier run");
         }
+        // Imports committed but not yet applied (a crash, or no server ran)
+        // are applied before the scan, so the index sees their blobs; what
+        // unfinished imports staged goes, unless one is staging now.
         let index = Index::new(max_size, metrics);
+        let early = FsStore::new(root, None, true, Index::new(None, Arc::new(Metrics::new())));
+        let applied = early.0.apply_pending()?;
+        if applied.imports > 0 {
+            tracing::info!(
+                imports = applied.imports,
+                "applied imports committed before start-up"
+            );
+        }
+        if let Ok(_import_lock) = super::imports::lock_imports(root) {
+            super::imports::remove_stale_staging(root)?;
+        }
         index.load(scan(root)?);
         tracing::info!(
             path = %root.display(),
@@ -163,6 +178,10 @@ impl FsStore {
         &self.0.root
     }
 
+    pub(super) fn inner(&self) -> &Inner {
+        &self.0
+    }
+
     #[cfg(test)]
     pub(super) fn index(&self) -> &Index {
         &self.0.index
@@ -200,7 +219,7 @@ fn scan(root: &Path) -> io::Result<Vec<(Digest, Entry)>> {
 
 impl Inner {
     /// Where a blob (or manifest) with this digest lives.
-    fn blob_path(&self, d: &Digest) -> PathBuf {
+    pub(super) fn blob_path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
         self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
     }
@@ -242,7 +261,7 @@ impl Inner {
     }
 
     /// Writes `bytes` to `dest` through a synced temp file and a rename.
-    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    pub(super) fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         fs::create_dir_all(dest.parent().unwrap_or(&self.root))?;
         let (temp, file) = self.temp_file()?;
         finish_replace(&temp, file, dest, bytes)
@@ -359,7 +378,7 @@ impl Inner {
         Some(rec)
     }
 
-    fn update_tag(&self, key: &TagKey, f: TagUpdate) -> io::Result<()> {
+    pub(super) fn update_tag(&self, key: &TagKey, f: TagUpdate) -> io::Result<()> {
         let _one_at_a_time = self.tag_updates.lock().unwrap_or_else(|e| e.into_inner());
         match f(self.read_tag(key)) {
             Some(rec) => {
@@ -552,6 +571,11 @@ impl Store for FsStore {
         })
     }
 
+    fn apply_imports(&self) -> StoreFuture<'_, usize> {
+        let inner = self.0.clone();
+        blocking(move || Ok(inner.apply_pending()?.imports))
+    }
+
     fn probe(&self) -> StoreFuture<'_, ()> {
         let inner = self.0.clone();
         blocking(move || {
@@ -670,7 +694,7 @@ fn remove_temp(temp: &Path) {
     }
 }
 
-fn manifest_type_rel(d: &Digest) -> PathBuf {
+pub(super) fn manifest_type_rel(d: &Digest) -> PathBuf {
     let hex = d.hex();
     Path::new("manifests/sha256").join(&hex[..2]).join(hex)
 }

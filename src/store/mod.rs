@@ -19,6 +19,7 @@
 
 mod fs;
 pub mod fsck;
+pub mod imports;
 mod index;
 mod memory;
 mod overlay;
@@ -169,6 +170,12 @@ pub trait Store: Send + Sync {
     /// Moves an unreadable metadata document aside (never overwritten);
     /// says where it went.
     fn set_aside_meta<'a>(&'a self, name: &'a str) -> StoreFuture<'a, String>;
+
+    /// Applies imports another process committed to this store (see
+    /// [`imports`]); how many. Stores that nobody imports into have none.
+    fn apply_imports(&self) -> StoreFuture<'_, usize> {
+        Box::pin(futures_util::future::ready(Ok(0)))
+    }
 
     /// Checks that the store takes writes (for `/readyz`).
     fn probe(&self) -> StoreFuture<'_, ()>;
