@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("response_head", response_head),
     ("upstream", upstream),
+    ("bundle", bundle),
 ];
 
 fn text(data: &[u8]) -> Option<&str> {
@@ -392,4 +393,51 @@ pub fn upstream(data: &[u8]) {
             .await;
         let _ = content.referrers(&*remote, &repo, wanted, None).await;
     });
+}
+
+/// A bundle as `pullgate import` reads it: the tar, its entries, the bundle
+/// manifest and signature (keys of both schemes trusted), `index.json`,
+/// staged blobs. Whatever it answers, what was staged hashes to its name
+/// (the staging store's writer checks that), and an accepted bundle staged
+/// every blob it lists.
+pub fn bundle(data: &[u8]) {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("pullgate-fuzz-bundle-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let tar = dir.join("bundle.tar");
+    std::fs::write(&tar, data).expect("a temp file");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let staged = crate::store::FsStore::open(
+        &dir.join("staged"),
+        None,
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    )
+    .expect("a staging store");
+    let keys: Vec<(String, PublicKey)> = KEYS
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("k{i}"), k.clone()))
+        .collect();
+    for required in [true, false] {
+        if let Ok(read) =
+            crate::bundle::import::read_tar(&tar, &staged, &keys, required, 1 << 20, rt.handle())
+        {
+            for b in &read.manifest.blobs {
+                use crate::store::Store;
+                assert!(
+                    staged.has_blob(&b.digest),
+                    "an accepted bundle staged {}",
+                    b.digest
+                );
+            }
+        }
+    }
+    drop(staged);
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -368,13 +368,13 @@ async fn missing_blob(
 }
 
 /// What reading the tar found.
-struct ReadBundle {
-    manifest: BundleManifest,
-    signed_by: Option<String>,
+pub(crate) struct ReadBundle {
+    pub(crate) manifest: BundleManifest,
+    pub(crate) signed_by: Option<String>,
 }
 
 /// Reads and stages the tar; every check of the bundle's form is here.
-fn read_tar(
+pub(crate) fn read_tar(
     path: &Path,
     staged: &FsStore,
     keys: &[(String, crate::keys::PublicKey)],
@@ -680,5 +680,42 @@ fn stage_blob(
             "blob {d} is damaged or tampered: its bytes hash to {got}"
         ))),
         Err(WriteError::Io(e)) => Err(failed(format!("cannot stage blob {d}: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(name: &str, required: bool) -> Result<ReadBundle, ImportError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/bundle")
+            .join(name);
+        let dir = tempfile::tempdir().unwrap();
+        let staged = FsStore::open(dir.path(), None, Arc::new(Metrics::new())).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        read_tar(&path, &staged, &[], required, 1 << 20, rt.handle())
+    }
+
+    #[test]
+    fn the_seed_bundles_read_as_they_should() {
+        // A tar written by Python's tarfile (GNU and PAX headers, a
+        // directory entry), not by pullgate: the form is what counts.
+        for ok in ["valid", "pax", "with-dirs"] {
+            let r = read(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(r.manifest.blobs.len(), 3, "{ok}");
+            assert_eq!(r.signed_by, None);
+        }
+        let refused = |name: &str, required: bool, want: &str| match read(name, required) {
+            Err(e @ ImportError::Bad(_)) => assert!(e.to_string().contains(want), "{name}: {e}"),
+            Err(e) => panic!("{name}: {e}"),
+            Ok(_) => panic!("{name} was accepted"),
+        };
+        refused("valid", true, "not signed");
+        refused("link", false, "is a link");
+        refused("truncated", false, "truncated");
     }
 }

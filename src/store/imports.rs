@@ -187,7 +187,18 @@ impl Inner {
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            let n = self.apply(&commit)?;
+            let n = match self.apply(&commit) {
+                Ok(n) => n,
+                // A staged blob is gone (removed by hand): the record can
+                // never be applied; set aside so that it does not block
+                // every start-up, and said loudly.
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    tracing::error!(import = %commit.id, "import record cannot be applied, set aside: {e}");
+                    let _ = fs::rename(&path, path.with_extension("failed"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             done.imports += 1;
             done.blobs += n.blobs;
             done.tags += n.tags;
@@ -274,5 +285,64 @@ impl FsStore {
     /// Applies the commit records waiting in this store (see the module).
     pub fn apply_imports(&self) -> io::Result<Applied> {
         self.inner().apply_pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::{put_blob, Store};
+    use bytes::Bytes;
+
+    fn commit(id: &str, d: Digest, size: u64) -> Commit {
+        Commit {
+            id: id.to_owned(),
+            created: 1_700_000_000,
+            blobs: vec![CommitBlob {
+                digest: d,
+                size,
+                manifest: None,
+            }],
+            tags: vec![CommitTag {
+                upstream: "docker.io".into(),
+                repo: "library/app".parse().unwrap(),
+                tag: "1".parse().unwrap(),
+                digest: d,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commit_applies_once_however_often_it_is_applied_and_a_broken_one_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let bytes = Bytes::from_static(b"imported");
+        let d = Digest::of(&bytes);
+        {
+            let staged =
+                FsStore::open(&staging_dir(root, "a"), None, Arc::new(Metrics::new())).unwrap();
+            put_blob(&staged, d, bytes.clone()).await.unwrap();
+        }
+        write_commit(root, &commit("a", d, 8)).unwrap();
+        // A record whose staged blob is gone can never be applied.
+        let gone = Digest::of(b"gone");
+        write_commit(root, &commit("b", gone, 4)).unwrap();
+        let store = FsStore::open(root, None, Arc::new(Metrics::new())).unwrap();
+        assert!(store.has_blob(&d), "applied before the index was built");
+        assert!(!pending(root, "a") && !staging_dir(root, "a").exists());
+        assert!(!pending(root, "b") && root.join("imports/b.failed").exists());
+        let key = TagKey {
+            upstream: "docker.io".into(),
+            repo: "library/app".parse().unwrap(),
+            tag: "1".parse().unwrap(),
+        };
+        let rec = store.tag(&key).await.unwrap().unwrap();
+        assert_eq!((rec.digest, rec.approved), (d, Some(d)));
+        assert_eq!(rec.checked, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        // Applying the same record again (a second applier) changes nothing.
+        write_commit(root, &commit("a", d, 8)).unwrap();
+        assert_eq!(store.apply_imports().unwrap().imports, 1);
+        assert!(store.open(&d).await.unwrap().is_some());
     }
 }
