@@ -521,6 +521,36 @@ signed_by = [{policy_keys}]
         pull(w, &format!("{p}/library/app:{tag}"), &out, &[])
             .unwrap_or_else(|e| panic!("{tag}: {e}"));
     }
+    // The tag list lists what was imported (signature tags too, as a
+    // registry would), a page at a time when asked.
+    let r = gap.get("/v2/library/app/tags/list").await;
+    assert_eq!(r.status(), 200);
+    let list: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let tags: Vec<&str> = list["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    for t in [
+        "bundled",
+        "local",
+        "signed",
+        sig_tag.as_str(),
+        fallback_tag.as_str(),
+    ] {
+        assert!(tags.contains(&t), "{t} not in {tags:?}");
+    }
+    assert!(!tags.contains(&"unsigned"), "{tags:?}");
+    let r = gap.get("/v2/library/app/tags/list?n=1").await;
+    assert_eq!(r.status(), 200);
+    let link = r.headers()["link"].to_str().unwrap().to_owned();
+    assert!(
+        link.contains("/v2/library/app/tags/list?n=1&last=bundled"),
+        "{link}"
+    );
+    let page: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(page["tags"], serde_json::json!(["bundled"]));
     // Only what was imported: the unsigned image never crossed.
     let r = gap.get("/v2/library/app/manifests/unsigned").await;
     assert_eq!(r.status(), 404);

@@ -690,7 +690,7 @@ mod tests {
     fn read(name: &str, required: bool) -> Result<ReadBundle, ImportError> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fuzz/corpus/bundle")
-            .join(name);
+            .join(format!("seed-{name}"));
         let dir = tempfile::tempdir().unwrap();
         let staged = FsStore::open(dir.path(), None, Arc::new(Metrics::new())).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -8,7 +8,8 @@
 //! reads through a remote works unchanged: tags resolve from stored tag
 //! records, signatures are found under their `.sig` tag, and sigstore
 //! bundles through the referrers fallback tag (`sha256-<hex>`), which also
-//! answers the referrers API. What no store holds is a 404.
+//! answers the referrers API; a tag list lists the stored tags. What no
+//! store holds is a 404.
 
 use std::sync::Arc;
 
@@ -83,7 +84,7 @@ impl Offline {
                     .await
             }
             Endpoint::Blob(d) => return self.blob(d, head).await,
-            Endpoint::TagsList => None,
+            Endpoint::TagsList => return self.tag_list(&req).await,
         };
         match manifest {
             Some(m) => {
@@ -100,6 +101,60 @@ impl Offline {
             }
             None => not_found(),
         }
+    }
+
+    /// The tags imported for the repository, sorted, paginated with `n`
+    /// and `last` as the distribution spec has it.
+    async fn tag_list(&self, req: &Request<'_>) -> Response {
+        let mut tags: Vec<String> = Vec::new();
+        for s in &self.stores {
+            match s.list_tags(&self.name, req.repo).await {
+                Ok(t) => tags.extend(t.iter().map(|t| t.as_str().to_owned())),
+                Err(e) => tracing::warn!(repo = %req.repo, "cannot list stored tags: {e}"),
+            }
+        }
+        tags.sort();
+        tags.dedup();
+        if tags.is_empty() {
+            return not_found();
+        }
+        let (mut n, mut last) = (None, None);
+        for (k, v) in form_urlencoded::parse(req.query.as_deref().unwrap_or("").as_bytes()) {
+            match &*k {
+                "n" => n = v.parse::<usize>().ok(),
+                "last" => last = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        if let Some(last) = &last {
+            tags.retain(|t| t > last);
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(n) = n {
+            if tags.len() > n {
+                tags.truncate(n);
+                if let Some(l) = tags.last() {
+                    let link = format!("</v2/{}/tags/list?n={n}&last={l}>; rel=\"next\"", req.repo);
+                    if let Ok(v) = HeaderValue::from_str(&link) {
+                        headers.insert(http::header::LINK, v);
+                    }
+                }
+            }
+        }
+        let body =
+            serde_json::to_vec(&serde_json::json!({"name": req.repo.as_str(), "tags": tags}))
+                .unwrap_or_default();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let len = body.len() as u64;
+        let body = if req.method == Method::HEAD {
+            Bytes::new()
+        } else {
+            Bytes::from(body)
+        };
+        respond(StatusCode::OK, headers, Some(len), one(body))
     }
 
     async fn blob(&self, d: &Digest, head: bool) -> Response {

@@ -521,6 +521,33 @@ impl Store for FsStore {
         blocking(move || inner.update_tag(&key, f))
     }
 
+    fn list_tags<'a>(
+        &'a self,
+        upstream: &'a str,
+        repo: &'a crate::oci::names::RepoName,
+    ) -> StoreFuture<'a, Vec<crate::oci::names::Tag>> {
+        let dir = self
+            .0
+            .root
+            .join("tags")
+            .join(upstream)
+            .join(repo.as_str())
+            .join("_tags");
+        blocking(move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut tags: Vec<crate::oci::names::Tag> = entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            tags.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            Ok(tags)
+        })
+    }
+
     fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime) {
         self.0
             .tags

@@ -224,6 +224,22 @@ impl Store for MemoryStore {
         done(())
     }
 
+    fn list_tags<'a>(
+        &'a self,
+        upstream: &'a str,
+        repo: &'a crate::oci::names::RepoName,
+    ) -> StoreFuture<'a, Vec<crate::oci::names::Tag>> {
+        let s = self.0.state();
+        let mut tags: Vec<_> = s
+            .tags
+            .keys()
+            .filter(|k| &*k.upstream == upstream && &k.repo == repo)
+            .map(|k| k.tag.clone())
+            .collect();
+        tags.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        done(tags)
+    }
+
     fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime) {
         self.0
             .state()

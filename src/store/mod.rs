@@ -150,6 +150,9 @@ pub trait Store: Send + Sync {
     /// Replaces a tag record with `f(current)`, one update at a time, so
     /// concurrent updates of different fields do not undo each other.
     fn update_tag<'a>(&'a self, key: &'a TagKey, f: TagUpdate) -> StoreFuture<'a, ()>;
+    /// The tags held for a repository of an upstream, sorted (what an
+    /// offline upstream's tag list answers).
+    fn list_tags<'a>(&'a self, upstream: &'a str, repo: &'a RepoName) -> StoreFuture<'a, Vec<Tag>>;
     /// Remembers a tag in memory only, as checked at `checked`: used after
     /// an upstream failure so the next re-check waits a little.
     fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime);

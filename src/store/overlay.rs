@@ -118,6 +118,26 @@ impl Store for Overlay {
         .boxed()
     }
 
+    fn list_tags<'a>(
+        &'a self,
+        upstream: &'a str,
+        repo: &'a crate::oci::names::RepoName,
+    ) -> StoreFuture<'a, Vec<crate::oci::names::Tag>> {
+        async move {
+            let mut all = self.upper.list_tags(upstream, repo).await?;
+            all.extend(
+                self.lower
+                    .list_tags(upstream, repo)
+                    .await
+                    .unwrap_or_default(),
+            );
+            all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            all.dedup();
+            Ok(all)
+        }
+        .boxed()
+    }
+
     fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime) {
         self.upper.defer_tag(key, rec, checked);
     }
