@@ -125,25 +125,8 @@ async fn approved_images_cross_the_air_gap_and_bad_bundles_import_nothing() {
     );
     let bundled = layout.image("amd64", &[("etc/os", b"bundled\n".to_vec())]);
     layout.tag("bundled", &bundled);
-    let (fallback_tag, fallback_index) = {
-        use signature::Signer;
-        let d: pullgate::names::Digest = bundled.digest.parse().unwrap();
-        let bundle = pullgate::cosign::bundle(&d, "docker.io/library/app", |m: &[u8]| {
-            let s: p256::ecdsa::Signature = release.sign(m);
-            s.to_der().as_bytes().to_vec()
-        });
-        let (m, config) =
-            pullgate::cosign::bundle_manifest(&d, bundled.size, bundled.media_type, &bundle);
-        let referrer = layout.raw_manifest(&m, &[&bundle, &config]);
-        layout.tag("bundle-referrer", &referrer);
-        let index = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{"mediaType": referrer.media_type, "digest": referrer.digest, "size": referrer.size,
-                           "artifactType": pullgate::cosign::BUNDLE_MEDIA_TYPE}],
-        }))
-        .unwrap();
-        (pullgate::cosign::referrers_tag(&d), index)
-    };
+    let (fallback_tag, fallback_index) =
+        real::bundle_into(&mut layout, "docker.io/library/app", &bundled, &release);
     let local = layout.image("amd64", &[("etc/os", b"approved here\n".to_vec())]);
     layout.tag("local", &local);
     let unsigned = layout.image("amd64", &[("etc/os", b"unsigned\n".to_vec())]);
@@ -164,18 +147,7 @@ async fn approved_images_cross_the_air_gap_and_bad_bundles_import_nothing() {
             &["--dest-tls-verify=false"],
         );
     }
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let put = http
-        .put(format!(
-            "{}/v2/library/app/manifests/{fallback_tag}",
-            registry.url()
-        ))
-        .header("Content-Type", "application/vnd.oci.image.index.v1+json")
-        .body(fallback_index)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201);
+    real::put_index(&registry, "library/app", &fallback_tag, fallback_index).await;
 
     // Keys: the release key, the connected site's approval key, the export
     // key, and one nobody trusts.

@@ -332,29 +332,8 @@ async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containe
     // registry has no referrers API).
     let bundled = layout.image("amd64", &[("etc/os", b"bundled\n".to_vec())]);
     layout.tag("bundled", &bundled);
-    let fallback_tag = {
-        use signature::Signer;
-        let d: pullgate::names::Digest = bundled.digest.parse().unwrap();
-        let bundle = pullgate::cosign::bundle(&d, "docker.io/library/app", |m: &[u8]| {
-            let s: p256::ecdsa::Signature = key.sign(m);
-            s.to_der().as_bytes().to_vec()
-        });
-        let (m, config) =
-            pullgate::cosign::bundle_manifest(&d, bundled.size, bundled.media_type, &bundle);
-        let referrer = layout.raw_manifest(&m, &[&bundle, &config]);
-        let index = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{"mediaType": referrer.media_type, "digest": referrer.digest, "size": referrer.size,
-                           "artifactType": pullgate::cosign::BUNDLE_MEDIA_TYPE}],
-        }))
-        .unwrap();
-        // skopeo 1.9 cannot copy an index whose descriptors carry
-        // artifactType unchanged, so the referrer goes up by a tag of its own
-        // and the fallback index is PUT directly.
-        layout.tag("bundle-referrer", &referrer);
-        (pullgate::cosign::referrers_tag(&d), index)
-    };
-    let (fallback_tag, fallback_index) = fallback_tag;
+    let (fallback_tag, fallback_index) =
+        real::bundle_into(&mut layout, "docker.io/library/app", &bundled, &key);
     for tag in [
         "signed",
         sig_tag.as_str(),
@@ -373,20 +352,7 @@ async fn signed_images_pass_and_unsigned_ones_are_denied_for_skopeo_and_containe
         );
     }
 
-    let put = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .put(format!(
-            "{}/v2/library/app/manifests/{fallback_tag}",
-            registry.url()
-        ))
-        .header("Content-Type", "application/vnd.oci.image.index.v1+json")
-        .body(fallback_index)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201, "{:?}", put.text().await);
+    real::put_index(&registry, "library/app", &fallback_tag, fallback_index).await;
 
     let dir = Arc::new(tempfile::tempdir().unwrap());
     std::fs::write(

@@ -366,6 +366,51 @@ pub fn sign_into(
     tag
 }
 
+/// A cosign v3 bundle signing `image` with `key`, as a referrer in
+/// `layout` under the tag `bundle-referrer`; returns the referrers fallback
+/// tag (`sha256-<hex>`) and the index to PUT under it. skopeo 1.9 cannot
+/// copy an index whose descriptors carry artifactType unchanged, so the
+/// referrer goes up by a tag of its own and the fallback index is PUT
+/// directly ([`put_index`]).
+pub fn bundle_into(
+    layout: &mut Layout,
+    repo: &str,
+    image: &Written,
+    key: &p256::ecdsa::SigningKey,
+) -> (String, Vec<u8>) {
+    use signature::Signer;
+    let d: pullgate::names::Digest = image.digest.parse().unwrap();
+    let bundle = pullgate::cosign::bundle(&d, repo, |m: &[u8]| {
+        let s: p256::ecdsa::Signature = key.sign(m);
+        s.to_der().as_bytes().to_vec()
+    });
+    let (m, config) = pullgate::cosign::bundle_manifest(&d, image.size, image.media_type, &bundle);
+    let referrer = layout.raw_manifest(&m, &[&bundle, &config]);
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": referrer.media_type, "digest": referrer.digest, "size": referrer.size,
+                       "artifactType": pullgate::cosign::BUNDLE_MEDIA_TYPE}],
+    }))
+    .unwrap();
+    layout.tag("bundle-referrer", &referrer);
+    (pullgate::cosign::referrers_tag(&d), index)
+}
+
+/// PUTs an OCI index as `repo:tag` on `registry`.
+pub async fn put_index(registry: &Registry, repo: &str, tag: &str, index: Vec<u8>) {
+    let put = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .put(format!("{}/v2/{repo}/manifests/{tag}", registry.url()))
+        .header("Content-Type", "application/vnd.oci.image.index.v1+json")
+        .body(index)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201, "{:?}", put.text().await);
+}
+
 // ---- skopeo -------------------------------------------------------------------
 
 /// `skopeo` with an accept-anything signature policy of the test's own.
