@@ -178,6 +178,35 @@ enum Command {
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Write containerd's certs.d hosts.toml files that send every pull through pullgate.
+    ///
+    /// Writes DIR/_default/hosts.toml with pullgate as the `server` (never a
+    /// [host] mirror, which containerd would skip on a 403), atomically. Each
+    /// --direct registry gets a file of its own that pulls from it directly:
+    /// use it only for the registry that serves pullgate's own image, pinned by
+    /// digest, so that the mirror can start without itself. A hosts.toml not
+    /// written by pullgate is never overwritten; other registries' files, which
+    /// containerd would use instead of _default, are warned about. The
+    /// Kubernetes DaemonSet runs this in an init container
+    /// (deploy/kubernetes/). Exit status: 0 done, 1 a foreign _default file is
+    /// in the way, 64 bad arguments, 73 a file cannot be written.
+    ContainerdHosts {
+        /// containerd's hosts directory (config_path), e.g. /etc/containerd/certs.d
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// pullgate's registry address as containerd on the node reaches it.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:5000")]
+        server: String,
+        /// A registry pulled directly, e.g. https://ghcr.io (repeatable).
+        #[arg(long, value_name = "URL")]
+        direct: Vec<String>,
+        /// Remove the files this command wrote (only those) instead.
+        #[arg(long, conflicts_with = "direct")]
+        remove: bool,
+        /// Then keep running until SIGTERM (for a DaemonSet's main container).
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -216,6 +245,19 @@ fn main() -> ExitCode {
             allow_rollback,
             bundle,
         } => cli::import(&config, &bundle, allow_rollback),
+        Command::ContainerdHosts {
+            dir,
+            server,
+            direct,
+            remove,
+            wait,
+        } => cli::containerd_hosts(&cli::Hosts {
+            dir: &dir,
+            server: &server,
+            direct: &direct,
+            remove,
+            wait,
+        }),
         Command::Serve { config } => cli::serve(config.as_deref(), cli.log_format),
     }
 }

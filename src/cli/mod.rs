@@ -4,12 +4,14 @@
 mod bundle;
 mod explain;
 mod fsck;
+mod hosts;
 mod keys;
 mod serve;
 
 pub use bundle::{export, import};
 pub use explain::{pin, verify};
 pub use fsck::fsck;
+pub use hosts::{containerd_hosts, Hosts};
 pub use keys::{approve, keygen};
 pub use serve::serve;
 
