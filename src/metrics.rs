@@ -25,6 +25,8 @@ pub struct Metrics {
     pub bytes_served: IntCounterVec,
     /// Bytes of blobs and manifests held in the store.
     pub store_size: IntGauge,
+    /// `storage.max_size`, 0 when unset: alert rules compare the store with it.
+    pub store_max_size: IntGauge,
     /// Blobs evicted to stay under `storage.max_size`.
     pub evictions: IntCounterVec,
     /// Upstream fetches running now.
@@ -167,6 +169,10 @@ impl Metrics {
             "pullgate_store_size_bytes",
             "Bytes held in the content store.",
         );
+        let store_max_size = gauge(
+            "pullgate_store_max_size_bytes",
+            "storage.max_size in bytes (0: no limit set); eviction keeps pullgate_store_size_bytes near it.",
+        );
         let inflight_fetches = gauge(
             "pullgate_inflight_fetches",
             "Upstream blob fetches running now.",
@@ -204,6 +210,7 @@ impl Metrics {
                 &["source"],
             ),
             store_size,
+            store_max_size,
             evictions: counter(
                 &registry,
                 "pullgate_evictions_total",
@@ -362,6 +369,7 @@ impl Metrics {
                 "pullgate_upstream_request_duration_seconds",
                 "pullgate_bytes_served_total",
                 "pullgate_store_size_bytes",
+                "pullgate_store_max_size_bytes",
                 "pullgate_evictions_total",
                 "pullgate_inflight_fetches",
                 "pullgate_stale_serves_total",
@@ -436,7 +444,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            31,
+            32,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();
@@ -481,6 +489,7 @@ mod tests {
             "pullgate_upstream_request_duration_seconds_bucket",
             "pullgate_bytes_served_total{source=\"cache\"} 3",
             "pullgate_store_size_bytes 0",
+            "pullgate_store_max_size_bytes 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

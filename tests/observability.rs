@@ -306,6 +306,12 @@ async fn a_real_prometheus_scrapes_the_blocked_pulls_and_the_rules_load() {
             .arg("rules")
             .arg(&rules),
     );
+    // The store alert's expression, against and without storage.max_size.
+    real::run(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/prometheus/rules_test.yml")),
+    );
 
     let work = tempfile::tempdir().unwrap();
     let w = work.path();

@@ -64,6 +64,9 @@ pub fn unix(t: SystemTime) -> u64 {
 
 impl Index {
     pub fn new(max_size: Option<u64>, metrics: Arc<Metrics>) -> Index {
+        metrics
+            .store_max_size
+            .set(max_size.map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)));
         Index {
             inner: Arc::new(Mutex::new(Inner::default())),
             max_size,
