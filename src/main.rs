@@ -187,9 +187,10 @@ enum Command {
     /// digest, so that the mirror can start without itself. A hosts.toml not
     /// written by pullgate is never overwritten; other registries' files, which
     /// containerd would use instead of _default, are warned about. The
-    /// Kubernetes DaemonSet runs this in an init container
-    /// (deploy/kubernetes/). Exit status: 0 done, 1 a foreign _default file is
-    /// in the way, 64 bad arguments, 73 a file cannot be written.
+    /// Kubernetes DaemonSet runs this in a sidecar (deploy/kubernetes/) with
+    /// --after-ready, so the files appear once pullgate serves. Exit status: 0 done,
+    /// 1 a foreign _default file is in the way, 64 bad arguments, 73 a file
+    /// cannot be written.
     ContainerdHosts {
         /// containerd's hosts directory (config_path), e.g. /etc/containerd/certs.d
         #[arg(long, value_name = "DIR")]
@@ -203,7 +204,11 @@ enum Command {
         /// Remove the files this command wrote (only those) instead.
         #[arg(long, conflicts_with = "direct")]
         remove: bool,
-        /// Then keep running until SIGTERM (for a DaemonSet's main container).
+        /// First wait until this URL answers 200 (pullgate's /readyz), so that the
+        /// files go down only once pullgate serves.
+        #[arg(long, value_name = "URL")]
+        after_ready: Option<String>,
+        /// Then keep running until SIGTERM (for a container of a DaemonSet).
         #[arg(long)]
         wait: bool,
     },
@@ -250,6 +255,7 @@ fn main() -> ExitCode {
             server,
             direct,
             remove,
+            after_ready,
             wait,
         } => cli::containerd_hosts(&cli::Hosts {
             dir: &dir,
@@ -257,6 +263,7 @@ fn main() -> ExitCode {
             direct: &direct,
             remove,
             wait,
+            after_ready: after_ready.as_deref(),
         }),
         Command::Serve { config } => cli::serve(config.as_deref(), cli.log_format),
     }

@@ -264,7 +264,16 @@ fn check_locked_down(c: &Value, root_ok: bool) {
     assert!(r["limits"]["memory"].is_string(), "{name}: no memory limit");
 }
 
-fn probes(c: &Value, admin_port: u16) {
+/// The probes hit the config's admin port, which must listen beyond
+/// loopback: the kubelet probes the pod's address (under hostNetwork, the
+/// node's), never 127.0.0.1.
+fn probes(c: &Value, config: &toml::Table) {
+    let admin: SocketAddr = config["admin"]["listen"].as_str().unwrap().parse().unwrap();
+    assert!(
+        !admin.ip().is_loopback(),
+        "admin.listen {admin} is loopback: the kubelet's probes could not reach it"
+    );
+    let admin_port = admin.port();
     let port_of = |probe: &Value| -> u16 {
         let p = &probe["httpGet"]["port"];
         match p.as_u64() {
@@ -307,7 +316,8 @@ fn the_node_daemonset_is_locked_down_and_starts_without_itself() {
 
     // containerd on the node reaches it on 127.0.0.1: the host network.
     assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    // The node's own resolver: cluster DNS runs in pods pulled through it.
+    assert_eq!(pod["dnsPolicy"], "Default");
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert!(
         pod["tolerations"]
@@ -328,7 +338,7 @@ fn the_node_daemonset_is_locked_down_and_starts_without_itself() {
     let main = &pod["containers"][0];
     assert_eq!(pod["containers"].as_array().unwrap().len(), 1);
     check_locked_down(main, false);
-    probes(main, listen_port(&config, "admin"));
+    probes(main, &config);
     let server = config["server"]["listen"].as_str().unwrap();
     assert_eq!(
         server, "127.0.0.1:5000",
@@ -336,9 +346,18 @@ fn the_node_daemonset_is_locked_down_and_starts_without_itself() {
     );
 
     let init = &pod["initContainers"][0];
+    assert_eq!(pod["initContainers"].as_array().unwrap().len(), 1);
     check_locked_down(init, true);
+    // A sidecar that writes the files once pullgate is ready, then stays.
+    assert_eq!(init["restartPolicy"], "Always");
     let args: Vec<&str> = init["args"].as_array().unwrap().iter().map(s).collect();
     assert_eq!(args[0], "containerd-hosts");
+    let admin_port = listen_port(&config, "admin");
+    assert!(
+        args.contains(&format!("--after-ready=http://127.0.0.1:{admin_port}/readyz").as_str())
+            && args.contains(&"--wait"),
+        "{args:?}"
+    );
     assert!(
         args.contains(&format!("--server=http://{server}").as_str()),
         "{args:?}"
@@ -399,6 +418,11 @@ fn the_node_daemonset_is_locked_down_and_starts_without_itself() {
         .find(|v| v["name"] == cache_mount["name"])
         .unwrap();
     let limit = bytes(s(&cache["emptyDir"]["sizeLimit"]));
+    assert_eq!(
+        bytes(s(&main["resources"]["requests"]["ephemeral-storage"])),
+        limit,
+        "the scheduler must know of the cache"
+    );
     let max = bytes(config["storage"]["max_size"].as_str().unwrap());
     assert!(
         max * 10 <= limit * 9,
@@ -451,7 +475,7 @@ fn the_gateway_serves_tls_and_users_from_secrets_with_its_store_on_a_volume() {
         .unwrap();
     let text = s(&find(&docs, "ConfigMap", cm_name)["data"]["pullgate.toml"]).to_string();
     let config: toml::Table = text.parse().unwrap();
-    probes(main, listen_port(&config, "admin"));
+    probes(main, &config);
 
     // Every file the config names is on a volume from a Secret or a ConfigMap.
     let mounts = main["volumeMounts"].as_array().unwrap();
@@ -756,10 +780,7 @@ async fn containerd_pulls_through_the_hosts_files_pullgate_writes_and_they_come_
             .arg(format!("--direct={}", own.url())),
     );
     assert!(ok, "{out}");
-    assert!(
-        out.contains("quay.io/hosts.toml was not written by pullgate"),
-        "{out}"
-    );
+    assert!(out.contains("quay.io was not written by pullgate"), "{out}");
 
     // docker.io goes through pullgate (containerd sends ?ns=docker.io).
     real::run(&mut ctrd.pull("one", &hosts, "docker.io/library/app:v1"));
@@ -771,11 +792,31 @@ async fn containerd_pulls_through_the_hosts_files_pullgate_writes_and_they_come_
 
     // With pullgate down, "its own image" still pulls, pinned by digest,
     // straight from its registry; every other pull fails: nothing bypasses.
+    let proxy_addr = proxy.addr.to_string();
     proxy.stop().await;
     let pinned = format!("{}/pullgate/pullgate@{}", own.addr, me.digest);
     real::run(&mut ctrd.pull("two", &hosts, &pinned));
-    let failed = real::run_failing(&mut ctrd.pull("two", &hosts, "docker.io/library/app:v1"));
-    assert!(!failed.is_empty());
+    // The registry itself is up and reachable, in plain HTTP as --plain-http
+    // tells ctr: were pullgate a [host] mirror, containerd would fall back to
+    // it and succeed. As the server of _default, there is nowhere else to go.
+    let direct_name = format!("{}/library/app:v1", registry.addr);
+    let failed = real::run_failing(
+        ctrd.ctr("two")
+            .args([
+                "image",
+                "pull",
+                "--snapshotter",
+                "native",
+                "--plain-http",
+                "--hosts-dir",
+            ])
+            .arg(&hosts)
+            .arg(&direct_name),
+    );
+    assert!(
+        failed.contains(&proxy_addr) || failed.contains("connection refused"),
+        "{failed}"
+    );
 
     // --remove takes off pullgate's files only.
     let (ok, out) = output(

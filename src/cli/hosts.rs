@@ -4,8 +4,8 @@
 //! Hand-written because it is pullgate's own contract with containerd (see
 //! deploy/containerd/README.md): pullgate is the `server` of `_default`,
 //! never a `[host]` mirror, and the `[host]` table is there but empty. The
-//! Kubernetes DaemonSet runs this from an init container of the pullgate
-//! image, which has no shell to copy files with.
+//! Kubernetes DaemonSet runs this in a sidecar of the pullgate image, which
+//! has no shell to copy files with, once pullgate's /readyz answers.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,9 +24,16 @@ pub struct Hosts<'a> {
     pub direct: &'a [String],
     pub remove: bool,
     pub wait: bool,
+    pub after_ready: Option<&'a str>,
 }
 
 pub fn containerd_hosts(h: &Hosts) -> ExitCode {
+    if let Some(url) = h.after_ready {
+        if let Err(msg) = wait_until_ready(url) {
+            eprintln!("pullgate: {msg}");
+            return ExitCode::from(64);
+        }
+    }
     let result = if h.remove {
         remove(h.dir)
     } else {
@@ -35,7 +42,11 @@ pub fn containerd_hosts(h: &Hosts) -> ExitCode {
     let code = match result {
         Ok(lines) => {
             for l in lines {
-                println!("{l}");
+                if l.starts_with("warning:") {
+                    eprintln!("pullgate: {l}");
+                } else {
+                    println!("{l}");
+                }
             }
             ExitCode::SUCCESS
         }
@@ -72,12 +83,49 @@ fn wait_for_signal() {
     });
 }
 
-/// containerd's directory for a registry host: `host:port` is looked up
-/// as `host_port_` first (containerd's `hostDirectory`).
-fn host_dir(host: &str) -> String {
-    match host.rsplit_once(':') {
-        Some((h, port)) => format!("{h}_{port}_"),
-        None => host.to_string(),
+/// Polls `url` until it answers 200, so that the files go down only once
+/// pullgate serves: a pullgate that cannot start (a bad config, a port in
+/// use) then leaves the node's pulls as they were instead of failing them.
+fn wait_until_ready(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("--after-ready {url:?}: {e}"))?;
+    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return Err("cannot start the runtime".into());
+    };
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let started = std::time::Instant::now();
+        let mut said = std::time::Duration::ZERO;
+        loop {
+            let last = match client.get(parsed.clone()).send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::OK => return Ok(()),
+                Ok(r) => format!("answered {}", r.status()),
+                Err(e) => format!("{e}"),
+            };
+            let waited = started.elapsed();
+            if waited >= said {
+                println!(
+                    "waiting for {url} to answer 200 before writing ({last}; {}s so far)",
+                    waited.as_secs()
+                );
+                said = waited + std::time::Duration::from_secs(30);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// containerd's directory for a registry as image references name it
+/// (`host`, `host:port`, `[v6]:port`): containerd looks first for
+/// `hostDirectory(host)`, which turns the part after the last colon into
+/// `_port_`, then for the name as it is, then `_default`.
+fn host_dir(authority: &str) -> String {
+    match authority.rfind(':') {
+        Some(i) if i > 0 => format!("{}_{}_", &authority[..i], &authority[i + 1..]),
+        _ => authority.to_string(),
     }
 }
 
@@ -95,13 +143,19 @@ fn direct_host(url: &str) -> Result<(String, String), String> {
             "--direct {url:?}: give only the registry's address, like https://ghcr.io"
         ));
     }
-    let host = match (parsed.host_str(), parsed.port()) {
-        (Some(h), Some(p)) => format!("{h}:{p}"),
-        (Some(h), None) => h.to_string(),
-        (None, _) => return Err(format!("--direct {url:?}: no host")),
-    };
-    let server = parsed.as_str().trim_end_matches('/').to_string();
-    Ok((host, server))
+    if parsed.host_str().is_none() {
+        return Err(format!("--direct {url:?}: no host"));
+    }
+    // The registry as image references name it, port and all: the URL
+    // parser drops a default port (https://r:443 is r), but containerd
+    // looks `r:443/app` up under r_443_/, never r/.
+    let authority = url
+        .split_once("://")
+        .map(|(_, rest)| rest.trim_end_matches('/'))
+        .unwrap_or_default()
+        .to_string();
+    let server = format!("{}://{authority}", parsed.scheme());
+    Ok((authority, server))
 }
 
 fn render(server: &str, note: &str) -> String {
@@ -176,20 +230,14 @@ fn write(dir: &Path, server: &str, direct: &[String]) -> Result<Vec<String>, (u8
             .map_err(|e| (73, format!("cannot write {}: {e}", path.display())))?;
         out.push(format!("wrote {}", path.display()));
     }
-    // Another registry directory wins over _default for its registry: say so.
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        let mut foreign: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("hosts.toml"))
-            .filter(|p| p.exists() && !ours(p))
-            .map(|p| p.display().to_string())
-            .collect();
-        foreign.sort();
-        for f in foreign {
-            eprintln!(
-                "pullgate: warning: {f} was not written by pullgate; containerd uses it instead of _default, so that registry's pulls may bypass pullgate"
-            );
-        }
+    // containerd takes the first of a registry's directories that exists,
+    // with or without a hosts.toml (one with only a ca.crt pulls straight
+    // from the registry): any directory not written here bypasses _default.
+    for d in foreign_dirs(dir) {
+        out.push(format!(
+            "warning: {} was not written by pullgate; containerd uses it instead of _default, so that registry's pulls bypass pullgate",
+            d.display()
+        ));
     }
     if !direct_hosts.is_empty() {
         out.push(format!(
@@ -198,6 +246,20 @@ fn write(dir: &Path, server: &str, direct: &[String]) -> Result<Vec<String>, (u8
         ));
     }
     Ok(out)
+}
+
+/// The directories under `dir` that hold no hosts.toml of pullgate's.
+fn foreign_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !ours(&p.join("hosts.toml")))
+        .collect();
+    v.sort();
+    v
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
@@ -257,6 +319,7 @@ mod tests {
     fn a_port_names_containerds_underscore_directory() {
         assert_eq!(host_dir("ghcr.io"), "ghcr.io");
         assert_eq!(host_dir("registry.corp:5443"), "registry.corp_5443_");
+        assert_eq!(host_dir("[fd00::1]:5000"), "[fd00::1]_5000_");
     }
 
     #[test]
@@ -268,6 +331,11 @@ mod tests {
         assert_eq!(
             direct_host("http://127.0.0.1:5001/").unwrap(),
             ("127.0.0.1:5001".into(), "http://127.0.0.1:5001".into())
+        );
+        // A default port stays: `r:443/app` is looked up under r_443_/.
+        assert_eq!(
+            direct_host("https://r.example:443").unwrap(),
+            ("r.example:443".into(), "https://r.example:443".into())
         );
         for bad in [
             "ghcr.io",
@@ -285,8 +353,18 @@ mod tests {
         let foreign = d.path().join("quay.io/hosts.toml");
         std::fs::create_dir_all(foreign.parent().unwrap()).unwrap();
         std::fs::write(&foreign, "server = \"https://quay.io\"\n").unwrap();
+        // A directory with certificates only also wins over _default.
+        let certs_only = d.path().join("gcr.io");
+        std::fs::create_dir_all(&certs_only).unwrap();
+        std::fs::write(certs_only.join("ca.crt"), "").unwrap();
         let direct = vec!["https://registry.corp:5443".to_string()];
-        write(d.path(), "http://127.0.0.1:5000", &direct).unwrap();
+        let out = write(d.path(), "http://127.0.0.1:5000", &direct).unwrap();
+        let warned: Vec<&String> = out.iter().filter(|l| l.starts_with("warning:")).collect();
+        assert_eq!(warned.len(), 2, "{out:?}");
+        assert!(
+            warned[0].contains("gcr.io") && warned[1].contains("quay.io"),
+            "{out:?}"
+        );
         // Writing again replaces pullgate's own files.
         write(d.path(), "http://127.0.0.1:5000/", &direct).unwrap();
         let t: toml::Table = std::fs::read_to_string(d.path().join("_default/hosts.toml"))
