@@ -41,6 +41,7 @@ pub mod config;
 pub mod content;
 pub mod fsutil;
 pub mod htpasswd;
+pub mod keyless;
 pub mod keys;
 pub mod metrics;
 pub mod oci;

@@ -164,6 +164,47 @@ enum Command {
         #[arg(value_name = "BUNDLE.tar")]
         bundle: PathBuf,
     },
+    /// Verify one sigstore bundle offline (the sigstore-conformance CLI protocol).
+    ///
+    /// Keyless: the bundle's Fulcio certificate must chain to a CA of the
+    /// trusted root valid at the signing time, carry an SCT from a trusted CT
+    /// log and the given identity (its SAN, exactly) and OIDC issuer; the entry
+    /// must be in a trusted transparency log (a signed entry timestamp, or an
+    /// inclusion proof with a checkpoint), and the signature must verify over
+    /// the artifact. With --key, the signature must verify with that key. The
+    /// trusted root is the sigstore production root embedded in pullgate
+    /// unless --trusted-root names one; nothing is fetched. FILE_OR_DIGEST is
+    /// the artifact's path, or `sha256:<hex>` when no such file exists. Exit
+    /// status: 0 verified, 1 not verified (the reason on stderr), 64 a bad
+    /// trusted root, key or arguments.
+    VerifyBundle {
+        /// Use the embedded sigstore staging root instead of production.
+        #[arg(long)]
+        staging: bool,
+        /// The sigstore bundle (JSON).
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// The identity the signing certificate must name (its SAN), exactly.
+        #[arg(
+            long,
+            value_name = "IDENTITY",
+            requires = "certificate_oidc_issuer",
+            conflicts_with = "key"
+        )]
+        certificate_identity: Option<String>,
+        /// The OIDC issuer the signing certificate must name, exactly.
+        #[arg(long, value_name = "URL", requires = "certificate_identity")]
+        certificate_oidc_issuer: Option<String>,
+        /// A PEM public key the signature must verify with (instead of an identity).
+        #[arg(long, value_name = "PATH_TO_KEY")]
+        key: Option<PathBuf>,
+        /// A trusted_root.json to use instead of the embedded one.
+        #[arg(long, value_name = "FILE")]
+        trusted_root: Option<PathBuf>,
+        /// The signed file, or its digest as sha256:<hex>.
+        #[arg(value_name = "FILE_OR_DIGEST")]
+        artifact: String,
+    },
     /// Check every file of the store against its digest, and the metadata
     /// (manifest markers, tags, approvals, base history) against the blobs.
     ///
@@ -264,6 +305,23 @@ fn main() -> ExitCode {
             remove,
             wait,
             after_ready: after_ready.as_deref(),
+        }),
+        Command::VerifyBundle {
+            staging,
+            bundle,
+            certificate_identity,
+            certificate_oidc_issuer,
+            key,
+            trusted_root,
+            artifact,
+        } => cli::verify_bundle(&cli::VerifyBundleArgs {
+            staging,
+            bundle: &bundle,
+            identity: certificate_identity.as_deref(),
+            issuer: certificate_oidc_issuer.as_deref(),
+            key: key.as_deref(),
+            trusted_root: trusted_root.as_deref(),
+            artifact: &artifact,
         }),
         Command::Serve { config } => cli::serve(config.as_deref(), cli.log_format),
     }

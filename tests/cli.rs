@@ -1058,3 +1058,59 @@ async fn kill_9_at_random_moments_during_cold_pulls_leaves_a_store_fsck_passes()
         fetched + 1
     );
 }
+
+#[test]
+fn verify_bundle_refuses_what_is_not_a_valid_bundle_and_names_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("a.txt"), b"hello\n").unwrap();
+    std::fs::write(
+        d.join("bundle.json"),
+        b"{\"mediaType\": \"application/vnd.dev.sigstore.bundle.v0.3+json\"}",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let o = Command::new(BIN)
+            .arg("verify-bundle")
+            .arg("--bundle")
+            .arg(d.join("bundle.json"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let a = d.join("a.txt");
+    let a = a.to_str().unwrap();
+    let id = [
+        "--certificate-identity",
+        "keyless@distroless.iam.gserviceaccount.com",
+        "--certificate-oidc-issuer",
+        "https://accounts.google.com",
+    ];
+    // An incomplete bundle: not verified, exit 1, with the reason.
+    let (code, err) = run(&[&id[..], &[a]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("not verified") || err.contains("not a sigstore bundle"),
+        "{err}"
+    );
+    // By digest, the same.
+    let digest = format!(
+        "sha256:{}",
+        "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+    );
+    let (code, _) = run(&[&id[..], &[digest.as_str()]].concat());
+    assert_eq!(code, Some(1));
+    // A trusted root that is not one is a configuration error: 64.
+    std::fs::write(d.join("root.json"), b"[]").unwrap();
+    let root = d.join("root.json");
+    let (code, err) = run(&[&id[..], &["--trusted-root", root.to_str().unwrap(), a]].concat());
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("root.json"), "{err}");
+    // An identity needs its issuer (clap's usage error).
+    let (code, _) = run(&["--certificate-identity", "x", a]);
+    assert_eq!(code, Some(2));
+}

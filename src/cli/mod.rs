@@ -7,6 +7,7 @@ mod fsck;
 mod hosts;
 mod keys;
 mod serve;
+mod verify_bundle;
 
 pub use bundle::{export, import};
 pub use explain::{pin, verify};
@@ -14,6 +15,7 @@ pub use fsck::fsck;
 pub use hosts::{containerd_hosts, Hosts};
 pub use keys::{approve, keygen};
 pub use serve::serve;
+pub use verify_bundle::{verify_bundle, Args as VerifyBundleArgs};
 
 use std::process::ExitCode;
 
