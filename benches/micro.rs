@@ -21,6 +21,12 @@ use pullgate::route::{parse_path, PathKind, Router};
 use pullgate::store::{TagKey, TagRecord};
 use pullgate::{App, Config};
 
+// The tests' own sigstore (CA, CT log, transparency log), for a keyless
+// bundle to verify.
+#[allow(dead_code)]
+#[path = "../tests/sigstore_pki/mod.rs"]
+mod sigstore_pki;
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -210,6 +216,36 @@ fn signatures(c: &mut Criterion) {
             b.iter(|| black_box(cosign::check_bundle(&bundle, &image, &[&public]).unwrap()))
         });
     }
+}
+
+/// One keyless bundle (certificate chain, SCT, signed entry timestamp,
+/// signature, identity) through `pullgate::keyless`, the verifier built once
+/// as a server would hold it.
+fn keyless(c: &mut Criterion) {
+    use pullgate::keyless::{Expect, Keyless, Root, Signed};
+    let store = sigstore_pki::Sigstore::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("trusted_root.json");
+    std::fs::write(&root, store.trusted_root()).unwrap();
+    let verifier = Keyless::new(Root::File(&root)).unwrap();
+    let artifact = b"a simple-signing payload".to_vec();
+    let bundle = store.bundle(
+        &artifact,
+        &store.signing("ci@acme.example", "https://issuer.example"),
+    );
+    let expect = Expect::Identity {
+        identity: "ci@acme.example".into(),
+        issuer: "https://issuer.example".into(),
+    };
+    c.bench_function("verify: keyless bundle (chain, SCT, SET, identity)", |b| {
+        b.iter(|| {
+            black_box(
+                verifier
+                    .verify(&bundle, Signed::Bytes(&artifact), &expect)
+                    .unwrap(),
+            )
+        })
+    });
 }
 
 /// The cached manifest request again, under a policy that requires a
@@ -429,6 +465,7 @@ criterion_group!(
     hashing,
     store_and_handler,
     signatures,
+    keyless,
     cached_verdict,
     base_check,
     cached_base_verdict,
