@@ -23,7 +23,6 @@ use pullgate::{App, Config};
 
 // The tests' own sigstore (CA, CT log, transparency log), for a keyless
 // bundle to verify.
-#[allow(dead_code)]
 #[path = "../tests/sigstore_pki/mod.rs"]
 mod sigstore_pki;
 
