@@ -135,6 +135,122 @@ impl Keyless {
     }
 }
 
+/// A legacy cosign signature (a layer of a `.sig` manifest) as cosign
+/// writes it for a keyless signing: its annotations.
+#[derive(Debug, Clone, Copy)]
+pub struct LegacySignature<'a> {
+    /// The simple-signing payload (the layer's bytes).
+    pub payload: &'a [u8],
+    /// `dev.cosignproject.cosign/signature`: base64 of the signature.
+    pub signature: &'a str,
+    /// `dev.sigstore.cosign/certificate`: the leaf certificate, PEM.
+    pub certificate: &'a str,
+    /// `dev.sigstore.cosign/chain`: intermediates and root, PEM.
+    pub chain: Option<&'a str>,
+    /// `dev.sigstore.cosign/bundle`: the transparency log's signed entry
+    /// timestamp and entry, JSON.
+    pub rekor_bundle: &'a str,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RekorBundle {
+    signed_entry_timestamp: String,
+    payload: RekorPayload,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RekorPayload {
+    body: String,
+    integrated_time: i64,
+    log_index: i64,
+    #[serde(rename = "logID")]
+    log_id: String,
+}
+
+/// The sigstore bundle (v0.1: a certificate chain and a signed entry
+/// timestamp, no inclusion proof) that says what a legacy keyless signature
+/// says, so that the crate verifies it like any other.
+///
+/// Hand-written because the crate reads bundles only and cosign's legacy
+/// annotations are the one other form keyless signatures take in
+/// registries; it maps fields and decides nothing: the crate then checks
+/// that the log entry matches the certificate, signature and payload.
+pub fn bundle_from_legacy(sig: &LegacySignature) -> Result<String, KeylessError> {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    use sha2::Digest as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bad = |m: String| KeylessError::Bundle(m);
+    let mut certs = Vec::new();
+    for (what, pem) in [("certificate", Some(sig.certificate)), ("chain", sig.chain)] {
+        let Some(pem) = pem else { continue };
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let c = c.map_err(|e| bad(format!("the {what} annotation: {e}")))?;
+            certs.push(c.as_ref().to_vec());
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad("the certificate annotation holds no certificate".into()));
+    }
+    // The chain annotation usually ends with the root, which the trusted
+    // root holds and a bundle must not repeat.
+    if certs.len() > 1 {
+        if let Some(last) = certs.last() {
+            if x509_is_self_signed(last) {
+                certs.pop();
+            }
+        }
+    }
+    let rekor: RekorBundle = serde_json::from_str(sig.rekor_bundle)
+        .map_err(|e| bad(format!("the bundle annotation: {e}")))?;
+    let body = b64
+        .decode(&rekor.payload.body)
+        .map_err(|e| bad(format!("the log entry's body: {e}")))?;
+    let entry: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("the log entry's body: {e}")))?;
+    let (kind, version) = match (entry["kind"].as_str(), entry["apiVersion"].as_str()) {
+        (Some(k), Some(v)) => (k.to_string(), v.to_string()),
+        _ => {
+            return Err(bad(
+                "the log entry's body names no kind and apiVersion".into()
+            ))
+        }
+    };
+    let log_id = hex::decode(&rekor.payload.log_id).map_err(|e| bad(format!("the log ID: {e}")))?;
+    let bundle = serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle+json;version=0.1",
+        "verificationMaterial": {
+            "x509CertificateChain": {
+                "certificates": certs.iter().map(|c| serde_json::json!({ "rawBytes": b64.encode(c) })).collect::<Vec<_>>()
+            },
+            "tlogEntries": [{
+                "logIndex": rekor.payload.log_index.to_string(),
+                "logId": { "keyId": b64.encode(log_id) },
+                "kindVersion": { "kind": kind, "version": version },
+                "integratedTime": rekor.payload.integrated_time.to_string(),
+                "inclusionPromise": { "signedEntryTimestamp": rekor.signed_entry_timestamp },
+                "canonicalizedBody": rekor.payload.body,
+            }]
+        },
+        "messageSignature": {
+            "messageDigest": { "algorithm": "SHA2_256", "digest": b64.encode(sha2::Sha256::digest(sig.payload)) },
+            "signature": sig.signature,
+        }
+    });
+    Ok(bundle.to_string())
+}
+
+/// Whether a DER certificate names itself as its issuer.
+fn x509_is_self_signed(der: &[u8]) -> bool {
+    use x509_cert::der::Decode as _;
+    x509_cert::Certificate::from_der(der)
+        .map(|c| c.tbs_certificate.issuer == c.tbs_certificate.subject)
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,3 +135,113 @@ fn each_broken_part_of_a_keyless_bundle_fails_with_its_reason() {
         );
     }
 }
+
+/// The annotations cosign writes on a legacy `.sig` layer for a keyless
+/// signing, taken from a bundle of the tests' sigstore.
+fn legacy_annotations(bundle: &str) -> (String, String, String) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let v: serde_json::Value = serde_json::from_str(bundle).unwrap();
+    let vm = &v["verificationMaterial"];
+    let leaf = vm["x509CertificateChain"]["certificates"][0]["rawBytes"]
+        .as_str()
+        .unwrap();
+    let cert = format!("-----BEGIN CERTIFICATE-----\n{leaf}\n-----END CERTIFICATE-----\n");
+    let t = &vm["tlogEntries"][0];
+    let log_id = hex::encode(b64.decode(t["logId"]["keyId"].as_str().unwrap()).unwrap());
+    let rekor = serde_json::json!({
+        "SignedEntryTimestamp": t["inclusionPromise"]["signedEntryTimestamp"],
+        "Payload": {
+            "body": t["canonicalizedBody"],
+            "integratedTime": t["integratedTime"].as_str().unwrap().parse::<i64>().unwrap(),
+            "logIndex": t["logIndex"].as_str().unwrap().parse::<i64>().unwrap(),
+            "logID": log_id,
+        }
+    })
+    .to_string();
+    let sig = v["messageSignature"]["signature"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (sig, cert, rekor)
+}
+
+#[test]
+fn a_legacy_keyless_sig_layer_verifies_as_the_bundle_it_amounts_to() {
+    use pullgate::keyless::{bundle_from_legacy, Expect, Keyless, LegacySignature, Root, Signed};
+    let store = Sigstore::new();
+    let case = Case::new(&store);
+    let root = case.dir.path().join("trusted_root.json");
+    let keyless = Keyless::new(Root::File(&root)).unwrap();
+    let expect = Expect::Identity {
+        identity: ID.into(),
+        issuer: ISSUER.into(),
+    };
+    let bundle = store.bundle(ART, &store.signing(ID, ISSUER));
+    let (sig, cert, rekor) = legacy_annotations(&bundle);
+    let legacy = LegacySignature {
+        payload: ART,
+        signature: &sig,
+        certificate: &cert,
+        chain: Some(&cert_of(&store.ca_der)),
+        rekor_bundle: &rekor,
+    };
+    let adapted = bundle_from_legacy(&legacy).unwrap();
+    let v = keyless
+        .verify(&adapted, Signed::Bytes(ART), &expect)
+        .unwrap();
+    assert_eq!(v.identity.as_deref(), Some(ID));
+
+    // The same annotations on other bytes: the log entry does not match.
+    let other = LegacySignature {
+        payload: b"another payload",
+        ..legacy
+    };
+    let e = keyless
+        .verify(
+            &bundle_from_legacy(&other).unwrap(),
+            Signed::Bytes(b"another payload"),
+            &expect,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mismatch") || e.contains("signature"), "{e}");
+    // The signed entry timestamp of another signing.
+    let (_, _, rekor2) = legacy_annotations(&store.bundle(ART, &store.signing(ID, ISSUER)));
+    let swapped = LegacySignature {
+        rekor_bundle: &rekor2,
+        ..legacy
+    };
+    let e = keyless
+        .verify(
+            &bundle_from_legacy(&swapped).unwrap(),
+            Signed::Bytes(ART),
+            &expect,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not match") || e.contains("mismatch"),
+        "{e}"
+    );
+    // Annotations that are not what cosign writes.
+    let broken = LegacySignature {
+        rekor_bundle: "{\"SignedEntryTimestamp\": 1}",
+        ..legacy
+    };
+    assert!(bundle_from_legacy(&broken).is_err());
+    let no_cert = LegacySignature {
+        certificate: "",
+        chain: None,
+        ..legacy
+    };
+    assert!(bundle_from_legacy(&no_cert).is_err());
+}
+
+fn cert_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::engine::general_purpose::STANDARD.encode(der)
+    )
+}
