@@ -19,8 +19,22 @@ pub enum Expect {
     /// A Fulcio certificate for this identity (the SAN, exactly) from this
     /// OIDC issuer (exactly).
     Identity { identity: String, issuer: String },
-    /// A signature by this public key (PEM, as cosign writes it).
-    Key(String),
+    /// A signature by this public key (see [`Expect::key`]).
+    Key(DerPublicKey),
+}
+
+impl Expect {
+    /// A public key in PEM (as cosign writes it), checked now so that a bad
+    /// key is told apart from a bad bundle.
+    pub fn key(pem: &str) -> Result<Expect, KeylessError> {
+        use x509_cert::der::Decode as _;
+        let key = DerPublicKey::from_pem(pem).map_err(|e| KeylessError::Key(e.to_string()))?;
+        // The crate takes any PEM body; make sure it is a public key.
+        x509_cert::spki::SubjectPublicKeyInfoRef::from_der(key.as_bytes()).map_err(|e| {
+            KeylessError::Key(format!("not a public key (SubjectPublicKeyInfo): {e}"))
+        })?;
+        Ok(Expect::Key(key))
+    }
 }
 
 /// What was signed: the bytes, or their SHA-256 when only that is known.
@@ -120,10 +134,8 @@ impl Keyless {
                 let policy = VerificationPolicy::new(identity.as_str(), issuer.as_str());
                 self.verifier.verify(artifact, &bundle, &policy)?
             }
-            Expect::Key(pem) => {
-                let key =
-                    DerPublicKey::from_pem(pem).map_err(|e| KeylessError::Key(e.to_string()))?;
-                let policy = PublicKeyVerificationPolicy::new(key);
+            Expect::Key(key) => {
+                let policy = PublicKeyVerificationPolicy::new(key.clone());
                 self.verifier.verify(artifact, &bundle, &policy)?
             }
         };
@@ -187,13 +199,19 @@ pub fn bundle_from_legacy(sig: &LegacySignature) -> Result<String, KeylessError>
     let mut certs = Vec::new();
     for (what, pem) in [("certificate", Some(sig.certificate)), ("chain", sig.chain)] {
         let Some(pem) = pem else { continue };
+        let before = certs.len();
         for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
             let c = c.map_err(|e| bad(format!("the {what} annotation: {e}")))?;
             certs.push(c.as_ref().to_vec());
         }
-    }
-    if certs.is_empty() {
-        return Err(bad("the certificate annotation holds no certificate".into()));
+        // The leaf comes from the certificate annotation alone, never from
+        // the chain.
+        if what == "certificate" && certs.len() != before + 1 {
+            return Err(bad(format!(
+                "the certificate annotation holds {} certificates, not one",
+                certs.len() - before
+            )));
+        }
     }
     // The chain annotation usually ends with the root, which the trusted
     // root holds and a bundle must not repeat.

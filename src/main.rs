@@ -175,8 +175,8 @@ enum Command {
     /// trusted root is the sigstore production root embedded in pullgate
     /// unless --trusted-root names one; nothing is fetched. FILE_OR_DIGEST is
     /// the artifact's path, or `sha256:<hex>` when no such file exists. Exit
-    /// status: 0 verified, 1 not verified (the reason on stderr), 64 a bad
-    /// trusted root, key or arguments.
+    /// status: 0 verified, 1 not verified (the reason on stderr), 2 a usage
+    /// error, 64 a trusted root or key that cannot be used.
     VerifyBundle {
         /// Use the embedded sigstore staging root instead of production.
         #[arg(long)]

@@ -1097,13 +1097,16 @@ fn verify_bundle_refuses_what_is_not_a_valid_bundle_and_names_why() {
         err.contains("not verified") || err.contains("not a sigstore bundle"),
         "{err}"
     );
-    // By digest, the same.
-    let digest = format!(
-        "sha256:{}",
-        "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
-    );
-    let (code, _) = run(&[&id[..], &[digest.as_str()]].concat());
-    assert_eq!(code, Some(1));
+    // A key that is not one is a configuration error, told apart from a
+    // bundle that does not verify.
+    std::fs::write(
+        d.join("key.pub"),
+        b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let key = d.join("key.pub");
+    let (code, err) = run(&["--key", key.to_str().unwrap(), a]);
+    assert_eq!(code, Some(64), "{err}");
     // A trusted root that is not one is a configuration error: 64.
     std::fs::write(d.join("root.json"), b"[]").unwrap();
     let root = d.join("root.json");

@@ -41,7 +41,10 @@ pub fn verify_bundle(a: &Args) -> ExitCode {
             issuer: issuer.to_string(),
         },
         (None, None, Some(key)) => match std::fs::read_to_string(key) {
-            Ok(pem) => Expect::Key(pem),
+            Ok(pem) => match Expect::key(&pem) {
+                Ok(e) => e,
+                Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", key.display())),
+            },
             Err(e) => return fail(EXIT_CONFIG, format!("cannot read {}: {e}", key.display())),
         },
         _ => {
