@@ -30,10 +30,17 @@ impl Case {
     /// this identity: (exit code, stderr).
     fn verify(&self, bundle: &str, identity: &str, issuer: &str, other: bool) -> (i32, String) {
         let d = self.dir.path();
-        std::fs::write(d.join("bundle.json"), bundle).unwrap();
         if other {
             std::fs::write(d.join("other"), b"other bytes\n").unwrap();
         }
+        let artifact = d.join(if other { "other" } else { "artifact" });
+        self.verify_arg(bundle, identity, issuer, artifact.to_str().unwrap())
+    }
+
+    /// The same with FILE_OR_DIGEST as given.
+    fn verify_arg(&self, bundle: &str, identity: &str, issuer: &str, arg: &str) -> (i32, String) {
+        let d = self.dir.path();
+        std::fs::write(d.join("bundle.json"), bundle).unwrap();
         let o = Command::new(BIN)
             .arg("verify-bundle")
             .arg("--bundle")
@@ -46,7 +53,7 @@ impl Case {
             ])
             .arg("--trusted-root")
             .arg(d.join("trusted_root.json"))
-            .arg(d.join(if other { "other" } else { "artifact" }))
+            .arg(arg)
             .output()
             .unwrap();
         (
@@ -82,27 +89,12 @@ fn a_keyless_bundle_from_a_trusted_ca_and_log_verifies_for_its_identity_only() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("issuer mismatch"), "{out}");
     // By digest (the protocol's sha256:<hex>), the same verdict.
-    let d = case.dir.path();
     let digest = format!(
         "sha256:{}",
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(ART))
     );
-    let o = Command::new(BIN)
-        .arg("verify-bundle")
-        .arg("--bundle")
-        .arg(d.join("bundle.json"))
-        .args([
-            "--certificate-identity",
-            ID,
-            "--certificate-oidc-issuer",
-            ISSUER,
-        ])
-        .arg("--trusted-root")
-        .arg(d.join("trusted_root.json"))
-        .arg(&digest)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, out) = case.verify_arg(&good, ID, ISSUER, &digest);
+    assert_eq!(code, 0, "{out}");
     // For other bytes than it signed.
     let (code, out) = case.verify(&good, ID, ISSUER, true);
     assert_eq!(code, 1, "{out}");
