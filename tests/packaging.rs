@@ -892,3 +892,72 @@ fn the_systemd_unit_keeps_its_exposure_score_and_its_commands_parse() {
         }
     }
 }
+
+#[test]
+fn the_hosts_sidecar_writes_only_once_pullgate_is_ready_then_waits_for_sigterm() {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("certs.d");
+    // A /readyz that answers 503 until `ready` is set, then 200.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/readyz", listener.local_addr().unwrap());
+    let ready = Arc::new(AtomicBool::new(false));
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (ready, asked) = (ready.clone(), asked.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                asked.fetch_add(1, Ordering::SeqCst);
+                let status = if ready.load(Ordering::SeqCst) {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = c.write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+    }
+    let mut child = Command::new(BIN)
+        .args(["containerd-hosts", "--dir"])
+        .arg(&hosts)
+        .arg(format!("--after-ready={url}"))
+        .arg("--wait")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = hosts.join("_default/hosts.toml");
+    // Not ready: it asks again and again, and writes nothing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while asked.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "it never asked {url}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!file.exists(), "written before pullgate was ready");
+    assert!(child.try_wait().unwrap().is_none());
+    // Ready: the file appears, and the process stays.
+    ready.store(true, Ordering::SeqCst);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "not written once ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--wait: it must keep running"
+    );
+    real::run(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()),
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM: {status}");
+}
