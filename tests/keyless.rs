@@ -272,3 +272,41 @@ fn cert_of(der: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(der)
     )
 }
+
+#[test]
+fn a_v03_bundle_with_an_inclusion_proof_and_checkpoint_verifies_and_each_bad_proof_fails() {
+    let store = Sigstore::new();
+    let case = Case::new(&store);
+    let v03 = |f: &dyn Fn(&mut Signing)| {
+        let mut s = store.signing(ID, ISSUER);
+        s.v03 = true;
+        f(&mut s);
+        store.bundle(ART, &s)
+    };
+    let (code, out) = case.verify(&v03(&|_| {}), ID, ISSUER, false);
+    assert_eq!(code, 0, "{out}");
+    for (what, bundle, reason) in [
+        (
+            "a root hash that is not the tree's",
+            v03(&|s| s.corrupt_root = true),
+            "inclusion proof",
+        ),
+        (
+            "a checkpoint signed by another key",
+            v03(&|s| s.checkpoint_key = Some(other_key())),
+            "No valid Rekor signature found on checkpoint",
+        ),
+        (
+            "no inclusion proof",
+            v03(&|s| s.no_proof = true),
+            "must have an inclusion proof",
+        ),
+    ] {
+        let (code, out) = case.verify(&bundle, ID, ISSUER, false);
+        assert_eq!(code, 1, "{what}: {out}");
+        assert!(
+            out.contains(reason),
+            "{what}: the reason should say {reason:?}: {out}"
+        );
+    }
+}

@@ -152,6 +152,15 @@ pub struct Signing {
     pub forge_set: bool,
     /// Leave the signed entry timestamp out.
     pub no_set: bool,
+    /// Write a v0.3 bundle: one certificate, and an inclusion proof with a
+    /// checkpoint signed by the log, besides the signed entry timestamp.
+    pub v03: bool,
+    /// Sign the checkpoint with this key instead of the log's.
+    pub checkpoint_key: Option<SigningKey>,
+    /// Flip a bit of the root hash the checkpoint and the proof give.
+    pub corrupt_root: bool,
+    /// Leave the inclusion proof out (of a v0.3 bundle).
+    pub no_proof: bool,
 }
 
 impl Sigstore {
@@ -213,6 +222,10 @@ impl Sigstore {
             other_ca: None,
             forge_set: false,
             no_set: false,
+            v03: false,
+            checkpoint_key: None,
+            corrupt_root: false,
+            no_proof: false,
         }
     }
 
@@ -336,6 +349,46 @@ impl Sigstore {
         });
         if s.no_set {
             tlog.as_object_mut().unwrap().remove("inclusionPromise");
+        }
+        if s.v03 {
+            if !s.no_proof {
+                // A tree of one entry: the root is the leaf's hash
+                // (RFC 6962: SHA-256 of 0x00 and the entry), no path.
+                let mut leaf = vec![0u8];
+                leaf.extend(body.as_bytes());
+                let mut root = sha256(&leaf);
+                if s.corrupt_root {
+                    root[0] ^= 1;
+                }
+                let origin = "rekor.test.invalid - 1";
+                let note = format!("{origin}\n1\n{}\n", B64.encode(root));
+                let ck = s.checkpoint_key.as_ref().unwrap_or(&self.tlog_key);
+                let mut hint_sig = log_id[..4].to_vec();
+                hint_sig.extend(sign(ck, note.as_bytes()));
+                let envelope = format!(
+                    "{note}\n\u{2014} rekor.test.invalid {}\n",
+                    B64.encode(hint_sig)
+                );
+                tlog["inclusionProof"] = json!({
+                    "logIndex": "0",
+                    "rootHash": B64.encode(root),
+                    "treeSize": "1",
+                    "hashes": [],
+                    "checkpoint": { "envelope": envelope }
+                });
+            }
+            return json!({
+                "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+                "verificationMaterial": {
+                    "certificate": { "rawBytes": B64.encode(&leaf) },
+                    "tlogEntries": [tlog]
+                },
+                "messageSignature": {
+                    "messageDigest": { "algorithm": "SHA2_256", "digest": B64.encode(sha256(artifact)) },
+                    "signature": B64.encode(&signature)
+                }
+            })
+            .to_string();
         }
         json!({
             "mediaType": "application/vnd.dev.sigstore.bundle+json;version=0.1",
