@@ -37,6 +37,57 @@ impl Expect {
     }
 }
 
+/// A keyless signer a policy trusts: `[identities] NAME = { issuer,
+/// subject | subject_regex }`.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    /// The OIDC issuer, exactly.
+    pub issuer: String,
+    pub subject: Subject,
+}
+
+/// How an identity's subject (the certificate's SAN) is matched.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    Exact(String),
+    /// Anchored: the whole SAN must match.
+    Regex(regex::Regex),
+}
+
+impl Subject {
+    /// `pattern` anchored at both ends, as cosign's
+    /// `--certificate-identity-regexp` is usually meant.
+    pub fn regex(pattern: &str) -> Result<Subject, String> {
+        regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map(Subject::Regex)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn matches(&self, san: &str) -> bool {
+        match self {
+            Subject::Exact(s) => s == san,
+            Subject::Regex(r) => r.is_match(san),
+        }
+    }
+}
+
+impl Identity {
+    /// Whether a verified certificate's SAN and issuer are this identity's.
+    pub fn matches(&self, san: Option<&str>, issuer: Option<&str>) -> bool {
+        issuer == Some(self.issuer.as_str()) && san.is_some_and(|s| self.subject.matches(s))
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Exact(s) => write!(f, "{s:?}"),
+            Subject::Regex(r) => write!(f, "/{}/", r.as_str()),
+        }
+    }
+}
+
 /// What was signed: the bytes, or their SHA-256 when only that is known.
 #[derive(Debug, Clone, Copy)]
 pub enum Signed<'a> {
@@ -63,6 +114,9 @@ pub enum KeylessError {
     Bundle(String),
     #[error("the public key: {0}")]
     Key(String),
+    /// A valid certificate of someone the policy does not trust.
+    #[error("signed by {san} (issuer {issuer}), an identity no signed_by name allows")]
+    NoIdentity { san: String, issuer: String },
     /// The bundle was read and rejected: the crate's reason.
     #[error("{0}")]
     Rejected(#[from] sigstore_verify::Error),
@@ -83,6 +137,16 @@ pub enum Root<'a> {
 /// A verifier over one trusted root, built once and used for many bundles.
 pub struct Keyless {
     verifier: Verifier,
+    /// Where the root came from, for messages.
+    pub source: String,
+}
+
+impl std::fmt::Debug for Keyless {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyless")
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 impl Keyless {
@@ -110,10 +174,44 @@ impl Keyless {
             reason: e.to_string(),
         })?;
         let verifier = Verifier::new(&root).map_err(|e| KeylessError::TrustedRoot {
-            source_name: name,
+            source_name: name.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Keyless { verifier })
+        Ok(Keyless {
+            verifier,
+            source: name,
+        })
+    }
+
+    /// Verifies a keyless bundle (JSON) for `signed` and returns the first of
+    /// `identities` whose issuer and subject the certificate names. The
+    /// crate checks everything but the identity (chain, SCT, log, signature,
+    /// the artifact); the identity is matched here, where regexes are.
+    pub fn verify_identities<'i>(
+        &self,
+        bundle_json: &str,
+        signed: Signed,
+        identities: &[&'i Identity],
+    ) -> Result<&'i Identity, KeylessError> {
+        let bundle =
+            Bundle::from_json(bundle_json).map_err(|e| KeylessError::Bundle(e.to_string()))?;
+        let artifact = match signed {
+            Signed::Bytes(b) => Artifact::from_blob(b),
+            Signed::Sha256(d) => Artifact::from_digest(Sha256Hash::new(d)),
+        };
+        let result =
+            self.verifier
+                .verify(artifact, &bundle, &VerificationPolicy::any_identity())?;
+        let san = result.identity().map(|i| i.as_str().to_string());
+        let issuer = result.issuer().map(str::to_string);
+        identities
+            .iter()
+            .find(|i| i.matches(san.as_deref(), issuer.as_deref()))
+            .copied()
+            .ok_or(KeylessError::NoIdentity {
+                san: san.unwrap_or_else(|| "(none)".into()),
+                issuer: issuer.unwrap_or_else(|| "(none)".into()),
+            })
     }
 
     /// Verifies one bundle (JSON) for `signed` under `expect`.
@@ -272,6 +370,45 @@ fn x509_is_self_signed(der: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subjects_match_whole_sans_only() {
+        let id = |subject| Identity {
+            name: "x".into(),
+            issuer: "https://accounts.google.com".into(),
+            subject,
+        };
+        let exact = id(Subject::Exact(
+            "keyless@distroless.iam.gserviceaccount.com".into(),
+        ));
+        let iss = Some("https://accounts.google.com");
+        assert!(exact.matches(Some("keyless@distroless.iam.gserviceaccount.com"), iss));
+        assert!(!exact.matches(Some("keyless@distroless.iam.gserviceaccount.com.evil"), iss));
+        assert!(!exact.matches(
+            Some("keyless@distroless.iam.gserviceaccount.com"),
+            Some("https://evil")
+        ));
+        assert!(!exact.matches(None, iss));
+        let re = id(Subject::regex(
+            r"https://github\.com/acme/[^/]+/\.github/workflows/release\.yml@refs/tags/v.*",
+        )
+        .unwrap());
+        assert!(re.matches(
+            Some("https://github.com/acme/app/.github/workflows/release.yml@refs/tags/v1.2"),
+            iss
+        ));
+        // Anchored: a prefix or suffix around a match does not pass.
+        assert!(!re.matches(Some("https://evil.example/?https://github.com/acme/app/.github/workflows/release.yml@refs/tags/v1"), iss));
+        assert!(!re.matches(
+            Some("https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main"),
+            iss
+        ));
+        // An alternation cannot escape the anchors.
+        let alt = id(Subject::regex("a@x|b@x").unwrap());
+        assert!(alt.matches(Some("b@x"), iss));
+        assert!(!alt.matches(Some("b@x.evil"), iss));
+        assert!(Subject::regex("(").is_err());
+    }
 
     #[test]
     fn the_embedded_production_root_loads() {

@@ -120,6 +120,7 @@ pub fn check_signature(
         payload: Digest::of(&payload),
         size: payload.len() as u64,
         signature: s.signature,
+        keyless: None,
     };
     let identity = serde_json::from_slice::<serde_json::Value>(&payload)
         .ok()

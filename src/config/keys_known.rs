@@ -23,6 +23,8 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
             "auth",
             "tenant",
             "bundles",
+            "identities",
+            "sigstore",
         ],
         "server" => &[
             "listen",
@@ -37,6 +39,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "server.tls" => &["cert", "key", "client_ca"],
         "auth" => &["htpasswd"],
         "bundles" => &["signed_by"],
+        "sigstore" => &["trusted_root"],
         "tenant" => &["name", "users", "clients", "repositories"],
         "admin" => &["listen"],
         "storage" => &["path", "max_size", "tag_ttl", "base_refresh", "base_keep"],

@@ -57,6 +57,12 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// `[bundles]`: whose bundle signatures `pullgate import` accepts.
     pub bundles: Option<BundlesConfig>,
+    /// `[identities]`: keyless signers, in file order.
+    pub identities: Vec<crate::keyless::Identity>,
+    /// The verifier of keyless signatures over `[sigstore] trusted_root`
+    /// (the embedded production root by default); built when
+    /// `[identities]` has an entry.
+    pub keyless: Option<std::sync::Arc<crate::keyless::Keyless>>,
 }
 
 /// `[bundles]`.
@@ -238,8 +244,13 @@ pub struct PolicyConfig {
     pub mode: Mode,
     /// Everything this policy matches is denied.
     pub deny: bool,
-    /// A valid signature by any one of these keys is required.
+    /// A valid signature by any one of these keys, or of
+    /// `signed_by_identities`, is required.
     pub signed_by: Vec<TrustedKey>,
+    /// The keyless signers `signed_by` names.
+    pub signed_by_identities: Vec<crate::keyless::Identity>,
+    /// Their verifier (the config's), when there are any.
+    pub keyless: Option<std::sync::Arc<crate::keyless::Keyless>>,
     /// Only digest references pass; tags are denied (`tag-not-allowed`).
     pub require_digest: bool,
     /// Tags matching these globs are denied (`tag-not-allowed`).
@@ -253,7 +264,12 @@ impl PolicyConfig {
     /// Whether content is checked beyond the name: signatures or bases.
     /// Such policies gate blobs and remember approved tags.
     pub fn checks_content(&self) -> bool {
-        !self.deny && (!self.signed_by.is_empty() || !self.bases.is_empty())
+        !self.deny && (self.requires_signature() || !self.bases.is_empty())
+    }
+
+    /// Whether a signature (by a key or a keyless identity) is required.
+    pub fn requires_signature(&self) -> bool {
+        !self.signed_by.is_empty() || !self.signed_by_identities.is_empty()
     }
 }
 
@@ -324,6 +340,13 @@ struct RawConfig {
     #[serde(default)]
     tenant: Vec<gateway::RawTenant>,
     bundles: Option<RawBundles>,
+    identities: Option<Spanned<toml::Table>>,
+    sigstore: Option<RawSigstore>,
+}
+
+#[derive(Deserialize)]
+struct RawSigstore {
+    trusted_root: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -731,13 +754,20 @@ impl Validator<'_> {
         let upstreams = self.upstreams(&raw.upstream);
         let router = hosts(&upstreams);
         let keys = self.keys(raw.keys.as_ref());
+        let identities = self.identities(raw.identities.as_ref(), &keys);
+        let keyless = self.keyless(&identities, raw.sigstore.as_ref());
         let bases = self.bases(raw.bases.as_ref(), &router);
         let upstream_names: Vec<&str> = raw
             .upstream
             .iter()
             .map(|u| u.name.get_ref().as_str())
             .collect();
-        let policies = self.policies(&raw.policy, &keys, &bases, &upstream_names);
+        let policies = self.policies(
+            &raw.policy,
+            (&keys, &identities, keyless.as_ref()),
+            &bases,
+            &upstream_names,
+        );
         let tenants = self.tenants(&raw.tenant, tls.as_ref(), auth.as_ref(), &upstream_names);
         let bundles = raw.bundles.as_ref().map(|b| BundlesConfig {
             signed_by: self.bundle_keys(&b.signed_by, &keys),
@@ -791,6 +821,136 @@ impl Validator<'_> {
             auth,
             tenants,
             bundles,
+            identities,
+            keyless,
+        }
+    }
+
+    /// `[identities]`: each `NAME = { issuer, subject | subject_regex }`; a
+    /// name that is also a key is refused (signed_by names both).
+    fn identities(
+        &mut self,
+        raw: Option<&Spanned<toml::Table>>,
+        keys: &[TrustedKey],
+    ) -> Vec<crate::keyless::Identity> {
+        use crate::keyless::{Identity, Subject};
+        let Some(table) = raw else { return Vec::new() };
+        let mut out = Vec::new();
+        for (name, value) in table.get_ref() {
+            let key = format!("identities.{name}");
+            let Some(t) = value.as_table() else {
+                self.entry_problem(
+                    key,
+                    table,
+                    name,
+                    "must be a table: { issuer = \"https://...\", subject = \"...\" } (or subject_regex)",
+                );
+                continue;
+            };
+            if keys.iter().any(|k| &k.name == name) {
+                self.entry_problem(
+                    key.clone(),
+                    table,
+                    name,
+                    format!("{name:?} is also a key in [keys]: signed_by names both, so a name means one signer"),
+                );
+            }
+            for k in t.keys() {
+                if !["issuer", "subject", "subject_regex"].contains(&k.as_str()) {
+                    self.entry_problem(
+                        format!("{key}.{k}"),
+                        table,
+                        name,
+                        format!(
+                            "unknown key {k:?}: expected one of issuer, subject, subject_regex"
+                        ),
+                    );
+                }
+            }
+            let issuer = match t.get("issuer").and_then(|v| v.as_str()) {
+                Some(i)
+                    if reqwest::Url::parse(i)
+                        .is_ok_and(|u| matches!(u.scheme(), "https" | "http")) =>
+                {
+                    i.to_string()
+                }
+                Some(i) => {
+                    self.entry_problem(
+                        format!("{key}.issuer"),
+                        table,
+                        name,
+                        format!(
+                            "{i:?} is not an OIDC issuer URL (like https://accounts.google.com)"
+                        ),
+                    );
+                    continue;
+                }
+                None => {
+                    self.entry_problem(format!("{key}.issuer"), table, name, "missing: the OIDC issuer the certificate must name (like https://accounts.google.com)");
+                    continue;
+                }
+            };
+            let subject = match (
+                t.get("subject").map(|v| v.as_str()),
+                t.get("subject_regex").map(|v| v.as_str()),
+            ) {
+                (Some(Some(s)), None) if !s.is_empty() => Subject::Exact(s.to_string()),
+                (None, Some(Some(r))) if !r.is_empty() => match Subject::regex(r) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.entry_problem(
+                            format!("{key}.subject_regex"),
+                            table,
+                            name,
+                            format!("not a regex: {e}"),
+                        );
+                        continue;
+                    }
+                },
+                (Some(_), Some(_)) => {
+                    self.entry_problem(key, table, name, "give subject or subject_regex, not both");
+                    continue;
+                }
+                _ => {
+                    self.entry_problem(key, table, name, "needs subject (the certificate's SAN, exactly) or subject_regex (the whole SAN must match), a non-empty string");
+                    continue;
+                }
+            };
+            out.push(Identity {
+                name: name.clone(),
+                issuer,
+                subject,
+            });
+        }
+        out
+    }
+
+    /// The keyless verifier, when identities need one: over `[sigstore]
+    /// trusted_root`, else the embedded production root.
+    fn keyless(
+        &mut self,
+        identities: &[crate::keyless::Identity],
+        raw: Option<&RawSigstore>,
+    ) -> Option<std::sync::Arc<crate::keyless::Keyless>> {
+        use crate::keyless::{Keyless, Root};
+        let file = raw.and_then(|r| r.trusted_root.as_ref());
+        let path = file.map(|f| self.path(f.get_ref()));
+        if identities.is_empty() {
+            return None;
+        }
+        let root = match &path {
+            Some(p) => Root::File(p),
+            None => Root::Production,
+        };
+        match Keyless::new(root) {
+            Ok(k) => Some(std::sync::Arc::new(k)),
+            Err(e) => {
+                match file {
+                    Some(f) => self.problem("sigstore.trusted_root", f, e.to_string()),
+                    None => self.problem_nowhere("sigstore", e.to_string()),
+                }
+                None
+            }
         }
     }
 
@@ -1209,7 +1369,11 @@ impl Validator<'_> {
     fn policies(
         &mut self,
         raw: &[RawPolicy],
-        keys: &[TrustedKey],
+        (keys, identities, keyless): (
+            &[TrustedKey],
+            &[crate::keyless::Identity],
+            Option<&std::sync::Arc<crate::keyless::Keyless>>,
+        ),
         bases: &[BaseSet],
         upstreams: &[&str],
     ) -> Vec<PolicyConfig> {
@@ -1257,27 +1421,34 @@ impl Validator<'_> {
                 upstreams,
             );
             let mut signed_by = Vec::new();
+            let mut signed_by_identities = Vec::new();
             if let Some(s) = &p.signed_by {
                 for name in s.get_ref() {
+                    if let Some(id) = identities.iter().find(|i| &i.name == name) {
+                        signed_by_identities.push(id.clone());
+                        continue;
+                    }
                     match keys.iter().find(|k| &k.name == name) {
                         Some(k) => signed_by.push(k.clone()),
                         // Defined, but its file was reported unusable above.
                         None if self.unusable_keys.contains(name) => {}
-                        None => self.problem(
-                            key("signed_by"),
-                            s,
-                            format!(
-                                "key {name:?} is not defined in [keys] (defined: {})",
-                                if keys.is_empty() {
-                                    "none".to_owned()
-                                } else {
-                                    keys.iter()
-                                        .map(|k| k.name.as_str())
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                }
-                            ),
-                        ),
+                        None => {
+                            let mut defined: Vec<&str> =
+                                keys.iter().map(|k| k.name.as_str()).collect();
+                            defined.extend(identities.iter().map(|i| i.name.as_str()));
+                            self.problem(
+                                key("signed_by"),
+                                s,
+                                format!(
+                                    "key {name:?} is not defined in [keys] or [identities] (defined: {})",
+                                    if defined.is_empty() {
+                                        "none".to_owned()
+                                    } else {
+                                        defined.join(", ")
+                                    }
+                                ),
+                            )
+                        }
                     }
                 }
             }
@@ -1342,6 +1513,10 @@ impl Validator<'_> {
                     mode,
                     deny: p.deny,
                     signed_by,
+                    keyless: (!signed_by_identities.is_empty())
+                        .then(|| keyless.cloned())
+                        .flatten(),
+                    signed_by_identities,
                     require_digest: p.require_digest,
                     deny_tags,
                     bases: base_names,

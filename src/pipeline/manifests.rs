@@ -303,7 +303,12 @@ fn trace_policy(ctx: &Ctx, policy: Option<&PolicyConfig>) {
         return;
     };
     let mut requirements = Vec::new();
-    let names: Vec<&str> = policy.signed_by.iter().map(|k| k.name.as_str()).collect();
+    let names: Vec<&str> = policy
+        .signed_by
+        .iter()
+        .map(|k| k.name.as_str())
+        .chain(policy.signed_by_identities.iter().map(|i| i.name.as_str()))
+        .collect();
     if !names.is_empty() {
         requirements.push(format!("signed_by {names:?}"));
     }

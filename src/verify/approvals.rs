@@ -67,6 +67,7 @@ pub fn check(
             payload: Digest::of(&payload),
             size: payload.len() as u64,
             signature: a.signature.clone(),
+            keyless: None,
         };
         match cosign::check(&layer, &payload, digest, keys) {
             Ok(i) => return Ok(i),

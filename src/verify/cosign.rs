@@ -47,6 +47,19 @@ pub struct SignatureLayer {
     pub size: u64,
     /// The signature annotation as written (base64).
     pub signature: String,
+    /// A keyless signature's certificate annotations, when it has them.
+    pub keyless: Option<KeylessAnnotations>,
+}
+
+/// What cosign writes on a layer signed keyless.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeylessAnnotations {
+    /// `dev.sigstore.cosign/certificate` (PEM).
+    pub certificate: String,
+    /// `dev.sigstore.cosign/chain` (PEM).
+    pub chain: Option<String>,
+    /// `dev.sigstore.cosign/bundle`: the log's SET and entry (JSON).
+    pub rekor_bundle: Option<String>,
 }
 
 /// What the cosign formats read of a manifest (a `.sig` manifest, a bundle
@@ -114,10 +127,17 @@ pub fn parse_signature_manifest(bytes: &[u8]) -> Result<Vec<SignatureLayer>, Str
         let (Some(digest), Some(size), Some(sig)) = (l.digest(), l.size, sig) else {
             continue;
         };
+        let a = l.annotations.as_ref();
+        let get = |k: &str| a.and_then(|a| a.get(k)).cloned();
         out.push(SignatureLayer {
             payload: digest,
             size,
             signature: sig.clone(),
+            keyless: get("dev.sigstore.cosign/certificate").map(|certificate| KeylessAnnotations {
+                certificate,
+                chain: get("dev.sigstore.cosign/chain"),
+                rekor_bundle: get("dev.sigstore.cosign/bundle"),
+            }),
         });
     }
     Ok(out)
@@ -300,6 +320,16 @@ pub fn check_bundle(bundle: &[u8], image: &Digest, keys: &[&PublicKey]) -> Resul
     } else {
         Rejected::BadBase64
     })
+}
+
+/// Whether a sigstore bundle carries a certificate (a keyless signature)
+/// rather than a public-key hint.
+pub fn bundle_has_certificate(bundle: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bundle) else {
+        return false;
+    };
+    let m = &v["verificationMaterial"];
+    m.get("certificate").is_some() || m.get("x509CertificateChain").is_some()
 }
 
 /// A sigstore bundle signing `image` with `sign` (tests and tools).

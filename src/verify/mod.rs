@@ -323,10 +323,12 @@ impl Verifier {
         trace: Option<&Trace>,
     ) -> Result<Evaluated, Unavailable> {
         let mut reasons = Vec::new();
-        if !policy.signed_by.is_empty() {
+        if policy.requires_signature() {
             let keys = Keys {
                 keys: policy.signed_by.iter().map(|k| &k.key).collect(),
                 names: policy.signed_by.iter().map(|k| k.name.as_str()).collect(),
+                identities: policy.signed_by_identities.iter().collect(),
+                keyless: policy.keyless.as_deref(),
             };
             trace_line!(trace, "signatures:");
             if let Some(why) = signatures(from, manifest, &keys, trace).await? {

@@ -10,6 +10,7 @@ use http::StatusCode;
 use super::approvals;
 use super::cosign::{self, Rejected};
 use crate::content::{Content, ContentError, Small};
+use crate::keyless::{Identity, Keyless, Signed};
 use crate::keys::PublicKey;
 use crate::oci::manifest::{OCI_INDEX, OCI_MANIFEST};
 use crate::oci::names::{Digest, RepoName};
@@ -31,10 +32,20 @@ pub enum Finding {
     BadSignatures(Vec<String>),
 }
 
-/// The trusted keys of a policy, with their names.
+/// The trusted signers of a policy: keys with their names, and keyless
+/// identities with the verifier of their certificates.
 pub struct Keys<'a> {
     pub keys: Vec<&'a PublicKey>,
     pub names: Vec<&'a str>,
+    pub identities: Vec<&'a Identity>,
+    pub keyless: Option<&'a Keyless>,
+}
+
+impl Keys<'_> {
+    /// The keyless verifier, when the policy names identities.
+    fn keyless(&self) -> Option<&Keyless> {
+        self.keyless.filter(|_| !self.identities.is_empty())
+    }
 }
 
 /// The signature sources of one repository.
@@ -79,12 +90,19 @@ impl Sources<'_> {
         log_finding(self.repo, digest, &found);
         let tag = cosign::signature_tag(digest);
         match &found {
-            Finding::Signed(k) => {
-                trace_line!(
+            Finding::Signed(k) => match keys.identities.iter().find(|i| i.name == *k) {
+                Some(id) => trace_line!(
+                    trace,
+                    "  {label}: keyless signature verified: identity {k:?} (subject {}, issuer {}, root {})",
+                    id.subject,
+                    id.issuer,
+                    keys.keyless.map_or("?", |v| v.source.as_str())
+                ),
+                None => trace_line!(
                     trace,
                     "  {label}: signature in {tag} verified with key {k:?}"
-                )
-            }
+                ),
+            },
             Finding::Unsigned => {
                 trace_line!(trace, "  {label}: no signatures ({tag} is absent or empty)")
             }
@@ -183,6 +201,13 @@ impl Sources<'_> {
             };
             match cosign::check(layer, &payload, digest, &keys.keys) {
                 Ok(i) => return Ok(Finding::Signed(keys.names[i].to_owned())),
+                // A keyless signature: its certificate, not a key, says who.
+                Err(Rejected::NoKey) if layer.keyless.is_some() && keys.keyless().is_some() => {
+                    match keyless_layer(layer, &payload, keys) {
+                        Ok(name) => return Ok(Finding::Signed(name)),
+                        Err(e) => problems.push(e),
+                    }
+                }
                 Err(e) => problems.push(e.to_string()),
             }
         }
@@ -287,6 +312,23 @@ impl Sources<'_> {
                     continue;
                 }
             };
+            if let Some(verifier) = keys
+                .keyless()
+                .filter(|_| cosign::bundle_has_certificate(&bundle))
+            {
+                let json = String::from_utf8_lossy(&bundle);
+                match verifier.verify_identities(
+                    &json,
+                    Signed::Sha256(*digest.as_bytes()),
+                    &keys.identities,
+                ) {
+                    Ok(id) => return Ok(Finding::Signed(id.name.clone())),
+                    Err(e) => {
+                        problems.push(format!("bundle {layer}: {e}"));
+                        continue;
+                    }
+                }
+            }
             match cosign::check_bundle(&bundle, digest, &keys.keys) {
                 Ok(i) => return Ok(Finding::Signed(keys.names[i].to_owned())),
                 Err(e) => problems.push(format!("bundle {layer}: {e}")),
@@ -300,6 +342,35 @@ impl Sources<'_> {
     fn unexpected(&self, status: StatusCode) -> ContentError {
         crate::content::status_error(self.remote.name(), status, &http::HeaderMap::new())
     }
+}
+
+/// A legacy keyless signature layer: the annotations as the bundle they
+/// amount to, verified over the payload (which was checked to match its
+/// descriptor and to sign this image), then matched against the policy's
+/// identities. The identity's name, or why not.
+fn keyless_layer(
+    layer: &cosign::SignatureLayer,
+    payload: &[u8],
+    keys: &Keys<'_>,
+) -> Result<String, String> {
+    let (Some(k), Some(verifier)) = (&layer.keyless, keys.keyless()) else {
+        return Err(Rejected::NoKey.to_string());
+    };
+    let legacy = crate::keyless::LegacySignature {
+        payload,
+        signature: &layer.signature,
+        certificate: &k.certificate,
+        chain: k.chain.as_deref(),
+        rekor_bundle: k.rekor_bundle.as_deref().unwrap_or(""),
+    };
+    if k.rekor_bundle.is_none() {
+        return Err("keyless signature without a transparency-log entry (no dev.sigstore.cosign/bundle annotation)".into());
+    }
+    let bundle = crate::keyless::bundle_from_legacy(&legacy).map_err(|e| e.to_string())?;
+    verifier
+        .verify_identities(&bundle, Signed::Bytes(payload), &keys.identities)
+        .map(|id| id.name.clone())
+        .map_err(|e| e.to_string())
 }
 
 fn log_finding(repo: &RepoName, digest: &Digest, f: &Finding) {

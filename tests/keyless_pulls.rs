@@ -1,0 +1,236 @@
+//! Keyless signatures on pulls: `[identities]` in `signed_by`, against a
+//! fake upstream holding images signed by the tests' own sigstore
+//! (tests/sigstore_pki): legacy `.sig` layers with certificate annotations,
+//! and sigstore bundles attached as referrers.
+
+mod common;
+mod sigstore_pki;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use common::{error_code, noise, Fake, Options, Proxy};
+use pullgate::cosign;
+use pullgate::names::Digest;
+use sigstore_pki::Sigstore;
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const ISSUER: &str = "https://accounts.acme.example";
+
+/// Signs `image` keyless as `identity` and publishes the `.sig` manifest
+/// cosign's legacy format would: the simple-signing payload, its signature,
+/// the certificate and the log's entry in annotations.
+fn sign_legacy(fake: &Fake, store: &Sigstore, repo: &str, image: &str, identity: &str) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let d: Digest = image.parse().unwrap();
+    let payload = cosign::payload(&format!("docker.io/{repo}"), &d);
+    let bundle: serde_json::Value =
+        serde_json::from_str(&store.bundle(&payload, &store.signing(identity, ISSUER))).unwrap();
+    let vm = &bundle["verificationMaterial"];
+    let leaf = vm["x509CertificateChain"]["certificates"][0]["rawBytes"]
+        .as_str()
+        .unwrap();
+    let t = &vm["tlogEntries"][0];
+    let rekor = serde_json::json!({
+        "SignedEntryTimestamp": t["inclusionPromise"]["signedEntryTimestamp"],
+        "Payload": {
+            "body": t["canonicalizedBody"],
+            "integratedTime": t["integratedTime"].as_str().unwrap().parse::<i64>().unwrap(),
+            "logIndex": t["logIndex"].as_str().unwrap().parse::<i64>().unwrap(),
+            "logID": hex::encode(b64.decode(t["logId"]["keyId"].as_str().unwrap()).unwrap()),
+        }
+    });
+    fake.put_blob(Bytes::from(payload.clone()));
+    let config = b"{}".to_vec();
+    fake.put_blob(Bytes::from(config.clone()));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": Digest::of(&config).to_string()},
+        "layers": [{
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "size": payload.len(),
+            "digest": Digest::of(&payload).to_string(),
+            "annotations": {
+                "dev.cosignproject.cosign/signature": bundle["messageSignature"]["signature"],
+                "dev.sigstore.cosign/certificate": format!("-----BEGIN CERTIFICATE-----\n{leaf}\n-----END CERTIFICATE-----\n"),
+                "dev.sigstore.cosign/bundle": rekor.to_string(),
+            }
+        }]
+    }))
+    .unwrap();
+    fake.put_manifest(
+        repo,
+        Some(&cosign::signature_tag(&d)),
+        OCI_MANIFEST,
+        manifest,
+    );
+}
+
+/// Attaches a keyless sigstore bundle (v0.3, with an inclusion proof) over
+/// the image manifest's bytes as a referrer.
+async fn attach_keyless_bundle(
+    fake: &Fake,
+    store: &Sigstore,
+    repo: &str,
+    image: &str,
+    identity: &str,
+) {
+    let d: Digest = image.parse().unwrap();
+    let manifest_bytes = fake.state.manifests.lock().unwrap()[&(repo.to_owned(), image.to_owned())]
+        .1
+        .clone();
+    assert_eq!(Digest::of(&manifest_bytes), d);
+    let mut s = store.signing(identity, ISSUER);
+    s.v03 = true;
+    let bundle = store.bundle(&manifest_bytes, &s).into_bytes();
+    fake.put_blob(Bytes::from(bundle.clone()));
+    let (manifest, config) = cosign::bundle_manifest(&d, 100, OCI_MANIFEST, &bundle);
+    fake.put_blob(Bytes::from(config));
+    let m = fake.put_manifest(repo, None, OCI_MANIFEST, manifest.clone());
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": m, "size": manifest.len(),
+                       "artifactType": cosign::BUNDLE_MEDIA_TYPE}],
+    }))
+    .unwrap();
+    fake.state.manifests.lock().unwrap().insert(
+        (repo.to_owned(), format!("referrers/{image}")),
+        (OCI_INDEX.to_owned(), Bytes::from(index)),
+    );
+}
+
+#[tokio::test]
+async fn keyless_identities_in_signed_by_allow_their_signers_only() {
+    let fake = Fake::start().await;
+    let store = Sigstore::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("trusted_root.json");
+    std::fs::write(&root, store.trusted_root()).unwrap();
+
+    let (release, layers) = fake.put_image("library/release", "v1", &[noise(100, 1)]);
+    sign_legacy(
+        &fake,
+        &store,
+        "library/release",
+        &release,
+        "release@acme.example",
+    );
+    let (ci, _) = fake.put_image("library/ci", "v1", &[noise(100, 2)]);
+    sign_legacy(&fake, &store, "library/ci", &ci, "ci-42@acme.example");
+    let (evil, _) = fake.put_image("library/evil", "v1", &[noise(100, 3)]);
+    sign_legacy(
+        &fake,
+        &store,
+        "library/evil",
+        &evil,
+        "ci-42@acme.example.evil",
+    );
+    let (bundled, _) = fake.put_image("library/bundled", "v1", &[noise(100, 4)]);
+    attach_keyless_bundle(
+        &fake,
+        &store,
+        "library/bundled",
+        &bundled,
+        "release@acme.example",
+    )
+    .await;
+    let (stranger, _) = fake.put_image("library/stranger", "v1", &[noise(100, 5)]);
+    attach_keyless_bundle(
+        &fake,
+        &store,
+        "library/stranger",
+        &stranger,
+        "mallory@acme.example",
+    )
+    .await;
+    fake.put_image("library/unsigned", "v1", &[noise(100, 6)]);
+
+    let policies = format!(
+        r#"[sigstore]
+trusted_root = "{}"
+
+[identities]
+release = {{ issuer = "{ISSUER}", subject = "release@acme.example" }}
+ci = {{ issuer = "{ISSUER}", subject_regex = 'ci-[0-9]+@acme\.example' }}
+
+[[policy]]
+name = "signed library"
+match = ["docker.io/library/**"]
+signed_by = ["release", "ci"]
+"#,
+        root.display()
+    );
+    let proxy = Proxy::start(
+        &fake,
+        Options {
+            policies,
+            ..Options::default()
+        },
+    )
+    .await;
+
+    for ok in ["release", "ci", "bundled"] {
+        let r = proxy.get(&format!("/v2/library/{ok}/manifests/v1")).await;
+        assert_eq!(r.status(), 200, "{ok}: {:?}", r.text().await);
+    }
+    assert_eq!(
+        proxy
+            .get(&format!("/v2/library/release/blobs/{}", layers[0]))
+            .await
+            .status(),
+        200
+    );
+    for (bad, reason) in [
+        ("evil", "bad-signature"),
+        ("stranger", "bad-signature"),
+        ("unsigned", "unsigned"),
+    ] {
+        let (s, _, v) =
+            error_code(proxy.get(&format!("/v2/library/{bad}/manifests/v1")).await).await;
+        assert_eq!(s, 403, "{bad}: {v}");
+        assert_eq!(v["errors"][0]["detail"]["reasons"][0], reason, "{bad}: {v}");
+    }
+}
+
+#[test]
+fn identities_are_checked_when_the_config_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, format!("[[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\ndefault = true\n\n{text}")).unwrap();
+        match pullgate::Config::load(&p) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let policy = "[[policy]]\nname = \"p\"\nmatch = [\"**\"]\nsigned_by = [\"d\"]\n";
+    // The embedded production root, an exact subject: fine.
+    let ok = check(&format!("[identities]\nd = {{ issuer = \"https://accounts.google.com\", subject = \"keyless@distroless.iam.gserviceaccount.com\" }}\n\n{policy}"));
+    assert_eq!(ok, "");
+    for (text, says) in [
+        ("[identities]\nd = { issuer = \"https://accounts.google.com\" }\n", "needs subject"),
+        ("[identities]\nd = { issuer = \"https://accounts.google.com\", subject = \"a\", subject_regex = \"b\" }\n", "not both"),
+        ("[identities]\nd = { issuer = \"accounts.google.com\", subject = \"a\" }\n", "not an OIDC issuer URL"),
+        ("[identities]\nd = { issuer = \"https://a\", subject_regex = \"(\" }\n", "not a regex"),
+        ("[identities]\nd = { issuer = \"https://a\", subject = \"a\", audience = \"x\" }\n", "unknown key \"audience\""),
+        ("[sigstore]\ntrusted_root = \"/nonexistent/root.json\"\n\n[identities]\nd = { issuer = \"https://a\", subject = \"a\" }\n", "sigstore.trusted_root"),
+        ("[sigstore]\nroot = \"x\"\n\n[identities]\nd = { issuer = \"https://a\", subject = \"a\" }\n", "unknown key \"root\""),
+    ] {
+        let e = check(&format!("{text}\n{policy}"));
+        assert!(e.contains(says), "{text}: {e}");
+    }
+    // A name that is a key and an identity at once.
+    let key = dir.path().join("d.pub");
+    std::fs::write(
+        &key,
+        pullgate::keys::PrivateKey::generate("ecdsa-p256")
+            .unwrap()
+            .public_pem(),
+    )
+    .unwrap();
+    let e = check(&format!("[keys]\nd = \"{}\"\n\n[identities]\nd = {{ issuer = \"https://a\", subject = \"a\" }}\n\n{policy}", key.display()));
+    assert!(e.contains("also a key"), "{e}");
+    let e = check("[[policy]]\nname = \"p\"\nmatch = [\"**\"]\nsigned_by = [\"nobody\"]\n");
+    assert!(e.contains("[identities]"), "{e}");
+}
