@@ -8,7 +8,7 @@ mod sigstore_pki;
 use std::process::Command;
 use std::time::Duration;
 
-use sigstore_pki::{other_ca, other_key, Signing, Sigstore};
+use sigstore_pki::{legacy_annotations, other_ca, other_key, Signing, Sigstore};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
 const ID: &str = "release@acme.example";
@@ -161,36 +161,6 @@ fn each_broken_part_of_a_keyless_bundle_fails_with_its_reason() {
             "{what}: the reason should say {reasons:?}: {out}"
         );
     }
-}
-
-/// The annotations cosign writes on a legacy `.sig` layer for a keyless
-/// signing, taken from a bundle of the tests' sigstore.
-fn legacy_annotations(bundle: &str) -> (String, String, String) {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let v: serde_json::Value = serde_json::from_str(bundle).unwrap();
-    let vm = &v["verificationMaterial"];
-    let leaf = vm["x509CertificateChain"]["certificates"][0]["rawBytes"]
-        .as_str()
-        .unwrap();
-    let cert = format!("-----BEGIN CERTIFICATE-----\n{leaf}\n-----END CERTIFICATE-----\n");
-    let t = &vm["tlogEntries"][0];
-    let log_id = hex::encode(b64.decode(t["logId"]["keyId"].as_str().unwrap()).unwrap());
-    let rekor = serde_json::json!({
-        "SignedEntryTimestamp": t["inclusionPromise"]["signedEntryTimestamp"],
-        "Payload": {
-            "body": t["canonicalizedBody"],
-            "integratedTime": t["integratedTime"].as_str().unwrap().parse::<i64>().unwrap(),
-            "logIndex": t["logIndex"].as_str().unwrap().parse::<i64>().unwrap(),
-            "logID": log_id,
-        }
-    })
-    .to_string();
-    let sig = v["messageSignature"]["signature"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    (sig, cert, rekor)
 }
 
 #[test]

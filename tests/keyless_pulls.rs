@@ -6,7 +6,6 @@
 mod common;
 mod sigstore_pki;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use common::{error_code, noise, Fake, Options, Proxy};
 use pullgate::cosign;
@@ -18,47 +17,13 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const ISSUER: &str = "https://accounts.acme.example";
 
 /// Signs `image` keyless as `identity` and publishes the `.sig` manifest
-/// cosign's legacy format would: the simple-signing payload, its signature,
-/// the certificate and the log's entry in annotations.
+/// cosign's legacy format would.
 fn sign_legacy(fake: &Fake, store: &Sigstore, repo: &str, image: &str, identity: &str) {
-    let b64 = base64::engine::general_purpose::STANDARD;
+    let (manifest, payload, config) =
+        store.legacy_signature(&format!("docker.io/{repo}"), image, identity, ISSUER);
+    fake.put_blob(Bytes::from(payload));
+    fake.put_blob(Bytes::from(config));
     let d: Digest = image.parse().unwrap();
-    let payload = cosign::payload(&format!("docker.io/{repo}"), &d);
-    let bundle: serde_json::Value =
-        serde_json::from_str(&store.bundle(&payload, &store.signing(identity, ISSUER))).unwrap();
-    let vm = &bundle["verificationMaterial"];
-    let leaf = vm["x509CertificateChain"]["certificates"][0]["rawBytes"]
-        .as_str()
-        .unwrap();
-    let t = &vm["tlogEntries"][0];
-    let rekor = serde_json::json!({
-        "SignedEntryTimestamp": t["inclusionPromise"]["signedEntryTimestamp"],
-        "Payload": {
-            "body": t["canonicalizedBody"],
-            "integratedTime": t["integratedTime"].as_str().unwrap().parse::<i64>().unwrap(),
-            "logIndex": t["logIndex"].as_str().unwrap().parse::<i64>().unwrap(),
-            "logID": hex::encode(b64.decode(t["logId"]["keyId"].as_str().unwrap()).unwrap()),
-        }
-    });
-    fake.put_blob(Bytes::from(payload.clone()));
-    let config = b"{}".to_vec();
-    fake.put_blob(Bytes::from(config.clone()));
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": Digest::of(&config).to_string()},
-        "layers": [{
-            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
-            "size": payload.len(),
-            "digest": Digest::of(&payload).to_string(),
-            "annotations": {
-                "dev.cosignproject.cosign/signature": bundle["messageSignature"]["signature"],
-                "dev.sigstore.cosign/certificate": format!("-----BEGIN CERTIFICATE-----\n{leaf}\n-----END CERTIFICATE-----\n"),
-                "dev.sigstore.cosign/bundle": rekor.to_string(),
-            }
-        }]
-    }))
-    .unwrap();
     fake.put_manifest(
         repo,
         Some(&cosign::signature_tag(&d)),

@@ -405,6 +405,71 @@ impl Sigstore {
     }
 }
 
+/// The annotations cosign writes on a legacy `.sig` layer for a keyless
+/// signing, read off a (v0.1) bundle of this sigstore: the signature, the
+/// leaf certificate (PEM) and `dev.sigstore.cosign/bundle` (JSON).
+pub fn legacy_annotations(bundle: &str) -> (String, String, String) {
+    let v: serde_json::Value = serde_json::from_str(bundle).unwrap();
+    let vm = &v["verificationMaterial"];
+    let leaf = vm["x509CertificateChain"]["certificates"][0]["rawBytes"]
+        .as_str()
+        .unwrap();
+    let cert = format!("-----BEGIN CERTIFICATE-----\n{leaf}\n-----END CERTIFICATE-----\n");
+    let t = &vm["tlogEntries"][0];
+    let log_id = hex::encode(B64.decode(t["logId"]["keyId"].as_str().unwrap()).unwrap());
+    let rekor = json!({
+        "SignedEntryTimestamp": t["inclusionPromise"]["signedEntryTimestamp"],
+        "Payload": {
+            "body": t["canonicalizedBody"],
+            "integratedTime": t["integratedTime"].as_str().unwrap().parse::<i64>().unwrap(),
+            "logIndex": t["logIndex"].as_str().unwrap().parse::<i64>().unwrap(),
+            "logID": log_id,
+        }
+    })
+    .to_string();
+    let sig = v["messageSignature"]["signature"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (sig, cert, rekor)
+}
+
+impl Sigstore {
+    /// A legacy cosign `.sig` manifest signing `image` (a digest) keyless as
+    /// `identity`: (manifest, payload blob, config blob).
+    pub fn legacy_signature(
+        &self,
+        docker_reference: &str,
+        image: &str,
+        identity: &str,
+        issuer: &str,
+    ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let d: pullgate::names::Digest = image.parse().unwrap();
+        let payload = pullgate::cosign::payload(docker_reference, &d);
+        let (sig, cert, rekor) =
+            legacy_annotations(&self.bundle(&payload, &self.signing(identity, issuer)));
+        let config = b"{}".to_vec();
+        let digest = |b: &[u8]| format!("sha256:{}", hex::encode(sha256(b)));
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": digest(&config)},
+            "layers": [{
+                "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                "size": payload.len(),
+                "digest": digest(&payload),
+                "annotations": {
+                    "dev.cosignproject.cosign/signature": sig,
+                    "dev.sigstore.cosign/certificate": cert,
+                    "dev.sigstore.cosign/bundle": rekor,
+                }
+            }]
+        }))
+        .unwrap();
+        (manifest, payload, config)
+    }
+}
+
 /// Another CA, for certificates the trusted root does not know.
 pub fn other_ca() -> (SigningKey, Name) {
     (key(), "CN=someone else,O=elsewhere".parse().unwrap())
