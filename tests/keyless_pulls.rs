@@ -199,3 +199,128 @@ fn identities_are_checked_when_the_config_loads() {
     let e = check("[[policy]]\nname = \"p\"\nmatch = [\"**\"]\nsigned_by = [\"nobody\"]\n");
     assert!(e.contains("[identities]"), "{e}");
 }
+
+#[tokio::test]
+async fn each_broken_part_of_a_keyless_signature_denies_the_pull() {
+    use std::time::Duration;
+    let fake = Fake::start().await;
+    let store = Sigstore::new();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("trusted_root.json");
+    std::fs::write(&root, store.trusted_root()).unwrap();
+    const ID: &str = "release@acme.example";
+    // Each image gets a legacy keyless signature bent one way.
+    type Bend = Box<dyn Fn(&mut sigstore_pki::Signing)>;
+    let cases: Vec<(&str, Bend)> = vec![
+        ("good", Box::new(|_| {})),
+        (
+            "wrong-issuer",
+            Box::new(|s| s.issuer = "https://evil.example".into()),
+        ),
+        (
+            "expired-when-logged",
+            Box::new(|s| {
+                s.not_before -= Duration::from_secs(3600);
+                s.not_after = s.not_before + Duration::from_secs(600);
+            }),
+        ),
+        ("no-set", Box::new(|s| s.no_set = true)),
+        ("forged-set", Box::new(|s| s.forge_set = true)),
+        (
+            "untrusted-ca",
+            Box::new(|s| s.other_ca = Some(sigstore_pki::other_ca())),
+        ),
+        ("other-digest", Box::new(|_| {})),
+    ];
+    let mut n = 10;
+    for (name, bend) in &cases {
+        n += 1;
+        let repo = format!("library/{name}");
+        let (image, _) = fake.put_image(&repo, "v1", &[noise(100, n)]);
+        let mut s = store.signing(ID, ISSUER);
+        bend(&mut s);
+        // The payload names another digest than the one it is stored for.
+        let named = if *name == "other-digest" {
+            Digest::of(b"another image").to_string()
+        } else {
+            image.clone()
+        };
+        let (manifest, payload, config) =
+            store.legacy_signature_with(&format!("docker.io/{repo}"), &named, &s);
+        fake.put_blob(Bytes::from(payload));
+        fake.put_blob(Bytes::from(config));
+        let d: Digest = image.parse().unwrap();
+        fake.put_manifest(
+            &repo,
+            Some(&cosign::signature_tag(&d)),
+            OCI_MANIFEST,
+            manifest,
+        );
+    }
+    let policies = format!(
+        "[sigstore]\ntrusted_root = \"{}\"\n\n[identities]\nrelease = {{ issuer = \"{ISSUER}\", subject = \"{ID}\" }}\n\n[[policy]]\nname = \"p\"\nmatch = [\"docker.io/library/**\"]\nsigned_by = [\"release\"]\n",
+        root.display()
+    );
+    let proxy = Proxy::start(
+        &fake,
+        Options {
+            policies: policies.clone(),
+            ..Options::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        proxy.get("/v2/library/good/manifests/v1").await.status(),
+        200
+    );
+
+    // pullgate verify names the identity that matched, or why not.
+    let config = dir.path().join("pullgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = \"data\"\n\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\n{policies}",
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let verify = |image: &str| {
+        let (config, image) = (config.clone(), image.to_string());
+        tokio::task::spawn_blocking(move || {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_pullgate"))
+                .args(["verify", &image, "--config"])
+                .arg(&config)
+                .output()
+                .unwrap();
+            (
+                o.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            )
+        })
+    };
+    let (code, out) = verify("docker.io/library/good:v1").await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("keyless signature verified: identity \"release\""),
+        "{out}"
+    );
+    let (code, out) = verify("docker.io/library/wrong-issuer:v1").await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("signed by release@acme.example (issuer https://evil.example), an identity no signed_by name allows"),
+        "{out}"
+    );
+    for (name, _) in &cases[1..] {
+        let (s, _, v) =
+            error_code(proxy.get(&format!("/v2/library/{name}/manifests/v1")).await).await;
+        assert_eq!(s, 403, "{name}: {v}");
+        assert_eq!(
+            v["errors"][0]["detail"]["reasons"][0], "bad-signature",
+            "{name}: {v}"
+        );
+    }
+}

@@ -444,10 +444,20 @@ impl Sigstore {
         identity: &str,
         issuer: &str,
     ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        self.legacy_signature_with(docker_reference, image, &self.signing(identity, issuer))
+    }
+
+    /// The same under a signing bent by the caller. `image` is the digest
+    /// the payload names.
+    pub fn legacy_signature_with(
+        &self,
+        docker_reference: &str,
+        image: &str,
+        signing: &Signing,
+    ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let d: pullgate::names::Digest = image.parse().unwrap();
         let payload = pullgate::cosign::payload(docker_reference, &d);
-        let (sig, cert, rekor) =
-            legacy_annotations(&self.bundle(&payload, &self.signing(identity, issuer)));
+        let (sig, cert, rekor) = legacy_annotations(&self.bundle(&payload, signing));
         let config = b"{}".to_vec();
         let digest = |b: &[u8]| format!("sha256:{}", hex::encode(sha256(b)));
         let manifest = serde_json::to_vec(&json!({
