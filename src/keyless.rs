@@ -51,15 +51,20 @@ pub struct Identity {
 #[derive(Debug, Clone)]
 pub enum Subject {
     Exact(String),
-    /// Anchored: the whole SAN must match.
+    /// Anchored at the start: the SAN must begin with a match (add `$` to
+    /// pin the end too).
     Regex(regex::Regex),
 }
 
 impl Subject {
-    /// `pattern` anchored at both ends, as cosign's
-    /// `--certificate-identity-regexp` is usually meant.
+    /// `pattern`, anchored at the start whether or not it says `^`, so
+    /// that no SAN passes by carrying a match somewhere inside it
+    /// (`https://evil.example/?https://github.com/acme/...`); the end is
+    /// the pattern's to pin with `$`, so a prefix such as
+    /// `^https://github.com/acme/app/` allows every workflow of that
+    /// repository (DESIGN.md's example).
     pub fn regex(pattern: &str) -> Result<Subject, String> {
-        regex::Regex::new(&format!("^(?:{pattern})$"))
+        regex::Regex::new(&format!("^(?:{pattern})"))
             .map(Subject::Regex)
             .map_err(|e| e.to_string())
     }
@@ -372,7 +377,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subjects_match_whole_sans_only() {
+    fn subjects_match_exactly_or_from_the_start() {
         let id = |subject| Identity {
             name: "x".into(),
             issuer: "https://accounts.google.com".into(),
@@ -397,16 +402,29 @@ mod tests {
             Some("https://github.com/acme/app/.github/workflows/release.yml@refs/tags/v1.2"),
             iss
         ));
-        // Anchored: a prefix or suffix around a match does not pass.
+        // Anchored at the start: a match inside the SAN does not pass.
         assert!(!re.matches(Some("https://evil.example/?https://github.com/acme/app/.github/workflows/release.yml@refs/tags/v1"), iss));
         assert!(!re.matches(
             Some("https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main"),
             iss
         ));
-        // An alternation cannot escape the anchors.
+        // A prefix, as DESIGN.md's example writes one, allows what follows.
+        let prefix = id(Subject::regex("^https://github.com/chainguard-images/images/").unwrap());
+        assert!(prefix.matches(
+            Some("https://github.com/chainguard-images/images/.github/workflows/release.yaml@refs/heads/main"),
+            iss
+        ));
+        assert!(!prefix.matches(
+            Some("https://github.com/evil/https://github.com/chainguard-images/images/"),
+            iss
+        ));
+        // An alternation cannot escape the start anchor; `$` pins the end.
         let alt = id(Subject::regex("a@x|b@x").unwrap());
         assert!(alt.matches(Some("b@x"), iss));
-        assert!(!alt.matches(Some("b@x.evil"), iss));
+        assert!(!alt.matches(Some("evil b@x"), iss));
+        let pinned = id(Subject::regex(r"b@x\.example$").unwrap());
+        assert!(pinned.matches(Some("b@x.example"), iss));
+        assert!(!pinned.matches(Some("b@x.example.evil"), iss));
         assert!(Subject::regex("(").is_err());
     }
 

@@ -117,7 +117,7 @@ trusted_root = "{}"
 
 [identities]
 release = {{ issuer = "{ISSUER}", subject = "release@acme.example" }}
-ci = {{ issuer = "{ISSUER}", subject_regex = 'ci-[0-9]+@acme\.example' }}
+ci = {{ issuer = "{ISSUER}", subject_regex = 'ci-[0-9]+@acme\.example$' }}
 
 [[policy]]
 name = "signed library"
