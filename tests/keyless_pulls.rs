@@ -12,7 +12,6 @@ use pullgate::cosign;
 use pullgate::names::Digest;
 use sigstore_pki::Sigstore;
 
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const ISSUER: &str = "https://accounts.acme.example";
 
@@ -49,20 +48,7 @@ async fn attach_keyless_bundle(
     let mut s = store.signing(identity, ISSUER);
     s.v03 = true;
     let bundle = store.bundle(&manifest_bytes, &s).into_bytes();
-    fake.put_blob(Bytes::from(bundle.clone()));
-    let (manifest, config) = cosign::bundle_manifest(&d, 100, OCI_MANIFEST, &bundle);
-    fake.put_blob(Bytes::from(config));
-    let m = fake.put_manifest(repo, None, OCI_MANIFEST, manifest.clone());
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [{"mediaType": OCI_MANIFEST, "digest": m, "size": manifest.len(),
-                       "artifactType": cosign::BUNDLE_MEDIA_TYPE}],
-    }))
-    .unwrap();
-    fake.state.manifests.lock().unwrap().insert(
-        (repo.to_owned(), format!("referrers/{image}")),
-        (OCI_INDEX.to_owned(), Bytes::from(index)),
-    );
+    fake.attach_bundle_referrer(repo, image, bundle, true);
 }
 
 #[tokio::test]

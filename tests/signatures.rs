@@ -423,24 +423,7 @@ fn attach_bundle(fake: &Fake, repo: &str, image: &str, key: &p256::ecdsa::Signin
         let s: p256::ecdsa::Signature = key.sign(m);
         s.to_der().as_bytes().to_vec()
     });
-    fake.put_blob(Bytes::from(bundle.clone()));
-    let (manifest, config) = cosign::bundle_manifest(&d, 100, OCI_MANIFEST, &bundle);
-    fake.put_blob(Bytes::from(config));
-    let m = fake.put_manifest(repo, None, OCI_MANIFEST, manifest.clone());
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [{"mediaType": OCI_MANIFEST, "digest": m, "size": manifest.len(),
-                       "artifactType": cosign::BUNDLE_MEDIA_TYPE}],
-    }))
-    .unwrap();
-    if api {
-        fake.state.manifests.lock().unwrap().insert(
-            (repo.to_owned(), format!("referrers/{image}")),
-            (OCI_INDEX.to_owned(), Bytes::from(index)),
-        );
-    } else {
-        fake.put_manifest(repo, Some(&cosign::referrers_tag(&d)), OCI_INDEX, index);
-    }
+    fake.attach_bundle_referrer(repo, image, bundle, api);
 }
 
 #[tokio::test]

@@ -198,6 +198,38 @@ impl Fake {
         d
     }
 
+    /// Publishes a sigstore `bundle` as a cosign v3 referrer of `image`
+    /// (an OCI image manifest) in `repo`, listed by the referrers API
+    /// (`api`) or by the `sha256-<hex>` fallback tag.
+    pub fn attach_bundle_referrer(&self, repo: &str, image: &str, bundle: Vec<u8>, api: bool) {
+        const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+        const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+        let d: pullgate::names::Digest = image.parse().unwrap();
+        self.put_blob(Bytes::from(bundle.clone()));
+        let (manifest, config) = pullgate::cosign::bundle_manifest(&d, 100, OCI_MANIFEST, &bundle);
+        self.put_blob(Bytes::from(config));
+        let m = self.put_manifest(repo, None, OCI_MANIFEST, manifest.clone());
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": m, "size": manifest.len(),
+                           "artifactType": pullgate::cosign::BUNDLE_MEDIA_TYPE}],
+        }))
+        .unwrap();
+        if api {
+            self.state.manifests.lock().unwrap().insert(
+                (repo.to_owned(), format!("referrers/{image}")),
+                (OCI_INDEX.to_owned(), Bytes::from(index)),
+            );
+        } else {
+            self.put_manifest(
+                repo,
+                Some(&pullgate::cosign::referrers_tag(&d)),
+                OCI_INDEX,
+                index,
+            );
+        }
+    }
+
     /// Pushes an image with the given layers; returns (manifest digest, layer digests).
     pub fn put_image(&self, repo: &str, tag: &str, layers: &[Bytes]) -> (String, Vec<String>) {
         let layer_digests: Vec<String> = layers.iter().map(|l| self.put_blob(l.clone())).collect();
