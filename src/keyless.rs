@@ -64,9 +64,18 @@ impl Subject {
     /// `^https://github.com/acme/app/` allows every workflow of that
     /// repository (DESIGN.md's example).
     pub fn regex(pattern: &str) -> Result<Subject, String> {
-        regex::Regex::new(&format!("^(?:{pattern})"))
-            .map(Subject::Regex)
-            .map_err(|e| e.to_string())
+        // Alone first: a pattern that only compiles inside the wrapping
+        // group (`a)|(.*`) would escape the anchor.
+        regex::Regex::new(pattern).map_err(|e| e.to_string())?;
+        let r = regex::Regex::new(&format!("^(?:{pattern})")).map_err(|e| e.to_string())?;
+        // Anchored at the start only, a pattern that matches nothing
+        // matches every SAN (`x|`, `(x)?`).
+        if r.is_match("") {
+            return Err(
+                "it matches the empty string, so it would allow every subject of the issuer".into(),
+            );
+        }
+        Ok(Subject::Regex(r))
     }
 
     pub fn matches(&self, san: &str) -> bool {
@@ -426,6 +435,10 @@ mod tests {
         assert!(pinned.matches(Some("b@x.example"), iss));
         assert!(!pinned.matches(Some("b@x.example.evil"), iss));
         assert!(Subject::regex("(").is_err());
+        // No escaping the anchor through the wrapping group, no empty match.
+        assert!(Subject::regex("a@x)|(.*").is_err());
+        assert!(Subject::regex(r"release@acme\.example|").is_err());
+        assert!(Subject::regex("(x)?").is_err());
     }
 
     #[test]

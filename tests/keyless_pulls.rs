@@ -184,6 +184,20 @@ fn identities_are_checked_when_the_config_loads() {
     assert!(e.contains("also a key"), "{e}");
     let e = check("[[policy]]\nname = \"p\"\nmatch = [\"**\"]\nsigned_by = [\"nobody\"]\n");
     assert!(e.contains("[identities]"), "{e}");
+    // A bad identity is one problem, not also an undefined name.
+    let e = check(&format!(
+        "[identities]\nd = {{ issuer = 7, subject = \"a\" }}\n\n{policy}"
+    ));
+    assert!(e.contains("must be a string"), "{e}");
+    assert!(!e.contains("not defined"), "{e}");
+    // A trusted root given is read even before an identity uses it.
+    let e = check("[sigstore]\ntrusted_root = \"/nonexistent/root.json\"\n\n[[policy]]\nname = \"p\"\nmatch = [\"**\"]\n");
+    assert!(e.contains("sigstore.trusted_root"), "{e}");
+    // A regex that would allow everyone.
+    let e = check(&format!(
+        "[identities]\nd = {{ issuer = \"https://a\", subject_regex = 'x|' }}\n\n{policy}"
+    ));
+    assert!(e.contains("empty string"), "{e}");
 }
 
 #[tokio::test]

@@ -466,6 +466,7 @@ impl Config {
             base,
             problems: Vec::new(),
             unusable_keys: Vec::new(),
+            unusable_identities: Vec::new(),
         };
         // Unknown keys first: they are problems like the others, not an
         // error that hides them (the typed parse below ignores them).
@@ -512,6 +513,9 @@ struct Validator<'a> {
     /// `[keys]` entries whose file could not be read or used: already
     /// reported, so a policy naming them is not told they are undefined.
     unusable_keys: Vec<String>,
+    /// `[identities]` entries reported as problems, so that `signed_by`
+    /// naming them does not report them again as undefined.
+    unusable_identities: Vec<String>,
 }
 
 impl Validator<'_> {
@@ -838,6 +842,8 @@ impl Validator<'_> {
         let mut out = Vec::new();
         for (name, value) in table.get_ref() {
             let key = format!("identities.{name}");
+            // Unusable until it is read whole (then taken off again).
+            self.unusable_identities.push(name.clone());
             let Some(t) = value.as_table() else {
                 self.entry_problem(
                     key,
@@ -867,7 +873,20 @@ impl Validator<'_> {
                     );
                 }
             }
-            let issuer = match t.get("issuer").and_then(|v| v.as_str()) {
+            let issuer = match t.get("issuer").map(|v| v.as_str()) {
+                Some(None) => {
+                    self.entry_problem(
+                        format!("{key}.issuer"),
+                        table,
+                        name,
+                        "must be a string: the OIDC issuer URL",
+                    );
+                    continue;
+                }
+                Some(Some(i)) => Some(i),
+                None => None,
+            };
+            let issuer = match issuer {
                 Some(i)
                     if reqwest::Url::parse(i)
                         .is_ok_and(|u| matches!(u.scheme(), "https" | "http")) =>
@@ -916,6 +935,7 @@ impl Validator<'_> {
                     continue;
                 }
             };
+            self.unusable_identities.retain(|n| n != name);
             out.push(Identity {
                 name: name.clone(),
                 issuer,
@@ -935,7 +955,8 @@ impl Validator<'_> {
         use crate::keyless::{Keyless, Root};
         let file = raw.and_then(|r| r.trusted_root.as_ref());
         let path = file.map(|f| self.path(f.get_ref()));
-        if identities.is_empty() {
+        // A root given is checked even when no identity uses it yet.
+        if identities.is_empty() && path.is_none() {
             return None;
         }
         let root = match &path {
@@ -1426,6 +1447,10 @@ impl Validator<'_> {
                 for name in s.get_ref() {
                     if let Some(id) = identities.iter().find(|i| &i.name == name) {
                         signed_by_identities.push(id.clone());
+                        continue;
+                    }
+                    // Defined, but reported unusable above.
+                    if self.unusable_identities.contains(name) {
                         continue;
                     }
                     match keys.iter().find(|k| &k.name == name) {
