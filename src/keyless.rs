@@ -207,12 +207,7 @@ impl Keyless {
         signed: Signed,
         identities: &[&'i Identity],
     ) -> Result<&'i Identity, KeylessError> {
-        let bundle =
-            Bundle::from_json(bundle_json).map_err(|e| KeylessError::Bundle(e.to_string()))?;
-        let artifact = match signed {
-            Signed::Bytes(b) => Artifact::from_blob(b),
-            Signed::Sha256(d) => Artifact::from_digest(Sha256Hash::new(d)),
-        };
+        let (bundle, artifact) = read(bundle_json, signed)?;
         let result =
             self.verifier
                 .verify(artifact, &bundle, &VerificationPolicy::any_identity())?;
@@ -235,12 +230,7 @@ impl Keyless {
         signed: Signed,
         expect: &Expect,
     ) -> Result<Verified, KeylessError> {
-        let bundle =
-            Bundle::from_json(bundle_json).map_err(|e| KeylessError::Bundle(e.to_string()))?;
-        let artifact = match signed {
-            Signed::Bytes(b) => Artifact::from_blob(b),
-            Signed::Sha256(d) => Artifact::from_digest(Sha256Hash::new(d)),
-        };
+        let (bundle, artifact) = read(bundle_json, signed)?;
         let result = match expect {
             Expect::Identity { identity, issuer } => {
                 let policy = VerificationPolicy::new(identity.as_str(), issuer.as_str());
@@ -257,6 +247,16 @@ impl Keyless {
             integrated_time: result.integrated_time().map(|t| t.as_second()),
         })
     }
+}
+
+/// The bundle and what it signs, as the crate takes them.
+fn read<'a>(bundle_json: &str, signed: Signed<'a>) -> Result<(Bundle, Artifact<'a>), KeylessError> {
+    let bundle = Bundle::from_json(bundle_json).map_err(|e| KeylessError::Bundle(e.to_string()))?;
+    let artifact = match signed {
+        Signed::Bytes(b) => Artifact::from_blob(b),
+        Signed::Sha256(d) => Artifact::from_digest(Sha256Hash::new(d)),
+    };
+    Ok((bundle, artifact))
 }
 
 /// A legacy cosign signature (a layer of a `.sig` manifest) as cosign

@@ -356,16 +356,16 @@ fn keyless_layer(
     let (Some(k), Some(verifier)) = (&layer.keyless, keys.keyless()) else {
         return Err(Rejected::NoKey.to_string());
     };
+    let Some(rekor_bundle) = k.rekor_bundle.as_deref() else {
+        return Err("keyless signature without a transparency-log entry (no dev.sigstore.cosign/bundle annotation)".into());
+    };
     let legacy = crate::keyless::LegacySignature {
         payload,
         signature: &layer.signature,
         certificate: &k.certificate,
         chain: k.chain.as_deref(),
-        rekor_bundle: k.rekor_bundle.as_deref().unwrap_or(""),
+        rekor_bundle,
     };
-    if k.rekor_bundle.is_none() {
-        return Err("keyless signature without a transparency-log entry (no dev.sigstore.cosign/bundle annotation)".into());
-    }
     let bundle = crate::keyless::bundle_from_legacy(&legacy).map_err(|e| e.to_string())?;
     verifier
         .verify_identities(&bundle, Signed::Bytes(payload), &keys.identities)
