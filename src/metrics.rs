@@ -83,6 +83,11 @@ pub struct Metrics {
     pub loops_refused: IntCounter,
     /// Imports (`pullgate import`) this server applied to its store.
     pub imports_applied: IntCounter,
+    /// Requests to the shared bucket (`[storage.s3]`) by operation and
+    /// result.
+    pub bucket_requests: IntCounterVec,
+    /// Blob uploads to the shared bucket running or waiting now.
+    pub bucket_uploads_pending: IntGauge,
     /// Every metric name registered, for checks against dashboards.
     pub names: Vec<&'static str>,
     /// `requests` children, resolved once per (kind, status) on first use:
@@ -177,7 +182,18 @@ impl Metrics {
             "pullgate_inflight_fetches",
             "Upstream blob fetches running now.",
         );
+        let bucket_uploads_pending = gauge(
+            "pullgate_bucket_uploads_pending",
+            "Blobs committed to the local tier and not yet in the shared bucket ([storage.s3]): uploads running or waiting.",
+        );
         let m = Metrics {
+            bucket_uploads_pending,
+            bucket_requests: counter(
+                &registry,
+                "pullgate_bucket_requests_total",
+                "Requests to the shared bucket ([storage.s3]) by operation (read_blob, read_manifest, upload, write_manifest, tag, approval, meta, check) and result (ok, present, absent, error).",
+                &["op", "result"],
+            ),
             requests: counter(
                 &registry,
                 "pullgate_requests_total",
@@ -351,6 +367,8 @@ impl Metrics {
                 "Imports (pullgate import) this server applied to its store while running; each one's images are served from then on.",
             ),
             names: vec![
+                "pullgate_bucket_requests_total",
+                "pullgate_bucket_uploads_pending",
                 "pullgate_imports_applied_total",
                 "pullgate_auth_failures_total",
                 "pullgate_auth_reloads_total",

@@ -127,6 +127,14 @@ pub async fn import(
     path: &Path,
     allow_rollback: bool,
 ) -> Result<Imported, ImportError> {
+    if let Some(s3) = &config.storage.s3 {
+        // Its commit records and renames are the local directory's; the
+        // bucket has neither yet.
+        return Err(failed(format!(
+            "importing into replicas that share a bucket ({}) is not supported yet; import into a pullgate without [storage.s3]",
+            s3.describe()
+        )));
+    }
     let root = config.storage.path.clone();
     // A store that does not exist yet is made, as a server would make it.
     for dir in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {

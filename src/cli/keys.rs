@@ -67,12 +67,12 @@ pub fn approve(image: &str, key: &Path, config_path: &Path) -> Result<String, (u
         .map_err(|e| (1, format!("{}: {e}", key.display())))?;
     // Beside a running server: the store is attached, not opened (no
     // lock), and the approval is written atomically.
-    let store = pullgate::store::FsStore::attach(&config.storage.path);
+    let store = pullgate::store::attach(&config.storage).map_err(|e| (1, e.to_string()))?;
     let rt = runtime(tokio::runtime::Builder::new_current_thread())
         .ok_or((1, "cannot start the runtime".to_owned()))?;
     let path = rt
         .block_on(pullgate::approvals::record(
-            &store,
+            &*store,
             &route.canonical,
             &digest,
             &private,
@@ -80,10 +80,7 @@ pub fn approve(image: &str, key: &Path, config_path: &Path) -> Result<String, (u
         .map_err(|e| {
             (
                 1,
-                format!(
-                    "cannot store the approval under {}: {e}",
-                    config.storage.path.display()
-                ),
+                format!("cannot store the approval in {}: {e}", store.location()),
             )
         })?;
     let public = pullgate::keys::PublicKey::from_pem(&private.public_pem()).map_err(|e| (1, e))?;

@@ -84,8 +84,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "config loaded"
     );
 
-    // Opening the store scans it: on the blocking pool.
-    let app = tokio::task::spawn_blocking(move || App::new(config)).await??;
+    // Opening the store scans it (on the blocking pool) and asks the
+    // shared bucket, when there is one.
+    let app = App::start(config).await?;
     let listener = pullgate::server::bind(listen)
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
     let admin = match admin_listen {

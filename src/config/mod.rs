@@ -10,10 +10,12 @@
 mod gateway;
 mod keys_known;
 mod pins;
+mod s3;
 
 pub use gateway::{dns_as_path, AuthConfig, TenantConfig, TlsConfig};
 
 pub use pins::{write_pins_file, Pins};
+pub use s3::S3Config;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -165,6 +167,9 @@ pub struct StorageConfig {
     pub base_refresh: Duration,
     /// How many digests of one base tag stay allowed (newest first); all when `None`.
     pub base_keep: Option<usize>,
+    /// `[storage.s3]`: the bucket gateway replicas share; `path` is then
+    /// each replica's local tier.
+    pub s3: Option<S3Config>,
 }
 
 #[derive(Clone)]
@@ -391,6 +396,7 @@ struct RawStorage {
     tag_ttl: Option<Spanned<String>>,
     base_refresh: Option<Spanned<String>>,
     base_keep: Option<Spanned<i64>>,
+    s3: Option<Spanned<s3::RawS3>>,
 }
 
 #[derive(Deserialize)]
@@ -755,6 +761,8 @@ impl Validator<'_> {
             None => None,
         };
 
+        let s3 = raw.storage.s3.as_ref().and_then(|r| self.s3(r));
+
         let upstreams = self.upstreams(&raw.upstream);
         let router = hosts(&upstreams);
         let keys = self.keys(raw.keys.as_ref());
@@ -815,6 +823,7 @@ impl Validator<'_> {
                 tag_ttl: tag_ttl.unwrap_or(Duration::from_secs(300)),
                 base_refresh: base_refresh.unwrap_or(Duration::from_secs(3600)),
                 base_keep,
+                s3,
             },
             upstreams,
             policies,

@@ -200,6 +200,9 @@ impl BlobFetches {
         digest: Digest,
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, ContentError> {
+        if let Some(shared) = self.store.shared_blob(&digest).await.ok().flatten() {
+            return self.run_shared(shared, digest, tx).await;
+        }
         let upstream = remote.name();
         let not_cached = |e: ContentError| e.not_cached(|| format!("blob {digest}"));
         let resp = remote
@@ -245,6 +248,58 @@ impl BlobFetches {
                     .inc();
                 Err(ContentError::Mismatch {
                     upstream: upstream.clone(),
+                    what: format!("blob {digest}"),
+                    got,
+                })
+            }
+            Err(WriteError::Io(e)) => Err(store_write_error(
+                &self.metrics,
+                e,
+                format!("blob {digest}"),
+            )),
+        }
+    }
+
+    /// The blob from the tier other replicas share instead of the upstream:
+    /// the same writer, the same checks.
+    async fn run_shared(
+        &self,
+        shared: crate::store::SharedBlob,
+        digest: Digest,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, ContentError> {
+        let from = shared.from;
+        let mut writer = self
+            .store
+            .writer(digest)
+            .await
+            .map_err(|e| store_write_error(&self.metrics, e, format!("blob {digest}")))?;
+        tx.send_modify(|p| {
+            p.source = Some(writer.source());
+            p.total = Some(shared.size);
+            p.state = FlightState::Streaming;
+        });
+        let body = shared
+            .body
+            .map(|r| r.map_err(|e| BodyError::Broken(e.to_string())))
+            .boxed();
+        if let Err(e) = self
+            .stream(&mut *writer, &from, body, Some(shared.size), digest, tx)
+            .await
+        {
+            writer.abort().await;
+            return Err(e);
+        }
+        match writer.finish().await {
+            Ok(size) => Ok(size),
+            Err(WriteError::Mismatch { got }) => {
+                // Not served again: the next fetch goes to the upstream.
+                tracing::error!(%digest, %got, %from, "a shared copy of a blob does not match its digest; removing it");
+                if let Err(e) = self.store.discard(&digest).await {
+                    tracing::error!(%digest, "cannot remove the damaged shared copy: {e}");
+                }
+                Err(ContentError::Mismatch {
+                    upstream: from.clone(),
                     what: format!("blob {digest}"),
                     got,
                 })

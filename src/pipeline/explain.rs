@@ -19,7 +19,7 @@ use crate::content::Accept;
 use crate::metrics::Metrics;
 use crate::oci::names::{Digest, Reference};
 use crate::policy::Reason;
-use crate::store::{FsStore, MemoryStore, Overlay};
+use crate::store::{MemoryStore, Overlay};
 use crate::trace::Trace;
 
 /// How the evaluation ended.
@@ -67,10 +67,8 @@ impl App {
             }
         }
         let metrics = Arc::new(Metrics::new());
-        let store = Overlay::new(
-            Arc::new(FsStore::attach(&config.storage.path)),
-            MemoryStore::new(None, metrics.clone()),
-        );
+        let server = crate::store::attach(&config.storage).map_err(super::StartError::Bucket)?;
+        let store = Overlay::new(server, MemoryStore::new(None, metrics.clone()));
         let store: Arc<dyn crate::store::Store> = Arc::new(store);
         let app = App::build(config, store.clone(), metrics, false, vec![store])?;
         // A command says when it cannot ask the upstream, rather than

@@ -45,7 +45,7 @@ use crate::metrics::Metrics;
 use crate::oci::error::Origin;
 use crate::remote::registry::ClientError;
 use crate::route::{parse_path, PathKind, Target};
-use crate::store::{FsStore, Store};
+use crate::store::{FsStore, SharedStore, Store};
 use crate::verify::bases::{BaseTable, Refresher};
 use crate::verify::Verifier;
 use approved::Approved;
@@ -68,6 +68,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot use the shared bucket ([storage.s3]): {0}")]
+    Bucket(std::io::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
@@ -108,6 +110,43 @@ impl App {
             path: config.storage.path.clone(),
             source,
         })?;
+        App::with_store(config, Arc::new(store), metrics)
+    }
+
+    /// Opens the store the config names (the local tier first, then the
+    /// shared bucket, which must answer) and builds the first generation:
+    /// what `serve` runs.
+    pub async fn start(config: Config) -> Result<Arc<App>, StartError> {
+        let Some(s3) = config.storage.s3.clone() else {
+            return tokio::task::spawn_blocking(move || App::new(config))
+                .await
+                .map_err(|e| StartError::Bucket(std::io::Error::other(e)))?;
+        };
+        let metrics = Arc::new(Metrics::new());
+        let (path, max) = (config.storage.path.clone(), config.storage.max_size);
+        let m = metrics.clone();
+        let local = tokio::task::spawn_blocking(move || FsStore::open(&path, max, m))
+            .await
+            .map_err(|e| StartError::Bucket(std::io::Error::other(e)))?
+            .map_err(|source| StartError::Store {
+                path: config.storage.path.clone(),
+                source,
+            })?;
+        let bucket = crate::store::Bucket::s3(&s3).map_err(StartError::Bucket)?;
+        bucket.check().await.map_err(StartError::Bucket)?;
+        tracing::info!(bucket = %bucket.describe(), "shared bucket ready");
+        let store = SharedStore::new(local, bucket, config.storage.tag_ttl, metrics.clone());
+        let queue = store.clone();
+        tokio::spawn(async move {
+            match queue.upload_missing().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    blobs = n,
+                    "uploading blobs of the local tier the shared bucket does not hold"
+                ),
+                Err(e) => tracing::warn!("cannot list the shared bucket's blobs: {e}"),
+            }
+        });
         App::with_store(config, Arc::new(store), metrics)
     }
 

@@ -42,11 +42,36 @@ use crate::oci::names::{Digest, Hasher};
 use crate::oci::Manifest;
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct TagFile {
+pub(super) struct TagFile {
     digest: Digest,
     checked: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     approved: Option<Digest>,
+}
+
+impl TagFile {
+    /// A tag record as stored (on disk and in a shared bucket).
+    pub(super) fn encode(rec: &TagRecord) -> Vec<u8> {
+        let file = TagFile {
+            digest: rec.digest,
+            checked: unix(rec.checked),
+            approved: rec.approved,
+        };
+        serde_json::to_vec(&file).expect("JSON of plain values")
+    }
+
+    /// A stored tag record; `None` when it cannot be read.
+    pub(super) fn decode(bytes: &[u8]) -> Option<TagRecord> {
+        let file: TagFile = serde_json::from_slice(bytes).ok()?;
+        Some(TagRecord {
+            digest: file.digest,
+            // A damaged record's time is no reason to fail: long ago.
+            checked: UNIX_EPOCH
+                .checked_add(Duration::from_secs(file.checked))
+                .unwrap_or(UNIX_EPOCH),
+            approved: file.approved,
+        })
+    }
 }
 
 /// At most this many approvals are read for one digest.
@@ -176,6 +201,11 @@ impl FsStore {
 
     pub fn root(&self) -> &Path {
         &self.0.root
+    }
+
+    /// The blobs held, from the index.
+    pub fn digests(&self) -> Vec<Digest> {
+        self.0.index.digests()
     }
 
     pub(super) fn inner(&self) -> &Inner {
@@ -365,29 +395,16 @@ impl Inner {
         if let Some(r) = self.tags.get(key) {
             return Some(r);
         }
-        let file: TagFile = serde_json::from_slice(&fs::read(self.tag_path(key)).ok()?).ok()?;
-        let rec = TagRecord {
-            digest: file.digest,
-            // A damaged record's time is no reason to fail: long ago.
-            checked: UNIX_EPOCH
-                .checked_add(Duration::from_secs(file.checked))
-                .unwrap_or(UNIX_EPOCH),
-            approved: file.approved,
-        };
+        let rec = TagFile::decode(&fs::read(self.tag_path(key)).ok()?)?;
         self.tags.insert(key.clone(), rec);
         Some(rec)
     }
 
-    pub(super) fn update_tag(&self, key: &TagKey, f: TagUpdate) -> io::Result<()> {
+    pub(super) fn update_tag(&self, key: &TagKey, mut f: TagUpdate) -> io::Result<()> {
         let _one_at_a_time = self.tag_updates.lock().unwrap_or_else(|e| e.into_inner());
         match f(self.read_tag(key)) {
             Some(rec) => {
-                let file = TagFile {
-                    digest: rec.digest,
-                    checked: unix(rec.checked),
-                    approved: rec.approved,
-                };
-                let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
+                let bytes = TagFile::encode(&rec);
                 self.write_atomic(&self.tag_path(key), &bytes)?;
                 self.tags.insert(key.clone(), rec);
             }

@@ -92,6 +92,10 @@ impl Index {
         lock(&self.inner).total
     }
 
+    pub fn digests(&self) -> Vec<Digest> {
+        lock(&self.inner).blobs.keys().copied().collect()
+    }
+
     pub fn len(&self) -> usize {
         lock(&self.inner).blobs.len()
     }

@@ -215,7 +215,7 @@ impl Store for MemoryStore {
         done(self.cached_tag(key))
     }
 
-    fn update_tag<'a>(&'a self, key: &'a TagKey, f: TagUpdate) -> StoreFuture<'a, ()> {
+    fn update_tag<'a>(&'a self, key: &'a TagKey, mut f: TagUpdate) -> StoreFuture<'a, ()> {
         let mut s = self.0.state();
         match f(s.tags.get(key).copied()) {
             Some(rec) => s.tags.insert(key.clone(), rec),

@@ -17,12 +17,14 @@
 //! `has_blob`) is answered from memory without blocking. Depends on `oci`,
 //! `metrics`, `fsutil`.
 
+pub mod bucket;
 mod fs;
 pub mod fsck;
 pub mod imports;
 mod index;
 mod memory;
 mod overlay;
+mod shared;
 
 use std::fs::File;
 use std::io;
@@ -35,10 +37,12 @@ use futures_util::future::BoxFuture;
 use crate::oci::names::{Digest, RepoName, Tag};
 use crate::oci::Manifest;
 
+pub use bucket::Bucket;
 pub use fs::FsStore;
 pub use index::ReadGuard;
 pub use memory::{Chunks, MemoryStore};
 pub use overlay::Overlay;
+pub use shared::SharedStore;
 
 /// A store operation that may wait for a disk.
 pub type StoreFuture<'a, T> = BoxFuture<'a, io::Result<T>>;
@@ -61,8 +65,22 @@ pub struct TagKey {
 }
 
 /// A change to a tag record: the new record given the current one; `None`
-/// removes it.
-pub type TagUpdate = Box<dyn FnOnce(Option<TagRecord>) -> Option<TagRecord> + Send>;
+/// removes it. It may run more than once (a shared store runs it again on
+/// what another replica wrote in between).
+pub type TagUpdate = Box<dyn FnMut(Option<TagRecord>) -> Option<TagRecord> + Send>;
+
+/// A change to a metadata document, as [`TagUpdate`] is to a tag record.
+pub type MetaUpdate = Box<dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + Send>;
+
+/// A blob held in a tier shared with other processes (the bucket of
+/// gateway replicas) and not here: what a blob fetch reads instead of the
+/// upstream.
+pub struct SharedBlob {
+    pub size: u64,
+    pub body: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
+    /// Where it comes from, for messages and metrics.
+    pub from: Arc<str>,
+}
 
 /// Where a blob's bytes are, for reading.
 #[derive(Clone)]
@@ -121,6 +139,11 @@ pub trait Store: Send + Sync {
     fn has_blob(&self, d: &Digest) -> bool;
     /// Opens a blob for reading, pinned against eviction.
     fn open<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<BlobHandle>>;
+    /// A blob that a shared tier holds (the bucket of gateway replicas),
+    /// streamed; `None` when there is none or it does not hold it.
+    fn shared_blob<'a>(&'a self, _d: &'a Digest) -> StoreFuture<'a, Option<SharedBlob>> {
+        Box::pin(futures_util::future::ready(Ok(None)))
+    }
     /// A writer for bytes that must hash to `d`.
     fn writer(&self, d: Digest) -> StoreFuture<'_, Box<dyn BlobWriter>>;
     /// Takes a blob found damaged out of the store, so that it is fetched
@@ -170,6 +193,25 @@ pub trait Store: Send + Sync {
     fn read_meta<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<Vec<u8>>>;
     /// Replaces a metadata document whole.
     fn write_meta<'a>(&'a self, name: &'a str, bytes: Vec<u8>) -> StoreFuture<'a, ()>;
+    /// Replaces a metadata document with `f(current)`, so that writers of
+    /// a shared store merge instead of overwriting each other; what was
+    /// written. Here: read, then write (one process per store).
+    fn update_meta<'a>(
+        &'a self,
+        name: &'a str,
+        mut f: MetaUpdate,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let current = self.read_meta(name).await?;
+            match f(current.as_deref()) {
+                Some(next) => {
+                    self.write_meta(name, next.clone()).await?;
+                    Ok(Some(next))
+                }
+                None => Ok(None),
+            }
+        })
+    }
     /// Moves an unreadable metadata document aside (never overwritten);
     /// says where it went.
     fn set_aside_meta<'a>(&'a self, name: &'a str) -> StoreFuture<'a, String>;
@@ -182,6 +224,23 @@ pub trait Store: Send + Sync {
 
     /// Checks that the store takes writes (for `/readyz`).
     fn probe(&self) -> StoreFuture<'_, ()>;
+}
+
+/// The server's store as a command running beside it sees it: the
+/// directory attached (no lock, no clean-up), in front of the shared
+/// bucket when `[storage.s3]` names one (so an approval is seen by every
+/// replica).
+pub fn attach(storage: &crate::config::StorageConfig) -> io::Result<Arc<dyn Store>> {
+    let local = FsStore::attach(&storage.path);
+    Ok(match &storage.s3 {
+        None => Arc::new(local),
+        Some(s3) => Arc::new(SharedStore::new(
+            local,
+            Bucket::s3(s3)?,
+            storage.tag_ttl,
+            Arc::new(crate::metrics::Metrics::new()),
+        )),
+    })
 }
 
 /// Writes a whole blob through a writer: a small helper for tests, bundles

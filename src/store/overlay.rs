@@ -56,6 +56,10 @@ impl Store for Overlay {
         .boxed()
     }
 
+    fn shared_blob<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<super::SharedBlob>> {
+        async move { Ok(ignore(self.lower.shared_blob(d).await)) }.boxed()
+    }
+
     fn writer(&self, d: Digest) -> StoreFuture<'_, Box<dyn BlobWriter>> {
         self.upper.writer(d)
     }
@@ -109,7 +113,7 @@ impl Store for Overlay {
         .boxed()
     }
 
-    fn update_tag<'a>(&'a self, key: &'a TagKey, f: TagUpdate) -> StoreFuture<'a, ()> {
+    fn update_tag<'a>(&'a self, key: &'a TagKey, mut f: TagUpdate) -> StoreFuture<'a, ()> {
         async move {
             let current = self.tag(key).await?;
             let next = f(current);

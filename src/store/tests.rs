@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 
 /// Each store under test, with a way to make another like it.
 fn stores(dir: &Path, max: Option<u64>) -> Vec<(&'static str, Arc<dyn Store>)> {
-    vec![
+    let mut all: Vec<(&'static str, Arc<dyn Store>)> = vec![
         (
             "fs",
             Arc::new(FsStore::open(dir, max, Arc::new(Metrics::new())).unwrap()),
@@ -20,7 +20,28 @@ fn stores(dir: &Path, max: Option<u64>) -> Vec<(&'static str, Arc<dyn Store>)> {
             "memory",
             Arc::new(MemoryStore::new(max, Arc::new(Metrics::new()))),
         ),
-    ]
+    ];
+    // Eviction is the local tier's own; what it evicts the bucket still has.
+    if max.is_none() {
+        all.push(("shared", Arc::new(shared_store(&dir.join("shared"), None))));
+    }
+    all
+}
+
+/// A local tier at `dir` in front of an in-memory bucket (a new one, or
+/// `bucket` to share it with other replicas).
+pub(super) fn shared_store(
+    dir: &Path,
+    bucket: Option<Arc<object_store::memory::InMemory>>,
+) -> SharedStore {
+    let metrics = Arc::new(Metrics::new());
+    let bucket = bucket.unwrap_or_default();
+    SharedStore::new(
+        FsStore::open(dir, None, metrics.clone()).unwrap(),
+        Bucket::new(bucket, "site", "memory://test".into()),
+        Duration::from_secs(60),
+        metrics,
+    )
 }
 
 async fn put(s: &dyn Store, bytes: &[u8]) -> Digest {

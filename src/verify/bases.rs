@@ -369,6 +369,31 @@ impl History {
         changed
     }
 
+    /// Takes in what another writer recorded (a replica sharing the
+    /// store): every digest either saw, each at the later time it became
+    /// the tag's, the newest `keep`. Whether anything changed.
+    pub fn merge(&mut self, other: &History, keep: Option<usize>) -> bool {
+        let before = self.clone();
+        for (tag, theirs) in &other.tags {
+            let seen = self.tags.entry(tag.clone()).or_default();
+            for t in theirs {
+                match seen.iter_mut().find(|s| s.digest == t.digest) {
+                    Some(s) => s.first_seen = s.first_seen.max(t.first_seen),
+                    None => seen.push(t.clone()),
+                }
+            }
+            // Stable: equal times keep their order.
+            seen.sort_by_key(|s| s.first_seen);
+            if let Some(keep) = keep {
+                if seen.len() > keep {
+                    let drop = seen.len() - keep;
+                    seen.drain(..drop);
+                }
+            }
+        }
+        *self != before
+    }
+
     /// The digests `tag` has had, newest first.
     pub fn digests(&self, tag: &str) -> Vec<Digest> {
         self.tags
@@ -480,11 +505,31 @@ impl Refresher {
         let Some(history) = guard.as_mut() else {
             unreachable!("loaded above")
         };
+        // What other replicas of a shared store recorded since.
+        if let Ok(Some(bytes)) = store.read_meta(HISTORY_FILE).await {
+            if let Ok(stored) = History::from_json(&bytes) {
+                history.merge(&stored, keep);
+            }
+        }
         let before = history.clone();
         let done = resolve(sets, history, keep, resolver).await;
         if *history != before {
-            if let Err(e) = store.write_meta(HISTORY_FILE, history.to_json()).await {
-                tracing::error!("cannot persist base history: {e}");
+            let ours = history.clone();
+            let merge = Box::new(move |current: Option<&[u8]>| {
+                let mut next = ours.clone();
+                if let Some(stored) = current.and_then(|b| History::from_json(b).ok()) {
+                    next.merge(&stored, keep);
+                }
+                Some(next.to_json())
+            });
+            match store.update_meta(HISTORY_FILE, merge).await {
+                Ok(Some(written)) => {
+                    if let Ok(merged) = History::from_json(&written) {
+                        *history = merged;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("cannot persist base history: {e}"),
             }
         }
         done

@@ -1,0 +1,512 @@
+//! The bucket gateway replicas share (`[storage.s3]`), through the
+//! `object_store` crate: S3 in service, its in-memory store in unit tests.
+//!
+//! Keys mirror the layout on disk (see [`super::FsStore`]) under the
+//! configured prefix. Blobs go in only after their bytes were hashed again
+//! on the way up and matched their digest: small ones in one `PUT` with
+//! `If-None-Match: *`, large ones as a multipart upload that is completed
+//! only then (an upload that is never completed is never visible).
+//! Documents that replicas change (tag records, base history) are updated
+//! by compare-and-swap on their ETag (`If-Match`), so two replicas never
+//! lose each other's writes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{
+    GetOptions, ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
+};
+
+use crate::config::S3Config;
+use crate::oci::names::{Digest, Hasher};
+
+/// Blobs up to this size go up in one `PUT`; larger ones in parts of it.
+pub const PART_SIZE: usize = 16 * 1024 * 1024;
+
+/// Parts of one multipart upload in flight at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// A compare-and-swap lost this many times in a row is given up.
+const CAS_ATTEMPTS: usize = 32;
+
+/// Bytes read from a local file per step of an upload.
+const READ_STEP: usize = 4 * 1024 * 1024;
+
+/// The shared bucket.
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    /// `s3://bucket/prefix at http://endpoint`, for messages.
+    describe: String,
+}
+
+/// The new content of a document given its current one; `None` removes it.
+pub type DocUpdate<'a> = dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + Send + 'a;
+
+/// A document as read, with what a compare-and-swap of it needs.
+pub struct Doc {
+    pub bytes: Bytes,
+    version: UpdateVersion,
+}
+
+/// How an upload of a blob ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uploaded {
+    /// Its bytes are in the bucket now.
+    Written,
+    /// The bucket held it already (another replica put it there).
+    Present,
+}
+
+impl Bucket {
+    /// The bucket of `config`. Nothing is asked of the engine yet: see
+    /// [`Bucket::check`].
+    pub fn s3(config: &S3Config) -> io::Result<Bucket> {
+        use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+        use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+        let mut options = ClientOptions::new()
+            .with_allow_http(config.endpoint.scheme() == "http")
+            .with_connect_timeout(Duration::from_secs(3))
+            // A blob streams for as long as it takes; a dead engine is
+            // found by the connect timeout and the retry deadline.
+            .with_timeout(Duration::from_secs(600))
+            .with_pool_idle_timeout(Duration::from_secs(30));
+        if let Some(pem) = &config.ca_pem {
+            for cert in object_store::Certificate::from_pem_bundle(pem)
+                .map_err(|e| io::Error::other(format!("storage.s3.ca: {e}")))?
+            {
+                options = options.with_root_certificate(cert);
+            }
+        }
+        // Replicas serve from their local tiers while the engine is away;
+        // minutes of retries would only hold clients up.
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(10),
+        };
+        let store = AmazonS3Builder::new()
+            .with_endpoint(config.endpoint.as_str().trim_end_matches('/'))
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_access_key_id(&config.access_key)
+            .with_secret_access_key(&config.secret_key)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_client_options(options)
+            .with_retry(retry)
+            .build()
+            .map_err(|e| io::Error::other(format!("[storage.s3]: {e}")))?;
+        Ok(Bucket::new(
+            Arc::new(store),
+            &config.prefix,
+            config.describe(),
+        ))
+    }
+
+    /// A bucket over any object store (the in-memory one in tests).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, describe: String) -> Bucket {
+        Bucket {
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+            describe,
+        }
+    }
+
+    /// `s3://bucket/prefix at http://endpoint`.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn key(&self, rel: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(rel)
+        } else {
+            Path::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// A key relative to the prefix again.
+    fn rel<'a>(&self, key: &'a Path) -> &'a str {
+        let k = key.as_ref();
+        if self.prefix.is_empty() {
+            k
+        } else {
+            k.strip_prefix(self.prefix.as_str())
+                .and_then(|r| r.strip_prefix('/'))
+                .unwrap_or(k)
+        }
+    }
+
+    fn error(&self, what: &str, e: object_store::Error) -> io::Error {
+        let kind = match e {
+            object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(
+            kind,
+            format!("{} {what}: {}", self.describe, plain(&e.to_string())),
+        )
+    }
+
+    /// Where a blob's bytes are in the bucket.
+    pub fn blob_rel(d: &Digest) -> String {
+        let hex = d.hex();
+        format!("blobs/sha256/{}/{hex}", &hex[..2])
+    }
+
+    /// Start-up: the engine answers, the bucket exists and the credentials
+    /// may read and write it. The message says which of these failed.
+    pub async fn check(&self) -> io::Result<()> {
+        // A list first: some engines make a missing bucket on a write.
+        let mut listing = self.store.list(Some(&self.key("_pullgate")));
+        if let Some(Err(e)) = listing.next().await {
+            return Err(self.error("cannot be listed", e));
+        }
+        drop(listing);
+        let key = self.key("_pullgate/ready");
+        self.store
+            .put(&key, PutPayload::from_static(b"ok\n"))
+            .await
+            .map_err(|e| self.error("does not take writes", e))?;
+        self.store
+            .get(&key)
+            .await
+            .map_err(|e| self.error("cannot be read", e))?;
+        Ok(())
+    }
+
+    // ---- blobs ---------------------------------------------------------------
+
+    /// A blob's size in the bucket, `None` when it is not there.
+    pub async fn blob_size(&self, d: &Digest) -> io::Result<Option<u64>> {
+        match self.store.head(&self.key(&Self::blob_rel(d))).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&format!("cannot look up blob {d}"), e)),
+        }
+    }
+
+    /// A blob's bytes as they stream from the bucket, with its size.
+    pub async fn blob_stream(
+        &self,
+        d: &Digest,
+    ) -> io::Result<Option<(u64, BoxStream<'static, io::Result<Bytes>>)>> {
+        match self.store.get(&self.key(&Self::blob_rel(d))).await {
+            Ok(r) => {
+                let size = r.meta.size;
+                let describe = self.describe.clone();
+                let stream = r
+                    .into_stream()
+                    .map_err(move |e| io::Error::other(format!("{describe}: {e}")))
+                    .boxed();
+                Ok(Some((size, stream)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&format!("cannot read blob {d}"), e)),
+        }
+    }
+
+    /// A small blob whole (a manifest, a config), `None` when absent or
+    /// larger than `max`. The caller checks the digest.
+    pub async fn blob_bytes(&self, d: &Digest, max: u64) -> io::Result<Option<Bytes>> {
+        let key = self.key(&Self::blob_rel(d));
+        match self.store.head(&key).await {
+            Ok(meta) if meta.size > max => return Ok(None),
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(&format!("cannot look up blob {d}"), e)),
+        }
+        match self.store.get(&key).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|e| self.error(&format!("cannot read blob {d}"), e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&format!("cannot read blob {d}"), e)),
+        }
+    }
+
+    /// Puts bytes already checked against `d` (a manifest) under `d`,
+    /// unless the bucket holds it.
+    pub async fn put_blob_bytes(&self, d: &Digest, bytes: Bytes) -> io::Result<Uploaded> {
+        let key = self.key(&Self::blob_rel(d));
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(&key, bytes.into(), opts).await {
+            Ok(_) => Ok(Uploaded::Written),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(Uploaded::Present),
+            Err(e) => Err(self.error(&format!("cannot write blob {d}"), e)),
+        }
+    }
+
+    /// Uploads the committed local copy of blob `d` (`size` bytes of
+    /// `file`), hashing it again on the way: a copy that no longer matches
+    /// its digest is not uploaded, and a multipart upload is completed only
+    /// after the last part matched.
+    pub async fn upload_file(
+        &self,
+        d: &Digest,
+        file: Arc<File>,
+        size: u64,
+    ) -> io::Result<Uploaded> {
+        let key = self.key(&Self::blob_rel(d));
+        match self.store.head(&key).await {
+            Ok(meta) if meta.size == size => return Ok(Uploaded::Present),
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.error(&format!("cannot look up blob {d}"), e)),
+        }
+        if size <= PART_SIZE as u64 {
+            let bytes = read_at(file, 0, size as usize).await?;
+            check_digest(d, &bytes)?;
+            return self.put_blob_bytes(d, bytes).await;
+        }
+        let upload = self
+            .store
+            .put_multipart(&key)
+            .await
+            .map_err(|e| self.error(&format!("cannot start the upload of blob {d}"), e))?;
+        let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut hasher = Hasher::new();
+        let mut at = 0u64;
+        while at < size {
+            let len = (size - at).min(READ_STEP as u64) as usize;
+            let chunk = match read_at(file.clone(), at, len).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = parts.abort().await;
+                    return Err(e);
+                }
+            };
+            hasher.update(&chunk);
+            at += len as u64;
+            if let Err(e) = parts.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                let _ = parts.abort().await;
+                return Err(self.error(&format!("cannot upload blob {d}"), e));
+            }
+            parts.put(chunk);
+        }
+        let got = hasher.finish();
+        if got != *d {
+            let _ = parts.abort().await;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the local copy of blob {d} hashes to {got}; not uploaded"),
+            ));
+        }
+        parts
+            .finish()
+            .await
+            .map_err(|e| self.error(&format!("cannot complete the upload of blob {d}"), e))?;
+        Ok(Uploaded::Written)
+    }
+
+    /// Removes a blob (found damaged).
+    pub async fn delete_blob(&self, d: &Digest) -> io::Result<()> {
+        self.delete(&Self::blob_rel(d)).await
+    }
+
+    /// Every blob in the bucket, with its size.
+    pub async fn list_blobs(&self) -> io::Result<Vec<(Digest, u64)>> {
+        let objects = self.list("blobs/sha256").await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|(rel, size)| {
+                let hex = rel.rsplit('/').next()?;
+                Some((Digest::from_hex(hex)?, size))
+            })
+            .collect())
+    }
+
+    // ---- documents -----------------------------------------------------------
+
+    /// A document and its version, `None` when absent.
+    pub async fn read_doc(&self, rel: &str) -> io::Result<Option<Doc>> {
+        match self
+            .store
+            .get_opts(&self.key(rel), GetOptions::default())
+            .await
+        {
+            Ok(r) => {
+                let version = UpdateVersion {
+                    e_tag: r.meta.e_tag.clone(),
+                    version: r.meta.version.clone(),
+                };
+                let bytes = r
+                    .bytes()
+                    .await
+                    .map_err(|e| self.error(&format!("cannot read {rel}"), e))?;
+                Ok(Some(Doc { bytes, version }))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&format!("cannot read {rel}"), e)),
+        }
+    }
+
+    /// Replaces a document whole, whatever it held.
+    pub async fn write_doc(&self, rel: &str, bytes: Vec<u8>) -> io::Result<()> {
+        self.store
+            .put(&self.key(rel), bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&format!("cannot write {rel}"), e))
+    }
+
+    /// Writes a document only if none is there; `false` when one was.
+    pub async fn create_doc(&self, rel: &str, bytes: Vec<u8>) -> io::Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.key(rel), bytes.into(), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(false),
+            Err(e) => Err(self.error(&format!("cannot write {rel}"), e)),
+        }
+    }
+
+    /// Replaces a document with `f(current)` by compare-and-swap: when
+    /// another writer got in between, `f` runs again on what it wrote.
+    /// `None` from `f` removes the document. What was written.
+    pub async fn update_doc(
+        &self,
+        rel: &str,
+        f: &mut DocUpdate<'_>,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let key = self.key(rel);
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.read_doc(rel).await?;
+            let Some(next) = f(current.as_ref().map(|d| &d.bytes[..])) else {
+                if current.is_some() {
+                    self.delete(rel).await?;
+                }
+                return Ok(None);
+            };
+            let mode = match current {
+                None => PutMode::Create,
+                Some(doc) => PutMode::Update(doc.version),
+            };
+            let opts = PutOptions {
+                mode,
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&key, Bytes::from(next.clone()).into(), opts)
+                .await
+            {
+                Ok(_) => return Ok(Some(next)),
+                // Another replica wrote it since we read it: again, on theirs.
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => tokio::task::yield_now().await,
+                Err(e) => return Err(self.error(&format!("cannot write {rel}"), e)),
+            }
+        }
+        Err(io::Error::other(format!(
+            "{}: {rel} kept changing under {CAS_ATTEMPTS} attempts to update it",
+            self.describe
+        )))
+    }
+
+    pub async fn delete(&self, rel: &str) -> io::Result<()> {
+        match self.store.delete(&self.key(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(&format!("cannot delete {rel}"), e)),
+        }
+    }
+
+    /// Copies a document to another key.
+    pub async fn copy(&self, from: &str, to: &str) -> io::Result<()> {
+        self.store
+            .copy(&self.key(from), &self.key(to))
+            .await
+            .map_err(|e| self.error(&format!("cannot copy {from} to {to}"), e))
+    }
+
+    /// Every object under `prefix` (relative keys), with its size.
+    pub async fn list(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        let key = self.key(prefix);
+        let mut out = Vec::new();
+        let mut objects = self.store.list(Some(&key));
+        while let Some(meta) = objects.next().await {
+            let meta = meta.map_err(|e| self.error(&format!("cannot list {prefix}"), e))?;
+            out.push((self.rel(&meta.location).to_owned(), meta.size));
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// What an engine's error says, in a line: the S3 error code it sent and
+/// what that means for the operator, else the client's own message.
+fn plain(message: &str) -> String {
+    let code = message
+        .split("<Code>")
+        .nth(1)
+        .and_then(|rest| rest.split("</Code>").next());
+    let meaning = match code {
+        Some("NoSuchBucket") => "the bucket does not exist (create it, or fix storage.s3.bucket)",
+        Some("InvalidAccessKeyId") => "the engine does not know the access key",
+        Some("SignatureDoesNotMatch") => "the engine refused the secret key",
+        Some("AccessDenied") => "the credentials may not do this",
+        Some(_) => "",
+        None if message.contains("error sending request") => {
+            "the engine does not answer (storage.s3.endpoint)"
+        }
+        None => return message.to_owned(),
+    };
+    // The client's message without the engine's XML body.
+    let head = message.split('<').next().unwrap_or(message).trim_end();
+    match (code, meaning.is_empty()) {
+        (Some(c), false) => format!("{meaning} ({c}; {head})"),
+        (Some(c), true) => format!("{c} ({head})"),
+        (None, _) => format!("{meaning} ({head})"),
+    }
+}
+
+/// Reads `len` bytes at `at` of a local file, on the blocking pool.
+async fn read_at(file: Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, at)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+fn check_digest(d: &Digest, bytes: &[u8]) -> io::Result<()> {
+    let got = Digest::of(bytes);
+    if got == *d {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the local copy of blob {d} hashes to {got}; not uploaded"),
+        ))
+    }
+}

@@ -1,0 +1,831 @@
+//! The store of gateway replicas: a local tier on disk ([`FsStore`], with
+//! its own LRU `max_size`) in front of the bucket every replica shares
+//! ([`Bucket`]).
+//!
+//! - Blobs and manifests are content: read from the local tier, else from
+//!   the bucket (a small one fetched whole into the local tier; a large one
+//!   streamed by the blob fetch, see [`Store::shared_blob`]), else the
+//!   upstream. What is committed locally goes up to the bucket in the
+//!   background (hashed again on the way), so every replica serves it.
+//! - Tag records, approvals and the base history are the replicas' shared
+//!   decisions: the bucket holds them, updated by compare-and-swap; each
+//!   replica trusts what it read for `tag_ttl` and keeps a copy in its
+//!   local tier to serve from while the bucket cannot be reached.
+//!
+//! The bucket unreachable: content and tags are served from the local
+//! tier, a miss goes to the upstream, and what needs the bucket's answer
+//! (approvals) fails, so verdicts fail closed.
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+
+use super::bucket::{Bucket, Uploaded};
+use super::fs::TagFile;
+use super::{
+    BlobHandle, BlobWriter, FsStore, ReadGuard, SharedBlob, Source, Store, StoreFuture, TagKey,
+    TagRecord, TagUpdate, WriteError,
+};
+use crate::metrics::Metrics;
+use crate::oci::names::{Digest, RepoName, Tag};
+use crate::oci::Manifest;
+
+/// Blobs up to this size found only in the bucket are copied whole into
+/// the local tier when opened (configs, signature payloads); larger ones
+/// stream through the blob fetch.
+const SMALL_BLOB: u64 = 4 * 1024 * 1024;
+
+/// Largest manifest read back from the bucket.
+const MAX_MANIFEST: u64 = 16 * 1024 * 1024;
+
+/// Uploads to the bucket running at once.
+const UPLOADS: usize = 4;
+
+/// At most this many approvals are read for one digest (as on disk).
+const MAX_APPROVALS: usize = 32;
+
+/// The local tier in front of the shared bucket. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedStore(Arc<Inner>);
+
+struct Inner {
+    local: FsStore,
+    bucket: Bucket,
+    metrics: Arc<Metrics>,
+    /// Tag records as the bucket had them, trusted for `tag_ttl`.
+    tags: moka::sync::Cache<TagKey, TagRecord>,
+    uploads: Arc<tokio::sync::Semaphore>,
+    /// Blobs being uploaded now (one upload per blob).
+    uploading: Mutex<HashSet<Digest>>,
+}
+
+impl SharedStore {
+    /// The local tier `local` in front of `bucket`; the bucket's records are
+    /// trusted for `fresh` (the tag TTL).
+    pub fn new(local: FsStore, bucket: Bucket, fresh: Duration, metrics: Arc<Metrics>) -> Self {
+        SharedStore(Arc::new(Inner {
+            local,
+            bucket,
+            metrics,
+            tags: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(fresh.max(Duration::from_secs(1)))
+                .build(),
+            uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS)),
+            uploading: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub fn bucket(&self) -> &Bucket {
+        &self.0.bucket
+    }
+
+    pub fn local(&self) -> &FsStore {
+        &self.0.local
+    }
+
+    /// Uploads every blob of the local tier the bucket does not hold (a
+    /// replica killed before its uploads ran); how many were queued.
+    pub async fn upload_missing(&self) -> io::Result<usize> {
+        let held: HashSet<Digest> = self
+            .0
+            .bucket
+            .list_blobs()
+            .await?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        let mut queued = 0;
+        for d in self.0.local.digests() {
+            if !held.contains(&d) {
+                self.0.clone().spawn_upload(d);
+                queued += 1;
+            }
+        }
+        Ok(queued)
+    }
+}
+
+impl Inner {
+    fn count(&self, op: &str, result: &str) {
+        self.metrics
+            .bucket_requests
+            .with_label_values(&[op, result])
+            .inc();
+    }
+
+    fn failed(&self, op: &str, e: &io::Error) {
+        self.count(op, "error");
+        tracing::warn!(op, "shared bucket: {e}");
+    }
+
+    /// Queues the upload of a committed local blob to the bucket.
+    fn spawn_upload(self: Arc<Self>, d: Digest) {
+        {
+            let mut up = self.uploading.lock().unwrap_or_else(|e| e.into_inner());
+            if !up.insert(d) {
+                return;
+            }
+        }
+        self.metrics.bucket_uploads_pending.inc();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.metrics.bucket_uploads_pending.dec();
+            return;
+        };
+        rt.spawn(async move {
+            let result = self.upload(&d).await;
+            match result {
+                Ok(Uploaded::Written) => {
+                    self.count("upload", "ok");
+                    tracing::debug!(digest = %d, "blob uploaded to the shared bucket");
+                }
+                Ok(Uploaded::Present) => self.count("upload", "present"),
+                Err(e) => self.failed("upload", &e),
+            }
+            self.uploading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&d);
+            self.metrics.bucket_uploads_pending.dec();
+        });
+    }
+
+    async fn upload(&self, d: &Digest) -> io::Result<Uploaded> {
+        let _permit = self.uploads.acquire().await.map_err(io::Error::other)?;
+        // Open: pinned against eviction while it goes up.
+        let Some(h) = self.local.open(d).await? else {
+            return Err(io::Error::other(format!(
+                "blob {d} left the local tier before it was uploaded"
+            )));
+        };
+        match h.source {
+            Source::File(file) => self.bucket.upload_file(d, file, h.size).await,
+            Source::Memory(_) => Err(io::Error::other("the local tier holds files")),
+        }
+    }
+
+    /// A blob the bucket holds, copied whole into the local tier.
+    async fn fetch_small(&self, d: &Digest) -> io::Result<Option<BlobHandle>> {
+        let Some(bytes) = self.bucket.blob_bytes(d, SMALL_BLOB).await? else {
+            return Ok(None);
+        };
+        let mut w = self.local.writer(*d).await?;
+        w.write(bytes).await?;
+        match w.finish().await {
+            Ok(_) => self.local.open(d).await,
+            Err(WriteError::Mismatch { got }) => {
+                tracing::error!(digest = %d, %got, "the shared bucket's copy of a blob does not match its digest; removing it");
+                self.bucket.delete_blob(d).await?;
+                Ok(None)
+            }
+            Err(WriteError::Io(e)) => Err(e),
+        }
+    }
+
+    fn tag_rel(key: &TagKey) -> String {
+        format!(
+            "tags/{}/{}/_tags/{}",
+            key.upstream,
+            key.repo.as_str(),
+            key.tag.as_str()
+        )
+    }
+
+    /// Writes what the bucket said of a tag to the local tier (for when
+    /// the bucket cannot be reached) and to memory.
+    async fn mirror_tag(&self, key: &TagKey, rec: Option<TagRecord>) {
+        match rec {
+            Some(r) => self.tags.insert(key.clone(), r),
+            None => self.tags.invalidate(key),
+        }
+        let local = self.local.cached_tag(key);
+        if local != rec {
+            if let Err(e) = self.local.update_tag(key, Box::new(move |_| rec)).await {
+                tracing::warn!(tag = %key.tag, "cannot copy a tag record to the local tier: {e}");
+            }
+        }
+    }
+}
+
+impl Store for SharedStore {
+    fn location(&self) -> String {
+        format!(
+            "{} (local tier) and {}",
+            self.0.local.location(),
+            self.0.bucket.describe()
+        )
+    }
+
+    fn has_blob(&self, d: &Digest) -> bool {
+        self.0.local.has_blob(d)
+    }
+
+    fn open<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<BlobHandle>> {
+        async move {
+            if let Some(h) = self.0.local.open(d).await? {
+                return Ok(Some(h));
+            }
+            match self.0.fetch_small(d).await {
+                Ok(Some(h)) => {
+                    self.0.count("read_blob", "ok");
+                    Ok(Some(h))
+                }
+                Ok(None) => Ok(None),
+                // Not there for now: the upstream it is.
+                Err(e) => {
+                    self.0.failed("read_blob", &e);
+                    Ok(None)
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn shared_blob<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<SharedBlob>> {
+        async move {
+            match self.0.bucket.blob_stream(d).await {
+                Ok(Some((size, body))) => {
+                    self.0.count("read_blob", "ok");
+                    Ok(Some(SharedBlob {
+                        size,
+                        body,
+                        from: self.0.bucket.describe().into(),
+                    }))
+                }
+                Ok(None) => {
+                    self.0.count("read_blob", "absent");
+                    Ok(None)
+                }
+                Err(e) => {
+                    self.0.failed("read_blob", &e);
+                    Ok(None)
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn writer(&self, d: Digest) -> StoreFuture<'_, Box<dyn BlobWriter>> {
+        async move {
+            let inner = self.0.local.writer(d).await?;
+            Ok(Box::new(SharedWriter {
+                inner,
+                digest: d,
+                store: self.0.clone(),
+            }) as Box<dyn BlobWriter>)
+        }
+        .boxed()
+    }
+
+    fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
+        async move {
+            self.0.local.discard(d).await?;
+            if let Err(e) = self.0.bucket.delete_blob(d).await {
+                self.0.failed("discard", &e);
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn pin(&self, d: &Digest) -> ReadGuard {
+        self.0.local.pin(d)
+    }
+
+    fn size(&self) -> u64 {
+        self.0.local.size()
+    }
+
+    fn cached_manifest(&self, d: &Digest) -> Option<Arc<Manifest>> {
+        self.0.local.cached_manifest(d)
+    }
+
+    fn manifest<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<Arc<Manifest>>> {
+        async move {
+            if let Some(m) = self.0.local.manifest(d).await? {
+                return Ok(Some(m));
+            }
+            let bytes = match self.0.bucket.blob_bytes(d, MAX_MANIFEST).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    self.0.failed("read_manifest", &e);
+                    return Ok(None);
+                }
+            };
+            let got = Digest::of(&bytes);
+            if got != *d {
+                tracing::error!(digest = %d, %got, "the shared bucket's copy of a manifest does not match its digest; removing it");
+                self.0.count("read_manifest", "error");
+                let _ = self.0.bucket.delete_blob(d).await;
+                return Ok(None);
+            }
+            let m = match Manifest::parse(*d, None, bytes) {
+                Ok(m) => Arc::new(m),
+                Err(e) => {
+                    tracing::error!(digest = %d, "the shared bucket holds a blob under a manifest's digest that is no manifest: {e}");
+                    return Ok(None);
+                }
+            };
+            self.0.count("read_manifest", "ok");
+            self.0.local.put_manifest(m.clone()).await?;
+            Ok(Some(m))
+        }
+        .boxed()
+    }
+
+    fn put_manifest(&self, m: Arc<Manifest>) -> StoreFuture<'_, ()> {
+        async move {
+            self.0.local.put_manifest(m.clone()).await?;
+            match self
+                .0
+                .bucket
+                .put_blob_bytes(&m.digest, m.bytes.clone())
+                .await
+            {
+                Ok(Uploaded::Written) => self.0.count("write_manifest", "ok"),
+                Ok(Uploaded::Present) => self.0.count("write_manifest", "present"),
+                Err(e) => self.0.failed("write_manifest", &e),
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn cached_tag(&self, key: &TagKey) -> Option<TagRecord> {
+        self.0.tags.get(key)
+    }
+
+    fn tag<'a>(&'a self, key: &'a TagKey) -> StoreFuture<'a, Option<TagRecord>> {
+        async move {
+            if let Some(r) = self.0.tags.get(key) {
+                return Ok(Some(r));
+            }
+            match self.0.bucket.read_doc(&Inner::tag_rel(key)).await {
+                Ok(doc) => {
+                    self.0.count("tag", "ok");
+                    let rec = doc.and_then(|d| TagFile::decode(&d.bytes));
+                    self.0.mirror_tag(key, rec).await;
+                    Ok(rec)
+                }
+                Err(e) => {
+                    // Served from this replica's copy until the bucket is back.
+                    self.0.failed("tag", &e);
+                    self.0.local.tag(key).await
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn update_tag<'a>(&'a self, key: &'a TagKey, mut f: TagUpdate) -> StoreFuture<'a, ()> {
+        async move {
+            let rel = Inner::tag_rel(key);
+            let mut apply = |cur: Option<&[u8]>| {
+                let rec = f(cur.and_then(TagFile::decode));
+                rec.map(|r| TagFile::encode(&r))
+            };
+            match self.0.bucket.update_doc(&rel, &mut apply).await {
+                Ok(written) => {
+                    self.0.count("tag", "ok");
+                    let rec = written.and_then(|b| TagFile::decode(&b));
+                    self.0.mirror_tag(key, rec).await;
+                    Ok(())
+                }
+                Err(e) => {
+                    // This replica goes on with its own record; the next
+                    // update once the bucket is back shares it.
+                    self.0.failed("tag", &e);
+                    self.0.tags.invalidate(key);
+                    self.0.local.update_tag(key, f).await
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn list_tags<'a>(&'a self, upstream: &'a str, repo: &'a RepoName) -> StoreFuture<'a, Vec<Tag>> {
+        async move {
+            let prefix = format!("tags/{upstream}/{}/_tags", repo.as_str());
+            match self.0.bucket.list(&prefix).await {
+                Ok(objects) => {
+                    let mut tags: Vec<Tag> = objects
+                        .iter()
+                        .filter_map(|(rel, _)| rel.strip_prefix(&prefix)?.strip_prefix('/'))
+                        .filter_map(|t| t.parse().ok())
+                        .collect();
+                    tags.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                    Ok(tags)
+                }
+                Err(e) => {
+                    self.0.failed("tag", &e);
+                    self.0.local.list_tags(upstream, repo).await
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime) {
+        self.0
+            .tags
+            .insert(key.clone(), TagRecord { checked, ..rec });
+        self.0.local.defer_tag(key, rec, checked);
+    }
+
+    fn approvals<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Vec<Vec<u8>>> {
+        async move {
+            // No fallback: an approval this replica cannot see is no
+            // approval, and the verdict fails closed.
+            let prefix = format!("approvals/sha256/{}", d.hex());
+            let listed = self.0.bucket.list(&prefix).await.inspect_err(|e| {
+                self.0.failed("approval", e);
+            })?;
+            let mut out = Vec::new();
+            for (rel, _) in listed
+                .iter()
+                .filter(|(rel, _)| rel.ends_with(".json"))
+                .take(MAX_APPROVALS)
+            {
+                if let Some(doc) = self.0.bucket.read_doc(rel).await? {
+                    out.push(doc.bytes.to_vec());
+                }
+            }
+            self.0.count("approval", "ok");
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn add_approval(&self, d: Digest, id: String, bytes: Vec<u8>) -> StoreFuture<'_, String> {
+        async move {
+            let rel = format!("approvals/sha256/{}/{id}.json", d.hex());
+            self.0.bucket.write_doc(&rel, bytes.clone()).await?;
+            self.0.count("approval", "ok");
+            // A copy in the local tier, for `pullgate export` and `fsck`.
+            if let Err(e) = self.0.local.add_approval(d, id, bytes).await {
+                tracing::warn!("cannot copy an approval to the local tier: {e}");
+            }
+            Ok(format!("{}/{rel}", self.0.bucket.describe()))
+        }
+        .boxed()
+    }
+
+    fn read_meta<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<Vec<u8>>> {
+        async move {
+            match self.0.bucket.read_doc(name).await {
+                Ok(doc) => {
+                    self.0.count("meta", "ok");
+                    Ok(doc.map(|d| d.bytes.to_vec()))
+                }
+                Err(e) => {
+                    self.0.failed("meta", &e);
+                    self.0.local.read_meta(name).await
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn write_meta<'a>(&'a self, name: &'a str, bytes: Vec<u8>) -> StoreFuture<'a, ()> {
+        async move {
+            self.0.local.write_meta(name, bytes.clone()).await?;
+            self.0.bucket.write_doc(name, bytes).await?;
+            self.0.count("meta", "ok");
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn update_meta<'a>(
+        &'a self,
+        name: &'a str,
+        mut f: super::MetaUpdate,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        async move {
+            match self.0.bucket.update_doc(name, &mut *f).await {
+                Ok(written) => {
+                    self.0.count("meta", "ok");
+                    if let Some(b) = &written {
+                        self.0.local.write_meta(name, b.clone()).await?;
+                    }
+                    Ok(written)
+                }
+                Err(e) => {
+                    self.0.failed("meta", &e);
+                    Err(e)
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn set_aside_meta<'a>(&'a self, name: &'a str) -> StoreFuture<'a, String> {
+        async move {
+            let aside = format!(
+                "{name}.unreadable-{}",
+                super::index::unix(SystemTime::now())
+            );
+            self.0.bucket.copy(name, &aside).await?;
+            self.0.bucket.delete(name).await?;
+            Ok(format!("{}/{aside}", self.0.bucket.describe()))
+        }
+        .boxed()
+    }
+
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        async move {
+            self.0.local.probe().await?;
+            self.0.bucket.check().await
+        }
+        .boxed()
+    }
+}
+
+/// Writes to the local tier; once committed there, the blob goes up to the
+/// bucket in the background.
+struct SharedWriter {
+    inner: Box<dyn BlobWriter>,
+    digest: Digest,
+    store: Arc<Inner>,
+}
+
+impl BlobWriter for SharedWriter {
+    fn write(&mut self, chunk: Bytes) -> StoreFuture<'_, ()> {
+        self.inner.write(chunk)
+    }
+
+    fn written(&self) -> u64 {
+        self.inner.written()
+    }
+
+    fn source(&self) -> Source {
+        self.inner.source()
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<u64, WriteError>> {
+        let SharedWriter {
+            inner,
+            digest,
+            store,
+        } = *self;
+        async move {
+            let size = inner.finish().await?;
+            store.spawn_upload(digest);
+            Ok(size)
+        }
+        .boxed()
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.inner.abort()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use bytes::Bytes;
+    use futures_util::TryStreamExt;
+    use object_store::memory::InMemory;
+    use object_store::ObjectStore;
+
+    use super::super::tests::shared_store;
+    use super::*;
+
+    /// Waits until a replica's background uploads are done.
+    async fn uploaded(s: &SharedStore) {
+        for _ in 0..500 {
+            if s.0.metrics.bucket_uploads_pending.get() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("uploads still pending after 5 s");
+    }
+
+    fn key() -> TagKey {
+        TagKey {
+            upstream: Arc::from("docker.io"),
+            repo: "library/alpine".parse().unwrap(),
+            tag: "3".parse().unwrap(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_one_replica_stores_every_replica_reads() {
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let bucket = Arc::new(InMemory::new());
+        let a = shared_store(dirs.0.path(), Some(bucket.clone()));
+        let b = shared_store(dirs.1.path(), Some(bucket.clone()));
+
+        // A small blob is copied whole into the other's local tier.
+        let small = Bytes::from_static(b"a config");
+        let ds = Digest::of(&small);
+        crate::store::put_blob(&a, ds, small.clone()).await.unwrap();
+        // A large one goes up in parts and streams to the other.
+        let large = Bytes::from(
+            (0..20 * 1024 * 1024u32)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let dl = Digest::of(&large);
+        crate::store::put_blob(&a, dl, large.clone()).await.unwrap();
+        uploaded(&a).await;
+        assert_eq!(
+            a.0.metrics
+                .bucket_requests
+                .with_label_values(&["upload", "ok"])
+                .get(),
+            2
+        );
+        let h = b
+            .open(&ds)
+            .await
+            .unwrap()
+            .expect("small blob from the bucket");
+        assert_eq!(h.size, small.len() as u64);
+        assert!(b.has_blob(&ds), "now in the local tier");
+        assert!(
+            b.open(&dl).await.unwrap().is_none(),
+            "large: not copied whole"
+        );
+        let shared = b.shared_blob(&dl).await.unwrap().expect("in the bucket");
+        assert_eq!(shared.size, large.len() as u64);
+        let got: Vec<Bytes> = shared.body.try_collect().await.unwrap();
+        assert_eq!(got.concat(), large);
+
+        // Manifests, tags, approvals, documents.
+        let mb = Bytes::from_static(br#"{"schemaVersion":2,"manifests":[]}"#);
+        let dm = Digest::of(&mb);
+        a.put_manifest(Arc::new(Manifest::parse(dm, None, mb.clone()).unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(b.manifest(&dm).await.unwrap().unwrap().bytes, mb);
+        let when = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        a.update_tag(
+            &key(),
+            Box::new(move |_| {
+                Some(TagRecord {
+                    digest: dm,
+                    checked: when,
+                    approved: Some(dm),
+                })
+            }),
+        )
+        .await
+        .unwrap();
+        let rec = b.tag(&key()).await.unwrap().unwrap();
+        assert_eq!(
+            (rec.digest, rec.checked, rec.approved),
+            (dm, when, Some(dm))
+        );
+        assert_eq!(
+            b.list_tags("docker.io", &key().repo).await.unwrap(),
+            [key().tag]
+        );
+        let at = a
+            .add_approval(dm, "k1".into(), b"{}".to_vec())
+            .await
+            .unwrap();
+        assert!(at.starts_with("memory://test/approvals/sha256/"), "{at}");
+        assert_eq!(b.approvals(&dm).await.unwrap(), [b"{}".to_vec()]);
+
+        // Nothing sits in the bucket outside the prefix.
+        let keys: Vec<_> = bucket.list(None).try_collect().await.unwrap();
+        assert!(keys
+            .iter()
+            .all(|m| m.location.as_ref().starts_with("site/")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_updates_of_one_tag_by_replicas_lose_nothing() {
+        let bucket = Arc::new(InMemory::new());
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let replicas: Vec<_> = dirs
+            .iter()
+            .map(|d| shared_store(d.path(), Some(bucket.clone())))
+            .collect();
+        let digest = Digest::of(b"tag target");
+        let approved = Digest::of(b"approved");
+        // Half the replicas move the tag (keeping what was approved), the
+        // other half record approvals (keeping the digest): as the content
+        // layer does. Every write must survive the others.
+        let mut tasks = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            let r = r.clone();
+            tasks.push(tokio::spawn(async move {
+                for round in 0..10u64 {
+                    let f: TagUpdate = if i % 2 == 0 {
+                        Box::new(move |old: Option<TagRecord>| {
+                            Some(TagRecord {
+                                digest,
+                                checked: UNIX_EPOCH + Duration::from_secs(round + 1),
+                                approved: old.and_then(|o| o.approved),
+                            })
+                        })
+                    } else {
+                        Box::new(move |old: Option<TagRecord>| {
+                            let base = old.unwrap_or(TagRecord {
+                                digest: approved,
+                                checked: UNIX_EPOCH,
+                                approved: None,
+                            });
+                            Some(TagRecord {
+                                approved: Some(approved),
+                                ..base
+                            })
+                        })
+                    };
+                    r.update_tag(&key(), f).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let fresh = tempfile::tempdir().unwrap();
+        let reader = shared_store(fresh.path(), Some(bucket));
+        let rec = reader.tag(&key()).await.unwrap().unwrap();
+        assert_eq!(rec.approved, Some(approved), "an approval was lost");
+        assert_eq!(rec.digest, digest, "a move was lost");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn base_history_of_replicas_is_merged_not_overwritten() {
+        let bucket = Arc::new(InMemory::new());
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = shared_store(dirs.0.path(), Some(bucket.clone()));
+        let b = shared_store(dirs.1.path(), Some(bucket.clone()));
+        let add = |item: &'static str| -> crate::store::MetaUpdate {
+            Box::new(move |cur: Option<&[u8]>| {
+                let mut list: Vec<String> =
+                    cur.map_or_else(Vec::new, |c| serde_json::from_slice(c).unwrap());
+                list.push(item.to_owned());
+                Some(serde_json::to_vec(&list).unwrap())
+            })
+        };
+        let (x, y) = tokio::join!(
+            a.update_meta("bases/history.json", add("a")),
+            b.update_meta("bases/history.json", add("b"))
+        );
+        x.unwrap();
+        y.unwrap();
+        let stored = a.read_meta("bases/history.json").await.unwrap().unwrap();
+        let mut list: Vec<String> = serde_json::from_slice(&stored).unwrap();
+        list.sort();
+        assert_eq!(list, ["a", "b"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_copy_in_the_bucket_is_never_served_and_is_removed() {
+        let bucket = Arc::new(InMemory::new());
+        let dir = tempfile::tempdir().unwrap();
+        let s = shared_store(dir.path(), Some(bucket.clone()));
+        let d = Digest::of(b"the real bytes");
+        let key = object_store::path::Path::from(format!("site/{}", Bucket::blob_rel(&d)));
+        bucket
+            .put(&key, Bytes::from_static(b"other bytes").into())
+            .await
+            .unwrap();
+        assert!(s.open(&d).await.unwrap().is_none());
+        assert!(!s.has_blob(&d));
+        assert!(bucket.head(&key).await.is_err(), "the bad copy is gone");
+        // A manifest too.
+        bucket
+            .put(&key, Bytes::from_static(br#"{"schemaVersion":2}"#).into())
+            .await
+            .unwrap();
+        assert!(s.manifest(&d).await.unwrap().is_none());
+        assert!(bucket.head(&key).await.is_err(), "the bad copy is gone");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_copy_that_no_longer_matches_is_not_uploaded() {
+        let bucket = Arc::new(InMemory::new());
+        let b = Bucket::new(bucket.clone(), "", "memory://test".into());
+        let dir = tempfile::tempdir().unwrap();
+        for len in [1000usize, super::super::bucket::PART_SIZE + 1000] {
+            let bytes = vec![7u8; len];
+            let d = Digest::of(&bytes);
+            let path = dir.path().join(format!("blob-{len}"));
+            let mut changed = bytes.clone();
+            changed[len / 2] = 8;
+            std::fs::write(&path, &changed).unwrap();
+            let file = Arc::new(std::fs::File::open(&path).unwrap());
+            let e = b.upload_file(&d, file, len as u64).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+            assert!(
+                b.blob_size(&d).await.unwrap().is_none(),
+                "nothing under {d}"
+            );
+        }
+    }
+}
