@@ -462,7 +462,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            32,
+            34,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();

@@ -136,6 +136,7 @@ impl App {
         bucket.check().await.map_err(StartError::Bucket)?;
         tracing::info!(bucket = %bucket.describe(), "shared bucket ready");
         let store = SharedStore::new(local, bucket, config.storage.tag_ttl, metrics.clone());
+        store.spawn_retries();
         let queue = store.clone();
         tokio::spawn(async move {
             match queue.upload_missing().await {

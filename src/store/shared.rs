@@ -62,7 +62,12 @@ struct Inner {
     uploads: Arc<tokio::sync::Semaphore>,
     /// Blobs being uploaded now (one upload per blob).
     uploading: Mutex<HashSet<Digest>>,
+    /// Blobs whose upload failed (the engine away), tried again later.
+    retry: Mutex<HashSet<Digest>>,
 }
+
+/// How often failed uploads are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(15);
 
 impl SharedStore {
     /// The local tier `local` in front of `bucket`; the bucket's records are
@@ -78,7 +83,29 @@ impl SharedStore {
                 .build(),
             uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS)),
             uploading: Mutex::new(HashSet::new()),
+            retry: Mutex::new(HashSet::new()),
         }))
+    }
+
+    /// Tries failed uploads again every few seconds, for as long as the
+    /// store lives (in the server's runtime).
+    pub fn spawn_retries(&self) {
+        let weak = Arc::downgrade(&self.0);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RETRY_EVERY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let again: Vec<Digest> =
+                    std::mem::take(&mut *inner.retry.lock().unwrap_or_else(|e| e.into_inner()))
+                        .into_iter()
+                        .collect();
+                for d in again {
+                    if inner.local.has_blob(&d) {
+                        inner.clone().spawn_upload(d);
+                    }
+                }
+            }
+        });
     }
 
     pub fn bucket(&self) -> &Bucket {
@@ -145,7 +172,16 @@ impl Inner {
                     tracing::debug!(digest = %d, "blob uploaded to the shared bucket");
                 }
                 Ok(Uploaded::Present) => self.count("upload", "present"),
-                Err(e) => self.failed("upload", &e),
+                Err(e) => {
+                    self.failed("upload", &e);
+                    // A local copy that no longer matches is fsck's, not ours.
+                    if e.kind() != io::ErrorKind::InvalidData {
+                        self.retry
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(d);
+                    }
+                }
             }
             self.uploading
                 .lock()

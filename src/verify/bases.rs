@@ -382,6 +382,8 @@ impl History {
                     None => seen.push(t.clone()),
                 }
             }
+        }
+        for seen in self.tags.values_mut() {
             // Stable: equal times keep their order.
             seen.sort_by_key(|s| s.first_seen);
             if let Some(keep) = keep {
@@ -1016,6 +1018,27 @@ pub mod tests {
         ))
         .unwrap();
         assert!(!out.passes);
+    }
+
+    #[test]
+    fn histories_of_two_replicas_merge_into_every_digest_either_saw() {
+        let (x, y, z) = (Digest::of(b"x"), Digest::of(b"y"), Digest::of(b"z"));
+        let mut a = History::default();
+        a.record("docker.io/library/debian:12", x, None);
+        let mut b = History::default();
+        b.record("docker.io/library/debian:12", y, None);
+        b.record("docker.io/library/alpine:3", z, None);
+        assert!(a.merge(&b, None));
+        let mut got = a.digests("docker.io/library/debian:12");
+        got.sort();
+        let mut want = vec![x, y];
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(a.digests("docker.io/library/alpine:3"), [z]);
+        // Merging again changes nothing; `keep` bounds the merged list.
+        assert!(!a.merge(&b, None));
+        assert!(a.merge(&History::default(), Some(1)));
+        assert_eq!(a.digests("docker.io/library/debian:12").len(), 1);
     }
 
     #[test]

