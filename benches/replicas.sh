@@ -117,7 +117,7 @@ PY
 cat > "$WORK/policy.json" <<'JSON'
 {"default":[{"type":"insecureAcceptAnything"}]}
 JSON
-skopeo --policy "$WORK/policy.json" copy --dest-tls-verify=false "oci:$WORK/layout:big" "docker://127.0.0.1:$RP/library/big:1" >/dev/null
+skopeo --policy "$WORK/policy.json" copy --preserve-digests --dest-tls-verify=false "oci:$WORK/layout:big" "docker://127.0.0.1:$RP/library/big:1" >/dev/null
 LAYER=$(cat "$WORK/layout/layer")
 BYTES=$((BLOB_MIB * 1024 * 1024))
 
@@ -136,7 +136,7 @@ start() {
     printf '[[upstream]]\nname = "docker.io"\nurl = "http://127.0.0.1:%s"\ndefault = true\n' "$RP"
     printf '[[policy]]\nname = "all"\nmatch = ["**"]\n'
   } > "$WORK/$name.toml"
-  BENCH_S3_ACCESS=bench BENCH_S3_SECRET=bench-secret RUST_LOG=warn \
+  BENCH_S3_ACCESS=bench BENCH_S3_SECRET=bench-secret RUST_LOG=${PULLGATE_LOG:-warn} \
     "$PULLGATE" serve --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
   PID=$!
   PIDS+=($PID)
@@ -153,7 +153,9 @@ get() {
   local label=$1 pid=$2 addr=$3
   local c0 w0 t0 t1
   c0=$(cpu "$pid"); w0=$(cpu "$WEED_PID"); t0=$(now)
-  curl -sf -o /dev/null "http://$addr/v2/library/big/blobs/$LAYER"
+  if ! curl -sSf -o /dev/null "http://$addr/v2/library/big/blobs/$LAYER"; then
+    echo "replicas.sh: $label failed; the server said:" >&2; for f in "$WORK"/*.log "$WORK"/registry/log; do echo "== $f" >&2; tail -n 5 "$f" >&2; done; exit 1
+  fi
   t1=$(now)
   echo "$label $t0 $t1 $(( $(cpu "$pid") - c0 )) $(( $(cpu "$WEED_PID") - w0 ))" | awk -v t="$TICK" '{printf "%s %.3f %.3f %.3f\n", $1, $3 - $2, $4/t, $5/t}'
 }
@@ -171,14 +173,20 @@ for r in $(seq "$ROUNDS"); do
   start fs "$r"; FS_PID=$PID; FS=$ADDR
   start a "$r" s3; A_PID=$PID; A=$ADDR; A_ADMIN=$ADMIN
   start b "$r" s3; B_PID=$PID; B=$ADDR
-  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-  get cold-filesystem "$FS_PID" "$FS" >> "$WORK/results"
-  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  # The two cold pulls take turns at going first. Page caches are not
+  # dropped: on a VM, writing into freshly freed memory costs several times
+  # more CPU than the rest of a pull and would swamp what is compared.
+  if ((r % 2)); then
+    get cold-filesystem "$FS_PID" "$FS" >> "$WORK/results"
+  fi
   c0=$(cpu "$A_PID"); w0=$(cpu "$WEED_PID"); t0=$(now)
   get cold-bucket "$A_PID" "$A" >> "$WORK/results"
   uploaded "$A_ADMIN"
   t1=$(now)
   echo "cold-bucket-until-shared $t0 $t1 $(( $(cpu "$A_PID") - c0 )) $(( $(cpu "$WEED_PID") - w0 ))" | awk -v t="$TICK" '{printf "%s %.3f %.3f %.3f\n", $1, $3 - $2, $4/t, $5/t}' >> "$WORK/results"
+  if ! ((r % 2)); then
+    get cold-filesystem "$FS_PID" "$FS" >> "$WORK/results"
+  fi
   get from-bucket "$B_PID" "$B" >> "$WORK/results"
   get from-local-tier "$B_PID" "$B" >> "$WORK/results"
   get from-filesystem-store "$FS_PID" "$FS" >> "$WORK/results"

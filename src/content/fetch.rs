@@ -337,7 +337,9 @@ impl BlobFetches {
         };
         let mut written: u64 = 0;
         let mut ended = false;
+        let mut batches = 0u64;
         while !ended {
+            batches += 1;
             let first = match body.next().await {
                 None => break,
                 Some(Ok(c)) => c,
@@ -374,6 +376,7 @@ impl BlobFetches {
             written += n;
             tx.send_modify(|p| p.written = written);
         }
+        tracing::debug!(%digest, %upstream, written, batches, "blob streamed into the store");
         if let Some(t) = total {
             if written != t {
                 return Err(ContentError::Body {
