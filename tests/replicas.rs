@@ -165,6 +165,17 @@ fn get(addr: &str, path: &str) -> Option<(u16, Vec<u8>)> {
     Some((status, body))
 }
 
+/// Sends `request` as written; what came back, as text.
+fn raw(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
@@ -341,8 +352,24 @@ async fn what_one_replica_cached_every_replica_serves_with_the_upstream_gone() {
         "B asked the upstream"
     );
     assert!(b.metric("pullgate_bucket_requests_total{op=\"read_blob\",result=\"ok\"}") >= 2.0);
+    // A replica that holds nothing answers a HEAD from the bucket.
+    let c = Replica::start(w, "c", &engine, &rest);
+    let large = &image.layers[1];
+    let head = raw(
+        &c.listen,
+        &format!(
+            "HEAD /v2/library/app/blobs/{large} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{}", c.log());
+    let size = layout.blobs.iter().find(|(d, _)| d == large).unwrap().1;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {size}")),
+        "{head}"
+    );
     assert!(b.metric("pullgate_bucket_requests_total{op=\"tag\",result=\"ok\"}") >= 1.0);
-    drop((a, b));
+    drop((a, b, c));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -295,7 +295,7 @@ impl BlobFetches {
             Err(WriteError::Mismatch { got }) => {
                 // Not served again: the next fetch goes to the upstream.
                 tracing::error!(%digest, %got, %from, "a shared copy of a blob does not match its digest; removing it");
-                if let Err(e) = self.store.discard(&digest).await {
+                if let Err(e) = self.store.discard_shared(&digest).await {
                     tracing::error!(%digest, "cannot remove the damaged shared copy: {e}");
                 }
                 Err(ContentError::Mismatch {

@@ -781,6 +781,10 @@ impl Content {
         repo: &RepoName,
         digest: Digest,
     ) -> Result<Option<u64>, ContentError> {
+        // A blob another replica put in the shared bucket.
+        if let Ok(Some(size)) = self.store.shared_size(&digest).await {
+            return Ok(Some(size));
+        }
         let upstream = remote.name();
         let resp = remote
             .send(Request::head(repo, Endpoint::Blob(&digest)))

@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,12 +40,35 @@ const CAS_ATTEMPTS: usize = 32;
 /// Bytes read from a local file per step of an upload.
 const READ_STEP: usize = 4 * 1024 * 1024;
 
+/// After a request the engine did not answer, the bucket is skipped for
+/// this long (the local tier and the upstream serve meanwhile), so that a
+/// dead or black-holed engine costs clients one timeout, not one each.
+const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// The kind of the error a skipped request fails with.
+pub const SKIPPED: io::ErrorKind = io::ErrorKind::ConnectionAborted;
+
+/// A metadata request (a document, a HEAD, a listing, a manifest) that
+/// takes longer than this has failed: clients wait on them.
+const META_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The shared bucket.
 pub struct Bucket {
+    /// For documents, HEADs, listings and small objects: a short timeout.
     store: Arc<dyn ObjectStore>,
+    /// For blob bodies, up and down: as long as they take.
+    data: Arc<dyn ObjectStore>,
     prefix: String,
     /// `s3://bucket/prefix at http://endpoint`, for messages.
     describe: String,
+    /// Unix milliseconds until which the bucket is skipped.
+    skip_until: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The new content of a document given its current one; `None` removes it.
@@ -74,9 +98,7 @@ impl Bucket {
         let mut options = ClientOptions::new()
             .with_allow_http(config.endpoint.scheme() == "http")
             .with_connect_timeout(Duration::from_secs(3))
-            // A blob streams for as long as it takes; a dead engine is
-            // found by the connect timeout and the retry deadline.
-            .with_timeout(Duration::from_secs(600))
+            .with_timeout(META_TIMEOUT)
             .with_pool_idle_timeout(Duration::from_secs(30));
         if let Some(pem) = &config.ca_pem {
             for cert in object_store::Certificate::from_pem_bundle(pem)
@@ -92,32 +114,52 @@ impl Bucket {
             max_retries: 2,
             retry_timeout: Duration::from_secs(10),
         };
-        let store = AmazonS3Builder::new()
-            .with_endpoint(config.endpoint.as_str().trim_end_matches('/'))
-            .with_bucket_name(&config.bucket)
-            .with_region(&config.region)
-            .with_access_key_id(&config.access_key)
-            .with_secret_access_key(&config.secret_key)
-            .with_virtual_hosted_style_request(false)
-            .with_conditional_put(S3ConditionalPut::ETagMatch)
-            .with_client_options(options)
-            .with_retry(retry)
-            .build()
-            .map_err(|e| io::Error::other(format!("[storage.s3]: {e}")))?;
-        Ok(Bucket::new(
-            Arc::new(store),
-            &config.prefix,
-            config.describe(),
-        ))
+        let build = |options: ClientOptions| {
+            AmazonS3Builder::new()
+                .with_endpoint(config.endpoint.as_str().trim_end_matches('/'))
+                .with_bucket_name(&config.bucket)
+                .with_region(&config.region)
+                .with_access_key_id(&config.access_key)
+                .with_secret_access_key(&config.secret_key)
+                .with_virtual_hosted_style_request(false)
+                .with_conditional_put(S3ConditionalPut::ETagMatch)
+                .with_client_options(options)
+                .with_retry(retry.clone())
+                .build()
+                .map_err(|e| io::Error::other(format!("[storage.s3]: {e}")))
+        };
+        let store = build(options.clone())?;
+        // A blob streams for as long as it takes; a dead engine is found by
+        // the connect timeout and the retry deadline.
+        let data = build(options.with_timeout(Duration::from_secs(3600)))?;
+        let mut b = Bucket::new(Arc::new(store), &config.prefix, config.describe());
+        b.data = Arc::new(data);
+        Ok(b)
     }
 
     /// A bucket over any object store (the in-memory one in tests).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, describe: String) -> Bucket {
         Bucket {
+            data: store.clone(),
             store,
             prefix: prefix.trim_matches('/').to_owned(),
             describe,
+            skip_until: AtomicU64::new(0),
         }
+    }
+
+    /// Fails at once while the bucket is skipped after a failure.
+    fn guard(&self) -> io::Result<()> {
+        if now_ms() < self.skip_until.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                SKIPPED,
+                format!(
+                    "{} is skipped for a few seconds: it did not answer a moment ago",
+                    self.describe
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `s3://bucket/prefix at http://endpoint`.
@@ -152,6 +194,13 @@ impl Bucket {
             | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
             _ => io::ErrorKind::Other,
         };
+        if kind == io::ErrorKind::Other {
+            // No answer, a timeout, a 5xx: give the engine a moment.
+            self.skip_until.store(
+                now_ms() + SKIP_AFTER_FAILURE.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
         io::Error::new(
             kind,
             format!("{} {what}: {}", self.describe, plain(&e.to_string())),
@@ -182,6 +231,8 @@ impl Bucket {
             .get(&key)
             .await
             .map_err(|e| self.error("cannot be read", e))?;
+        // It answers: no more skipping.
+        self.skip_until.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -189,6 +240,7 @@ impl Bucket {
 
     /// A blob's size in the bucket, `None` when it is not there.
     pub async fn blob_size(&self, d: &Digest) -> io::Result<Option<u64>> {
+        self.guard()?;
         match self.store.head(&self.key(&Self::blob_rel(d))).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -201,7 +253,8 @@ impl Bucket {
         &self,
         d: &Digest,
     ) -> io::Result<Option<(u64, BoxStream<'static, io::Result<Bytes>>)>> {
-        match self.store.get(&self.key(&Self::blob_rel(d))).await {
+        self.guard()?;
+        match self.data.get(&self.key(&Self::blob_rel(d))).await {
             Ok(r) => {
                 let size = r.meta.size;
                 let describe = self.describe.clone();
@@ -219,6 +272,7 @@ impl Bucket {
     /// A small blob whole (a manifest, a config), `None` when absent or
     /// larger than `max`. The caller checks the digest.
     pub async fn blob_bytes(&self, d: &Digest, max: u64) -> io::Result<Option<Bytes>> {
+        self.guard()?;
         let key = self.key(&Self::blob_rel(d));
         match self.store.head(&key).await {
             Ok(meta) if meta.size > max => return Ok(None),
@@ -240,12 +294,24 @@ impl Bucket {
     /// Puts bytes already checked against `d` (a manifest) under `d`,
     /// unless the bucket holds it.
     pub async fn put_blob_bytes(&self, d: &Digest, bytes: Bytes) -> io::Result<Uploaded> {
+        self.put_checked(d, bytes, PutMode::Create, &*self.store)
+            .await
+    }
+
+    async fn put_checked(
+        &self,
+        d: &Digest,
+        bytes: Bytes,
+        mode: PutMode,
+        via: &dyn ObjectStore,
+    ) -> io::Result<Uploaded> {
+        self.guard()?;
         let key = self.key(&Self::blob_rel(d));
         let opts = PutOptions {
-            mode: PutMode::Create,
+            mode,
             ..Default::default()
         };
-        match self.store.put_opts(&key, bytes.into(), opts).await {
+        match via.put_opts(&key, bytes.into(), opts).await {
             Ok(_) => Ok(Uploaded::Written),
             Err(
                 object_store::Error::AlreadyExists { .. }
@@ -265,19 +331,23 @@ impl Bucket {
         file: Arc<File>,
         size: u64,
     ) -> io::Result<Uploaded> {
+        self.guard()?;
         let key = self.key(&Self::blob_rel(d));
-        match self.store.head(&key).await {
+        // An object of another size under the digest is not the blob: the
+        // checked bytes replace it.
+        let mode = match self.store.head(&key).await {
             Ok(meta) if meta.size == size => return Ok(Uploaded::Present),
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Ok(_) => PutMode::Overwrite,
+            Err(object_store::Error::NotFound { .. }) => PutMode::Create,
             Err(e) => return Err(self.error(&format!("cannot look up blob {d}"), e)),
-        }
+        };
         if size <= PART_SIZE as u64 {
             let bytes = read_at(file, 0, size as usize).await?;
             check_digest(d, &bytes)?;
-            return self.put_blob_bytes(d, bytes).await;
+            return self.put_checked(d, bytes, mode, &*self.data).await;
         }
         let upload = self
-            .store
+            .data
             .put_multipart(&key)
             .await
             .map_err(|e| self.error(&format!("cannot start the upload of blob {d}"), e))?;
@@ -337,6 +407,7 @@ impl Bucket {
 
     /// A document and its version, `None` when absent.
     pub async fn read_doc(&self, rel: &str) -> io::Result<Option<Doc>> {
+        self.guard()?;
         match self
             .store
             .get_opts(&self.key(rel), GetOptions::default())
@@ -360,6 +431,7 @@ impl Bucket {
 
     /// Replaces a document whole, whatever it held.
     pub async fn write_doc(&self, rel: &str, bytes: Vec<u8>) -> io::Result<()> {
+        self.guard()?;
         self.store
             .put(&self.key(rel), bytes.into())
             .await
@@ -433,6 +505,7 @@ impl Bucket {
     }
 
     pub async fn delete(&self, rel: &str) -> io::Result<()> {
+        self.guard()?;
         match self.store.delete(&self.key(rel)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error(&format!("cannot delete {rel}"), e)),
@@ -449,6 +522,7 @@ impl Bucket {
 
     /// Every object under `prefix` (relative keys), with its size.
     pub async fn list(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        self.guard()?;
         let key = self.key(prefix);
         let mut out = Vec::new();
         let mut objects = self.store.list(Some(&key));
@@ -508,5 +582,38 @@ fn check_digest(d: &Digest, bytes: &[u8]) -> io::Result<()> {
             io::ErrorKind::InvalidData,
             format!("the local copy of blob {d} hashes to {got}; not uploaded"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_engine_that_does_not_answer_is_skipped_for_a_while_then_asked_again() {
+        // A port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = S3Config {
+            endpoint: format!("http://127.0.0.1:{port}").parse().unwrap(),
+            bucket: "pullgate".into(),
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            access_key: "a".into(),
+            secret_key: "s".into(),
+            ca_pem: None,
+        };
+        let b = Bucket::s3(&config).unwrap();
+        let first = b.read_doc("tags/x").await.err().expect("no engine");
+        assert_ne!(first.kind(), SKIPPED, "{first}");
+        assert!(first.to_string().contains("does not answer"), "{first}");
+        let then = b.read_doc("tags/x").await.err().expect("skipped");
+        assert_eq!(then.kind(), SKIPPED, "{then}");
+        // The readiness check always asks.
+        let probe = b.check().await.unwrap_err();
+        assert_ne!(probe.kind(), SKIPPED, "{probe}");
     }
 }

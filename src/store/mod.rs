@@ -149,6 +149,15 @@ pub trait Store: Send + Sync {
     /// Takes a blob found damaged out of the store, so that it is fetched
     /// again; the filesystem keeps its bytes under `quarantine/`.
     fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()>;
+    /// Removes the shared tier's copy of `d` (it did not match its digest).
+    fn discard_shared<'a>(&'a self, _d: &'a Digest) -> StoreFuture<'a, ()> {
+        Box::pin(futures_util::future::ready(Ok(())))
+    }
+    /// The size of `d` in a shared tier, `None` when there is none or it
+    /// does not hold it (a HEAD answered without the upstream).
+    fn shared_size<'a>(&'a self, _d: &'a Digest) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(futures_util::future::ready(Ok(None)))
+    }
     /// Keeps `d` from eviction (followers of a fetch being committed).
     fn pin(&self, d: &Digest) -> ReadGuard;
     /// Bytes held.

@@ -59,12 +59,20 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Tag records as the bucket had them, trusted for `tag_ttl`.
     tags: moka::sync::Cache<TagKey, TagRecord>,
+    /// Tag records the content layer deferred after an upstream failure
+    /// ([`Store::defer_tag`]): kept apart and briefly, so that they never
+    /// keep a newer record of another replica out beyond `tag_ttl`.
+    deferred: moka::sync::Cache<TagKey, TagRecord>,
     uploads: Arc<tokio::sync::Semaphore>,
     /// Blobs being uploaded now (one upload per blob).
     uploading: Mutex<HashSet<Digest>>,
     /// Blobs whose upload failed (the engine away), tried again later.
     retry: Mutex<HashSet<Digest>>,
 }
+
+/// How long a deferred tag record is kept (the content layer re-checks a
+/// failing upstream after 10 s).
+const DEFERRED: Duration = Duration::from_secs(15);
 
 /// How often failed uploads are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(15);
@@ -81,6 +89,10 @@ impl SharedStore {
                 .max_capacity(100_000)
                 .time_to_live(fresh.max(Duration::from_secs(1)))
                 .build(),
+            deferred: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(DEFERRED)
+                .build(),
             uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS)),
             uploading: Mutex::new(HashSet::new()),
             retry: Mutex::new(HashSet::new()),
@@ -95,13 +107,23 @@ impl SharedStore {
             loop {
                 tokio::time::sleep(RETRY_EVERY).await;
                 let Some(inner) = weak.upgrade() else { return };
-                let again: Vec<Digest> =
-                    std::mem::take(&mut *inner.retry.lock().unwrap_or_else(|e| e.into_inner()))
-                        .into_iter()
-                        .collect();
+                let again: Vec<Digest> = inner
+                    .retry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied()
+                    .collect();
                 for d in again {
                     if inner.local.has_blob(&d) {
                         inner.clone().spawn_upload(d);
+                    } else {
+                        inner
+                            .retry
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&d);
+                        inner.pending_changed();
                     }
                 }
             }
@@ -148,24 +170,60 @@ impl Inner {
 
     fn failed(&self, op: &str, e: &io::Error) {
         self.count(op, "error");
-        tracing::warn!(op, "shared bucket: {e}");
+        // The failure that started a skip was logged; the skipped ones are not news.
+        if e.kind() == super::bucket::SKIPPED {
+            tracing::debug!(op, "shared bucket: {e}");
+        } else {
+            tracing::warn!(op, "shared bucket: {e}");
+        }
+    }
+
+    /// Sets the gauge: uploads running or queued, and failed ones waiting
+    /// to be tried again.
+    fn pending_changed(&self) {
+        let up = self
+            .uploading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let again = self.retry.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.metrics.bucket_uploads_pending.set((up + again) as i64);
+    }
+
+    /// Notes a blob whose upload must be tried again.
+    fn again(&self, d: Digest) {
+        self.retry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d);
+        self.pending_changed();
     }
 
     /// Queues the upload of a committed local blob to the bucket.
     fn spawn_upload(self: Arc<Self>, d: Digest) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         {
             let mut up = self.uploading.lock().unwrap_or_else(|e| e.into_inner());
             if !up.insert(d) {
                 return;
             }
         }
-        self.metrics.bucket_uploads_pending.inc();
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.metrics.bucket_uploads_pending.dec();
-            return;
-        };
+        self.retry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&d);
+        self.pending_changed();
+        // Kept from eviction while it waits for its turn, too.
+        let pin = self.local.pin(&d);
         rt.spawn(async move {
             let result = self.upload(&d).await;
+            drop(pin);
+            self.uploading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&d);
             match result {
                 Ok(Uploaded::Written) => {
                     self.count("upload", "ok");
@@ -176,18 +234,11 @@ impl Inner {
                     self.failed("upload", &e);
                     // A local copy that no longer matches is fsck's, not ours.
                     if e.kind() != io::ErrorKind::InvalidData {
-                        self.retry
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(d);
+                        self.again(d);
                     }
                 }
             }
-            self.uploading
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&d);
-            self.metrics.bucket_uploads_pending.dec();
+            self.pending_changed();
         });
     }
 
@@ -235,6 +286,7 @@ impl Inner {
     /// Writes what the bucket said of a tag to the local tier (for when
     /// the bucket cannot be reached) and to memory.
     async fn mirror_tag(&self, key: &TagKey, rec: Option<TagRecord>) {
+        self.deferred.invalidate(key);
         match rec {
             Some(r) => self.tags.insert(key.clone(), r),
             None => self.tags.invalidate(key),
@@ -319,12 +371,30 @@ impl Store for SharedStore {
     }
 
     fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
+        // A damaged local copy says nothing of the bucket's.
+        self.0.local.discard(d)
+    }
+
+    fn discard_shared<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
         async move {
-            self.0.local.discard(d).await?;
-            if let Err(e) = self.0.bucket.delete_blob(d).await {
-                self.0.failed("discard", &e);
-            }
+            self.0.bucket.delete_blob(d).await.inspect_err(|e| {
+                self.0.failed("discard", e);
+            })?;
+            self.0.count("discard", "ok");
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn shared_size<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<u64>> {
+        async move {
+            match self.0.bucket.blob_size(d).await {
+                Ok(size) => Ok(size),
+                Err(e) => {
+                    self.0.failed("read_blob", &e);
+                    Ok(None)
+                }
+            }
         }
         .boxed()
     }
@@ -386,7 +456,11 @@ impl Store for SharedStore {
             {
                 Ok(Uploaded::Written) => self.0.count("write_manifest", "ok"),
                 Ok(Uploaded::Present) => self.0.count("write_manifest", "present"),
-                Err(e) => self.0.failed("write_manifest", &e),
+                Err(e) => {
+                    self.0.failed("write_manifest", &e);
+                    // Goes up with the failed blob uploads.
+                    self.0.again(m.digest);
+                }
             }
             Ok(())
         }
@@ -394,12 +468,12 @@ impl Store for SharedStore {
     }
 
     fn cached_tag(&self, key: &TagKey) -> Option<TagRecord> {
-        self.0.tags.get(key)
+        self.0.deferred.get(key).or_else(|| self.0.tags.get(key))
     }
 
     fn tag<'a>(&'a self, key: &'a TagKey) -> StoreFuture<'a, Option<TagRecord>> {
         async move {
-            if let Some(r) = self.0.tags.get(key) {
+            if let Some(r) = self.cached_tag(key) {
                 return Ok(Some(r));
             }
             match self.0.bucket.read_doc(&Inner::tag_rel(key)).await {
@@ -434,10 +508,11 @@ impl Store for SharedStore {
                     Ok(())
                 }
                 Err(e) => {
-                    // This replica goes on with its own record; the next
-                    // update once the bucket is back shares it.
+                    // This replica goes on with its own record until the
+                    // bucket is back; the bucket's record then wins.
                     self.0.failed("tag", &e);
                     self.0.tags.invalidate(key);
+                    self.0.deferred.invalidate(key);
                     self.0.local.update_tag(key, f).await
                 }
             }
@@ -469,7 +544,7 @@ impl Store for SharedStore {
 
     fn defer_tag(&self, key: &TagKey, rec: TagRecord, checked: SystemTime) {
         self.0
-            .tags
+            .deferred
             .insert(key.clone(), TagRecord { checked, ..rec });
         self.0.local.defer_tag(key, rec, checked);
     }
@@ -841,6 +916,28 @@ mod tests {
             .unwrap();
         assert!(s.manifest(&d).await.unwrap().is_none());
         assert!(bucket.head(&key).await.is_err(), "the bad copy is gone");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_local_copy_leaves_the_bucket_alone_and_a_head_needs_no_upstream() {
+        let bucket = Arc::new(InMemory::new());
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = shared_store(dirs.0.path(), Some(bucket.clone()));
+        let b = shared_store(dirs.1.path(), Some(bucket.clone()));
+        let bytes = Bytes::from(vec![5u8; 5 << 20]);
+        let d = Digest::of(&bytes);
+        crate::store::put_blob(&a, d, bytes.clone()).await.unwrap();
+        uploaded(&a).await;
+        assert_eq!(b.shared_size(&d).await.unwrap(), Some(bytes.len() as u64));
+        a.discard(&d).await.unwrap();
+        assert!(!a.has_blob(&d));
+        assert_eq!(
+            b.shared_size(&d).await.unwrap(),
+            Some(bytes.len() as u64),
+            "a local discard removed the bucket's copy"
+        );
+        b.discard_shared(&d).await.unwrap();
+        assert_eq!(b.shared_size(&d).await.unwrap(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
