@@ -432,8 +432,10 @@ async fn a_replica_killed_mid_upload_leaves_only_whole_blobs_in_the_bucket() {
     let registry = Registry::start(&w.join("registry"), None, RegistryAuth::None, None);
     let engine = Seaweed::start(&w.join("engine"));
     let mut layout = Layout::new(&w.join("src"));
+    // Killed at different moments after the fetch started: while the blob
+    // is fetched and its parts go up, as its upload completes, after.
     let mut layers = Vec::new();
-    for (i, delay) in [0u64, 150, 400].iter().enumerate() {
+    for (i, delay) in [100u64, 300, 600, 1500].iter().enumerate() {
         let image = layout.image("amd64", &[("big", noise(80 << 20, 20 + i as u64))]);
         let tag = format!("v{i}");
         layout.tag(&tag, &image);
@@ -444,49 +446,66 @@ async fn a_replica_killed_mid_upload_leaves_only_whole_blobs_in_the_bucket() {
             &format!("{}/library/big:{tag}", registry.addr),
             &["--dest-tls-verify=false"],
         );
-        layers.push((image.layers[0].clone(), *delay));
+        let d = image.layers[0].clone();
+        let size = layout.blobs.iter().find(|(b, _)| *b == d).unwrap().1;
+        layers.push((d, size, *delay));
     }
     let rest = format!("{}\n{ALLOW_ALL}", upstream(&registry));
     let mut a = Replica::start(w, "a", &engine, &rest);
-    let mut killed_uploading = 0;
-    for (layer, delay) in &layers {
-        let (status, _) = get(&a.listen, &format!("/v2/library/big/blobs/{layer}")).unwrap();
-        assert_eq!(status, 200);
-        // Committed locally; the upload to the bucket runs now.
+    let mut killed_busy = 0;
+    for (layer, size, delay) in &layers {
+        let (addr, path) = (a.listen.clone(), format!("/v2/library/big/blobs/{layer}"));
+        let client = std::thread::spawn(move || get(&addr, &path));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while a.metric("pullgate_inflight_fetches") < 1.0 && !client.is_finished() {
+            assert!(Instant::now() < deadline, "no fetch:\n{}", a.log());
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(*delay));
-        if a.metric("pullgate_bucket_uploads_pending") > 0.0 {
-            killed_uploading += 1;
+        if a.metric("pullgate_inflight_fetches") >= 1.0
+            || a.metric("pullgate_bucket_uploads_pending") > 0.0
+        {
+            killed_busy += 1;
         }
         a.kill();
+        let _ = client.join();
         // No object under a digest whose bytes do not match, and no half
-        // object: whatever is listed hashes to its name.
-        for (d, size) in bucket_blobs(&engine).await {
+        // object: whatever is listed hashes to its name, whole.
+        for (d, got) in bucket_blobs(&engine).await {
             if &d == layer {
-                assert_eq!(size, 80 << 20, "a partial object of {d}");
+                assert_eq!(got, *size, "a partial object of {d}");
             }
         }
         a.spawn();
     }
     println!(
-        "{killed_uploading} of {} kills hit a running upload",
+        "{killed_busy} of {} kills hit a running fetch or upload",
         layers.len()
     );
-    assert!(killed_uploading >= 1, "no kill hit an upload:\n{}", a.log());
+    assert!(
+        killed_busy >= 1,
+        "no kill hit a fetch or an upload:\n{}",
+        a.log()
+    );
     // A restarted replica uploads what its local tier holds and the bucket
-    // lacks.
+    // lacks; what a kill cut off is fetched again and goes up then.
+    for (layer, _, _) in &layers {
+        let (status, _) = get(&a.listen, &format!("/v2/library/big/blobs/{layer}")).unwrap();
+        assert_eq!(status, 200);
+    }
     a.uploaded();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let blobs = bucket_blobs(&engine).await;
         if layers
             .iter()
-            .all(|(l, _)| blobs.iter().any(|(d, _)| d == l))
+            .all(|(l, size, _)| blobs.contains(&(l.clone(), *size)))
         {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "not re-uploaded: {blobs:?}\n{}",
+            "not uploaded: {blobs:?}\n{}",
             a.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -562,6 +562,92 @@ fn plain(message: &str) -> String {
     }
 }
 
+/// Parts of a streaming upload sent and not yet acknowledged: past this
+/// the engine is slower than the fetch, and the upload is given up (the
+/// blob goes up after its commit instead), so the fetch never waits on it.
+const PARTS_BEHIND: usize = 2;
+
+/// A multipart upload fed while its blob is fetched, so that it is in the
+/// bucket moments after the fetch ends. Completed only by
+/// [`StreamingUpload::complete`], which the writer calls after the blob's
+/// digest matched; anything else aborts it.
+pub struct StreamingUpload {
+    upload: Box<dyn object_store::MultipartUpload>,
+    buf: bytes::BytesMut,
+    parts: tokio::task::JoinSet<object_store::Result<()>>,
+    describe: String,
+}
+
+impl Bucket {
+    /// Starts a multipart upload of `d`.
+    pub async fn start_upload(&self, d: &Digest) -> io::Result<StreamingUpload> {
+        self.guard()?;
+        let upload = self
+            .store
+            .put_multipart(&self.key(&Self::blob_rel(d)))
+            .await
+            .map_err(|e| self.error(&format!("cannot start the upload of blob {d}"), e))?;
+        Ok(StreamingUpload {
+            upload,
+            buf: bytes::BytesMut::new(),
+            parts: tokio::task::JoinSet::new(),
+            describe: self.describe.clone(),
+        })
+    }
+}
+
+impl StreamingUpload {
+    /// Adds the next bytes of the blob; `false` when the upload fell
+    /// behind or a part failed (abort it then).
+    pub fn push(&mut self, chunk: &[u8]) -> bool {
+        self.buf.extend_from_slice(chunk);
+        while self.buf.len() >= PART_SIZE {
+            while let Some(done) = self.parts.try_join_next() {
+                if !matches!(done, Ok(Ok(()))) {
+                    return false;
+                }
+            }
+            if self.parts.len() >= PARTS_BEHIND {
+                return false;
+            }
+            let part = self.buf.split_to(PART_SIZE).freeze();
+            self.parts.spawn(self.upload.put_part(part.into()));
+        }
+        true
+    }
+
+    /// Sends the rest and completes the upload: the object appears.
+    pub async fn complete(mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let part = std::mem::take(&mut self.buf).freeze();
+            self.parts.spawn(self.upload.put_part(part.into()));
+        }
+        while let Some(done) = self.parts.join_next().await {
+            let failed = match done {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = failed {
+                let describe = self.describe.clone();
+                self.abort().await;
+                return Err(io::Error::other(format!(
+                    "{describe}: a part failed: {why}"
+                )));
+            }
+        }
+        self.upload.complete().await.map(|_| ()).map_err(|e| {
+            io::Error::other(format!("{}: cannot complete an upload: {e}", self.describe))
+        })
+    }
+
+    /// Gives up: nothing becomes visible.
+    pub async fn abort(mut self) {
+        self.parts.abort_all();
+        let _ = self.upload.abort().await;
+    }
+}
+
 /// Reads `len` bytes at `at` of a local file, on the blocking pool.
 async fn read_at(file: Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 
-use super::bucket::{Bucket, Uploaded};
+use super::bucket::{Bucket, StreamingUpload, Uploaded, PART_SIZE};
 use super::fs::TagFile;
 use super::{
     BlobHandle, BlobWriter, FsStore, ReadGuard, SharedBlob, Source, Store, StoreFuture, TagKey,
@@ -64,6 +64,8 @@ struct Inner {
     /// keep a newer record of another replica out beyond `tag_ttl`.
     deferred: moka::sync::Cache<TagKey, TagRecord>,
     uploads: Arc<tokio::sync::Semaphore>,
+    /// Slots for blobs streamed to the bucket while they are fetched.
+    streaming: Arc<tokio::sync::Semaphore>,
     /// Blobs being uploaded now (one upload per blob).
     uploading: Mutex<HashSet<Digest>>,
     /// Blobs whose upload failed (the engine away), tried again later.
@@ -94,6 +96,7 @@ impl SharedStore {
                 .time_to_live(DEFERRED)
                 .build(),
             uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS)),
+            streaming: Arc::new(tokio::sync::Semaphore::new(STREAMING)),
             uploading: Mutex::new(HashSet::new()),
             retry: Mutex::new(HashSet::new()),
         }))
@@ -197,6 +200,44 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner())
             .insert(d);
         self.pending_changed();
+    }
+
+    /// Completes a streaming upload of a blob just committed locally; on
+    /// failure the blob goes up from the local tier instead.
+    fn complete_streaming(
+        self: Arc<Self>,
+        d: Digest,
+        s: StreamingUpload,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.uploading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d);
+        self.pending_changed();
+        let pin = self.local.pin(&d);
+        rt.spawn(async move {
+            let result = s.complete().await;
+            drop(permit);
+            drop(pin);
+            self.uploading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&d);
+            match result {
+                Ok(()) => {
+                    self.count("upload", "ok");
+                    self.pending_changed();
+                }
+                Err(e) => {
+                    self.failed("upload", &e);
+                    self.spawn_upload(d);
+                }
+            }
+        });
     }
 
     /// Queues the upload of a committed local blob to the bucket.
@@ -361,10 +402,16 @@ impl Store for SharedStore {
     fn writer(&self, d: Digest) -> StoreFuture<'_, Box<dyn BlobWriter>> {
         async move {
             let inner = self.0.local.writer(d).await?;
+            // Buffer for a streaming upload only when one of the few
+            // streaming slots is free.
+            let permit = self.0.streaming.clone().try_acquire_owned().ok();
             Ok(Box::new(SharedWriter {
-                inner,
+                inner: Some(inner),
                 digest: d,
                 store: self.0.clone(),
+                head: permit.as_ref().map(|_| bytes::BytesMut::new()),
+                stream: None,
+                permit,
             }) as Box<dyn BlobWriter>)
         }
         .boxed()
@@ -658,43 +705,140 @@ impl Store for SharedStore {
     }
 }
 
-/// Writes to the local tier; once committed there, the blob goes up to the
-/// bucket in the background.
+/// Writes to the local tier. A blob larger than one part goes up to the
+/// bucket as it is written (a multipart upload completed only once the
+/// local commit found the digest matching); a smaller one, or one whose
+/// streaming upload fell behind, goes up from the local tier after its
+/// commit.
 struct SharedWriter {
-    inner: Box<dyn BlobWriter>,
+    inner: Option<Box<dyn BlobWriter>>,
     digest: Digest,
     store: Arc<Inner>,
+    /// The first part's bytes, until the blob turns out larger than a part.
+    head: Option<bytes::BytesMut>,
+    stream: Option<StreamingUpload>,
+    /// Held while bytes are buffered for the bucket (bounds their memory).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Blobs streamed to the bucket while they are fetched, at most.
+const STREAMING: usize = 4;
+
+impl SharedWriter {
+    /// Feeds what was just written to the bucket's upload, starting it
+    /// when the blob outgrows one part; gives up without failing the write.
+    async fn feed(&mut self, chunk: &[u8]) {
+        if let Some(s) = &mut self.stream {
+            if !s.push(chunk) {
+                self.give_up("the bucket fell behind the fetch");
+            }
+            return;
+        }
+        let Some(head) = &mut self.head else { return };
+        head.extend_from_slice(chunk);
+        if head.len() <= PART_SIZE {
+            return;
+        }
+        let head = self.head.take().unwrap_or_default();
+        match self.store.bucket.start_upload(&self.digest).await {
+            Ok(mut s) => {
+                if s.push(&head) {
+                    self.stream = Some(s);
+                } else {
+                    spawn_abort(s);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(digest = %self.digest, "no streaming upload: {e}");
+                self.permit = None;
+            }
+        }
+    }
+
+    fn give_up(&mut self, why: &str) {
+        tracing::debug!(digest = %self.digest, "streaming upload given up: {why}");
+        if let Some(s) = self.stream.take() {
+            spawn_abort(s);
+        }
+        self.head = None;
+        self.permit = None;
+    }
+}
+
+fn spawn_abort(s: StreamingUpload) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(s.abort());
+    }
+}
+
+impl Drop for SharedWriter {
+    fn drop(&mut self) {
+        if let Some(s) = self.stream.take() {
+            spawn_abort(s);
+        }
+    }
 }
 
 impl BlobWriter for SharedWriter {
     fn write(&mut self, chunk: Bytes) -> StoreFuture<'_, ()> {
-        self.inner.write(chunk)
+        async move {
+            let Some(inner) = self.inner.as_mut() else {
+                return Err(io::Error::other("write after finish"));
+            };
+            inner.write(chunk.clone()).await?;
+            self.feed(&chunk).await;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn written(&self) -> u64 {
-        self.inner.written()
+        self.inner.as_ref().map_or(0, |w| w.written())
     }
 
     fn source(&self) -> Source {
-        self.inner.source()
+        self.inner
+            .as_ref()
+            .expect("a writer has its inner writer until finish")
+            .source()
     }
 
-    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<u64, WriteError>> {
-        let SharedWriter {
-            inner,
-            digest,
-            store,
-        } = *self;
+    fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<u64, WriteError>> {
+        let inner = self.inner.take();
+        let stream = self.stream.take();
+        let permit = self.permit.take();
+        let (digest, store) = (self.digest, self.store.clone());
         async move {
-            let size = inner.finish().await?;
-            store.spawn_upload(digest);
+            let Some(inner) = inner else {
+                return Err(WriteError::Io(io::Error::other("finished twice")));
+            };
+            let size = match inner.finish().await {
+                Ok(size) => size,
+                Err(e) => {
+                    // The digest did not match: the parts never become an object.
+                    if let Some(s) = stream {
+                        spawn_abort(s);
+                    }
+                    return Err(e);
+                }
+            };
+            match stream {
+                Some(s) => store.complete_streaming(digest, s, permit),
+                None => store.spawn_upload(digest),
+            }
             Ok(size)
         }
         .boxed()
     }
 
-    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
-        self.inner.abort()
+    fn abort(mut self: Box<Self>) -> BoxFuture<'static, ()> {
+        if let Some(s) = self.stream.take() {
+            spawn_abort(s);
+        }
+        match self.inner.take() {
+            Some(inner) => inner.abort(),
+            None => futures_util::future::ready(()).boxed(),
+        }
     }
 }
 
