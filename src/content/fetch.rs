@@ -203,6 +203,25 @@ impl BlobFetches {
         if let Some(shared) = self.store.shared_blob(&digest).await.ok().flatten() {
             return self.run_shared(shared, digest, tx).await;
         }
+        // Another replica may be fetching it: then its copy, once shared.
+        if let Some(shared) = self.store.lease_fetch(&digest).await.ok().flatten() {
+            return self.run_shared(shared, digest, tx).await;
+        }
+        let result = self.run_upstream(remote, repo, digest, tx).await;
+        if result.is_err() {
+            self.store.release_fetch(&digest);
+        }
+        result
+    }
+
+    /// The blob from the upstream.
+    async fn run_upstream(
+        &self,
+        remote: &dyn Remote,
+        repo: &RepoName,
+        digest: Digest,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, ContentError> {
         let upstream = remote.name();
         let not_cached = |e: ContentError| e.not_cached(|| format!("blob {digest}"));
         let resp = remote

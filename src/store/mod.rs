@@ -149,6 +149,16 @@ pub trait Store: Send + Sync {
     /// Takes a blob found damaged out of the store, so that it is fetched
     /// again; the filesystem keeps its bytes under `quarantine/`.
     fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()>;
+    /// Before a fetch from the upstream, in a store shared with other
+    /// processes: takes the lease on fetching `d`, or, while another
+    /// process holds it, waits for the blob it puts in the shared tier and
+    /// returns that. `None`: fetch it here (the lease, when there is one,
+    /// ends with the upload of what is fetched, or [`Store::release_fetch`]).
+    fn lease_fetch<'a>(&'a self, _d: &'a Digest) -> StoreFuture<'a, Option<SharedBlob>> {
+        Box::pin(futures_util::future::ready(Ok(None)))
+    }
+    /// Ends the lease of a fetch that failed.
+    fn release_fetch(&self, _d: &Digest) {}
     /// Removes the shared tier's copy of `d` (it did not match its digest).
     fn discard_shared<'a>(&'a self, _d: &'a Digest) -> StoreFuture<'a, ()> {
         Box::pin(futures_util::future::ready(Ok(())))

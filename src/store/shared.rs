@@ -70,7 +70,35 @@ struct Inner {
     uploading: Mutex<HashSet<Digest>>,
     /// Blobs whose upload failed (the engine away), tried again later.
     retry: Mutex<HashSet<Digest>>,
+    /// Fetch leases this replica holds, with the tasks that renew them.
+    leases: Mutex<std::collections::HashMap<Digest, tokio::task::JoinHandle<()>>>,
+    /// Names this replica in its leases.
+    holder: String,
 }
+
+/// A fetch lease as stored: who holds it, until when (unix ms).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseDoc {
+    holder: String,
+    until: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A fetch lease lapses this long after it was last renewed; its holder
+/// renews it every [`LEASE_RENEW`] while it fetches and uploads.
+const LEASE: Duration = Duration::from_secs(30);
+const LEASE_RENEW: Duration = Duration::from_secs(10);
+
+/// How often a replica waiting on another's fetch looks for the blob.
+const LEASE_POLL: Duration = Duration::from_millis(250);
+
+/// A replica waits on another's fetch at most this long, renewed or not.
+const LEASE_WAIT_MAX: Duration = Duration::from_secs(600);
 
 /// How long a deferred tag record is kept (the content layer re-checks a
 /// failing upstream after 10 s).
@@ -99,6 +127,14 @@ impl SharedStore {
             streaming: Arc::new(tokio::sync::Semaphore::new(STREAMING)),
             uploading: Mutex::new(HashSet::new()),
             retry: Mutex::new(HashSet::new()),
+            leases: Mutex::new(std::collections::HashMap::new()),
+            holder: format!(
+                "{}-{}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
         }))
     }
 
@@ -202,6 +238,125 @@ impl Inner {
         self.pending_changed();
     }
 
+    fn lease_rel(d: &Digest) -> String {
+        format!("leases/sha256/{}", d.hex())
+    }
+
+    fn lease_doc(&self) -> Vec<u8> {
+        serde_json::to_vec(&LeaseDoc {
+            holder: self.holder.clone(),
+            until: unix_ms() + LEASE.as_millis() as u64,
+        })
+        .expect("JSON of plain values")
+    }
+
+    /// Notes a lease taken and keeps it renewed until it is released.
+    fn hold(self: &Arc<Self>, d: Digest) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let renew = rt.spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let rel = Inner::lease_rel(&d);
+                if let Err(e) = inner.bucket.write_doc(&rel, inner.lease_doc()).await {
+                    tracing::debug!(digest = %d, "cannot renew a fetch lease: {e}");
+                }
+            }
+        });
+        if let Some(old) = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d, renew)
+        {
+            old.abort();
+        }
+    }
+
+    /// Ends a lease this replica holds (none: nothing happens).
+    fn release(self: &Arc<Self>, d: &Digest) {
+        let Some(renew) = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(d)
+        else {
+            return;
+        };
+        renew.abort();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        let d = *d;
+        rt.spawn(async move {
+            if let Err(e) = this.bucket.delete(&Inner::lease_rel(&d)).await {
+                tracing::debug!(digest = %d, "cannot end a fetch lease (it lapses): {e}");
+            }
+        });
+    }
+
+    /// Takes the lease on fetching `d`, or waits for the replica that holds
+    /// it to put the blob in the bucket.
+    async fn lease_fetch(self: &Arc<Self>, d: &Digest) -> io::Result<Option<SharedBlob>> {
+        let rel = Inner::lease_rel(d);
+        let give_up = std::time::Instant::now() + LEASE_WAIT_MAX;
+        loop {
+            if self.bucket.create_doc(&rel, self.lease_doc()).await? {
+                self.count("lease", "ok");
+                self.hold(*d);
+                return Ok(None);
+            }
+            // Held by another replica: its blob, or the lease once it lapses.
+            loop {
+                if self.bucket.blob_size(d).await?.is_some() {
+                    if let Some((size, body)) = self.bucket.blob_stream(d).await? {
+                        self.count("lease", "waited");
+                        return Ok(Some(SharedBlob {
+                            size,
+                            body,
+                            from: self.bucket.describe().into(),
+                        }));
+                    }
+                }
+                let Some(doc) = self.bucket.read_doc(&rel).await? else {
+                    break; // released without the blob (its fetch failed): ours to try
+                };
+                let lapsed = serde_json::from_slice::<LeaseDoc>(&doc.bytes)
+                    .map_or(true, |l| l.until < unix_ms());
+                if lapsed {
+                    // Taken over by compare-and-swap: of several waiters, one.
+                    let mut took = false;
+                    let ours = self.lease_doc();
+                    let mut take = |cur: Option<&[u8]>| match cur {
+                        Some(c) if c == &doc.bytes[..] => {
+                            took = true;
+                            Some(ours.clone())
+                        }
+                        Some(c) => Some(c.to_vec()),
+                        None => {
+                            took = true;
+                            Some(ours.clone())
+                        }
+                    };
+                    self.bucket.update_doc(&rel, &mut take).await?;
+                    if took {
+                        self.count("lease", "ok");
+                        self.hold(*d);
+                        return Ok(None);
+                    }
+                }
+                if std::time::Instant::now() > give_up {
+                    return Ok(None);
+                }
+                tokio::time::sleep(LEASE_POLL).await;
+            }
+        }
+    }
+
     /// Completes a streaming upload of a blob just committed locally; on
     /// failure the blob goes up from the local tier instead.
     fn complete_streaming(
@@ -231,6 +386,7 @@ impl Inner {
                 Ok(()) => {
                     self.count("upload", "ok");
                     self.pending_changed();
+                    self.release(&d);
                 }
                 Err(e) => {
                     self.failed("upload", &e);
@@ -280,6 +436,9 @@ impl Inner {
                 }
             }
             self.pending_changed();
+            // Shared or not, waiting replicas may go on (to the bucket, or
+            // to the upstream once the lease is gone).
+            self.release(&d);
         });
     }
 
@@ -420,6 +579,24 @@ impl Store for SharedStore {
     fn discard<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
         // A damaged local copy says nothing of the bucket's.
         self.0.local.discard(d)
+    }
+
+    fn lease_fetch<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<SharedBlob>> {
+        async move {
+            match self.0.lease_fetch(d).await {
+                Ok(found) => Ok(found),
+                // No lease to be had: fetch it here, as without a bucket.
+                Err(e) => {
+                    self.0.failed("lease", &e);
+                    Ok(None)
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn release_fetch(&self, d: &Digest) {
+        self.0.release(d);
     }
 
     fn discard_shared<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, ()> {
@@ -1082,6 +1259,69 @@ mod tests {
         );
         b.discard_shared(&d).await.unwrap();
         assert_eq!(b.shared_size(&d).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_replica_fetches_under_the_lease_the_other_waits_for_its_copy() {
+        let bucket = Arc::new(InMemory::new());
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = shared_store(dirs.0.path(), Some(bucket.clone()));
+        let b = shared_store(dirs.1.path(), Some(bucket.clone()));
+        let bytes = Bytes::from(vec![3u8; 1 << 20]);
+        let d = Digest::of(&bytes);
+        assert!(
+            a.lease_fetch(&d).await.unwrap().is_none(),
+            "a takes the lease"
+        );
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.lease_fetch(&d).await.unwrap() })
+        };
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!waiter.is_finished(), "b waits while a holds the lease");
+        crate::store::put_blob(&a, d, bytes.clone()).await.unwrap();
+        let shared = waiter.await.unwrap().expect("a's copy");
+        let got: Vec<Bytes> = shared.body.try_collect().await.unwrap();
+        assert_eq!(got.concat(), bytes);
+        uploaded(&a).await;
+        for _ in 0..100 {
+            if a.0.leases.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            a.0.leases.lock().unwrap().is_empty(),
+            "released after the upload"
+        );
+
+        // A lease whose holder died lapses, and a waiter takes it over.
+        let other = Digest::of(b"other");
+        let lapsed = serde_json::to_vec(&LeaseDoc {
+            holder: "gone".into(),
+            until: unix_ms() - 1,
+        })
+        .unwrap();
+        a.0.bucket
+            .write_doc(&Inner::lease_rel(&other), lapsed)
+            .await
+            .unwrap();
+        assert!(b.lease_fetch(&other).await.unwrap().is_none(), "taken over");
+        // A fetch that fails releases it: the next one takes it at once.
+        b.release_fetch(&other);
+        for _ in 0..100 {
+            if a.0
+                .bucket
+                .read_doc(&Inner::lease_rel(&other))
+                .await
+                .unwrap()
+                .is_none()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(a.lease_fetch(&other).await.unwrap().is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
