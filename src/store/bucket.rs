@@ -461,7 +461,8 @@ impl Bucket {
 
     /// Replaces a document with `f(current)` by compare-and-swap: when
     /// another writer got in between, `f` runs again on what it wrote.
-    /// `None` from `f` removes the document. What was written.
+    /// `None` from `f` removes the document (leaves it empty: an empty
+    /// document reads as absent everywhere). What was written.
     pub async fn update_doc(
         &self,
         rel: &str,
@@ -470,12 +471,19 @@ impl Bucket {
         let key = self.key(rel);
         for _ in 0..CAS_ATTEMPTS {
             let current = self.read_doc(rel).await?;
-            let Some(next) = f(current.as_ref().map(|d| &d.bytes[..])) else {
-                if current.is_some() {
-                    self.delete(rel).await?;
-                }
+            // An empty document is a removed one (a tombstone, below).
+            let held = current
+                .as_ref()
+                .map(|d| &d.bytes[..])
+                .filter(|b| !b.is_empty());
+            let next = f(held);
+            if next.is_none() && held.is_none() {
                 return Ok(None);
-            };
+            }
+            // Removal is a compare-and-swap too: an empty document in its
+            // place, so that a record another replica wrote in between is
+            // never deleted unseen.
+            let body = next.clone().unwrap_or_default();
             let mode = match current {
                 None => PutMode::Create,
                 Some(doc) => PutMode::Update(doc.version),
@@ -486,10 +494,10 @@ impl Bucket {
             };
             match self
                 .store
-                .put_opts(&key, Bytes::from(next.clone()).into(), opts)
+                .put_opts(&key, Bytes::from(body).into(), opts)
                 .await
             {
-                Ok(_) => return Ok(Some(next)),
+                Ok(_) => return Ok(next),
                 // Another replica wrote it since we read it: again, on theirs.
                 Err(
                     object_store::Error::AlreadyExists { .. }

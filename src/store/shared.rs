@@ -751,6 +751,8 @@ impl Store for SharedStore {
                 Ok(objects) => {
                     let mut tags: Vec<Tag> = objects
                         .iter()
+                        // Empty: a removed record.
+                        .filter(|(_, size)| *size > 0)
                         .filter_map(|(rel, _)| rel.strip_prefix(&prefix)?.strip_prefix('/'))
                         .filter_map(|t| t.parse().ok())
                         .collect();
@@ -816,7 +818,7 @@ impl Store for SharedStore {
             match self.0.bucket.read_doc(name).await {
                 Ok(doc) => {
                     self.0.count("meta", "ok");
-                    Ok(doc.map(|d| d.bytes.to_vec()))
+                    Ok(doc.map(|d| d.bytes.to_vec()).filter(|b| !b.is_empty()))
                 }
                 Err(e) => {
                     self.0.failed("meta", &e);
@@ -1121,6 +1123,34 @@ mod tests {
         );
         assert_eq!(
             b.list_tags("docker.io", &key().repo).await.unwrap(),
+            [key().tag]
+        );
+        // A record removed by one replica (its upstream says the tag is
+        // gone) is gone for the other, and can be written again.
+        a.update_tag(&key(), Box::new(|_| None)).await.unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        let c = shared_store(fresh.path(), Some(bucket.clone()));
+        assert!(c.tag(&key()).await.unwrap().is_none());
+        assert!(c
+            .list_tags("docker.io", &key().repo)
+            .await
+            .unwrap()
+            .is_empty());
+        c.update_tag(
+            &key(),
+            Box::new(move |old| {
+                assert!(old.is_none(), "a removed record reads as none");
+                Some(TagRecord {
+                    digest: dm,
+                    checked: when,
+                    approved: None,
+                })
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            c.list_tags("docker.io", &key().repo).await.unwrap(),
             [key().tag]
         );
         let at = a
