@@ -206,6 +206,23 @@ fn upstream(registry: &Registry) -> String {
 
 const ALLOW_ALL: &str = "[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n";
 
+/// Writes an approver key pair (`approver.pub`, `approver.key` in `w`);
+/// the config after `[storage.s3]`: the registry as docker.io, and
+/// `library/held` served only when that key approved it.
+fn held_by_approver(w: &Path, seed: u8, registry: &Registry) -> String {
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let approver = p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap();
+    let public = approver.verifying_key().to_public_key_pem(LineEnding::LF);
+    std::fs::write(w.join("approver.pub"), public.unwrap()).unwrap();
+    let private = approver.to_pkcs8_pem(LineEnding::LF).unwrap();
+    std::fs::write(w.join("approver.key"), private.as_bytes()).unwrap();
+    format!(
+        "{}\n[keys]\napprover = \"{}\"\n\n[[policy]]\nname = \"held\"\nmatch = [\"docker.io/library/held\"]\nsigned_by = [\"approver\"]\n\n{ALLOW_ALL}",
+        upstream(registry),
+        w.join("approver.pub").display()
+    )
+}
+
 /// Every blob in the bucket, each checked against its name.
 async fn bucket_blobs(engine: &Seaweed) -> Vec<(String, usize)> {
     use futures_util::TryStreamExt;
@@ -244,7 +261,6 @@ async fn bucket_blobs(engine: &Seaweed) -> Vec<(String, usize)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_one_replica_cached_every_replica_serves_with_the_upstream_gone() {
-    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let mut registry = Registry::start(&w.join("registry"), None, RegistryAuth::None, None);
@@ -269,25 +285,7 @@ async fn what_one_replica_cached_every_replica_serves_with_the_upstream_gone() {
             &["--dest-tls-verify=false"],
         );
     }
-    let approver = p256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap();
-    std::fs::write(
-        w.join("approver.pub"),
-        approver
-            .verifying_key()
-            .to_public_key_pem(LineEnding::LF)
-            .unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        w.join("approver.key"),
-        approver.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
-    )
-    .unwrap();
-    let rest = format!(
-        "{}\n[keys]\napprover = \"{}\"\n\n[[policy]]\nname = \"held\"\nmatch = [\"docker.io/library/held\"]\nsigned_by = [\"approver\"]\n\n{ALLOW_ALL}",
-        upstream(&registry),
-        w.join("approver.pub").display()
-    );
+    let rest = held_by_approver(w, 7, &registry);
     let a = Replica::start(w, "a", &engine, &rest);
     let b = Replica::start(w, "b", &engine, &rest);
 
@@ -518,7 +516,6 @@ async fn a_replica_killed_mid_upload_leaves_only_whole_blobs_in_the_bucket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_engine_down_replicas_serve_their_local_tier_and_fail_closed() {
-    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let registry = Registry::start(&w.join("registry"), None, RegistryAuth::None, None);
@@ -539,25 +536,7 @@ async fn with_the_engine_down_replicas_serve_their_local_tier_and_fail_closed() 
             &["--dest-tls-verify=false"],
         );
     }
-    let approver = p256::ecdsa::SigningKey::from_slice(&[9; 32]).unwrap();
-    std::fs::write(
-        w.join("approver.pub"),
-        approver
-            .verifying_key()
-            .to_public_key_pem(LineEnding::LF)
-            .unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        w.join("approver.key"),
-        approver.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
-    )
-    .unwrap();
-    let rest = format!(
-        "{}\n[keys]\napprover = \"{}\"\n\n[[policy]]\nname = \"held\"\nmatch = [\"docker.io/library/held\"]\nsigned_by = [\"approver\"]\n\n{ALLOW_ALL}",
-        upstream(&registry),
-        w.join("approver.pub").display()
-    );
+    let rest = held_by_approver(w, 9, &registry);
     let a = Replica::start(w, "a", &engine, &rest);
     pull(
         w,
