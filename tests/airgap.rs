@@ -709,14 +709,19 @@ async fn kill_9_at_any_moment_of_an_import_leaves_nothing_half_visible() {
     // How long an import takes here, uninterrupted, into a store that
     // holds its blobs but not its tag: as the rounds below mostly are
     // (each round removes the tag; what an earlier round applied stays).
+    // The shortest of three: a run slowed by the tests beside this one
+    // would spread the kills past the end of the imports they aim at.
     let scratch = gap_config(&w.join("scratch"));
     let (code, out) = import(&scratch, &bundle, &[]);
     assert_eq!(code, 0, "{out}");
-    let _ = std::fs::remove_dir_all(w.join("scratch/tags"));
-    let started = std::time::Instant::now();
-    let (code, out) = import(&scratch, &bundle, &[]);
-    assert_eq!(code, 0, "{out}");
-    let took = started.elapsed();
+    let mut took = std::time::Duration::MAX;
+    for _ in 0..3 {
+        let _ = std::fs::remove_dir_all(w.join("scratch/tags"));
+        let started = std::time::Instant::now();
+        let (code, out) = import(&scratch, &bundle, &[]);
+        assert_eq!(code, 0, "{out}");
+        took = took.min(started.elapsed());
+    }
 
     let store = w.join("gap");
     let config = gap_config(&store);
@@ -734,12 +739,18 @@ async fn kill_9_at_any_moment_of_an_import_leaves_nothing_half_visible() {
         std::thread::sleep(took.mul_f64(1.2 * (i as f64 + 0.5) / kills as f64));
         if child.try_wait().unwrap().is_none() {
             killed_running += 1;
+        } else {
+            // Imports run faster than measured now: aim earlier.
+            took = took.mul_f64(0.75);
         }
         child.kill().ok();
         child.wait().unwrap();
         tags_are_whole(&store);
-        let (code, out) = outcome(pullgate(&["fsck", "--config"]).arg(&config));
-        assert_eq!(code, 0, "after kill {i}: {out}");
+        // Killed before it made the store: nothing there to check.
+        if store.join("blobs/sha256").is_dir() {
+            let (code, out) = outcome(pullgate(&["fsck", "--config"]).arg(&config));
+            assert_eq!(code, 0, "after kill {i}: {out}");
+        }
         // Before the next round, the tag goes, so each round starts from
         // nothing visible (an applied import stays applied otherwise).
         let _ = std::fs::remove_dir_all(store.join("tags"));
