@@ -415,11 +415,19 @@ async fn concurrent_cold_pulls_through_three_replicas_cost_one_upstream_fetch_in
     // One replica takes the lease and fetches; the others wait for its copy
     // in the bucket.
     assert_eq!(fetches, 1, "{fetches} upstream fetches for 3 replicas");
-    let waited: f64 = replicas
+    // The two others read it from the bucket: most often by waiting on the
+    // lease, or directly when their first request came after the upload.
+    let from_bucket: f64 = replicas
         .iter()
-        .map(|r| r.metric("pullgate_bucket_requests_total{op=\"lease\",result=\"waited\"}"))
+        .map(|r| {
+            r.metric("pullgate_bucket_requests_total{op=\"lease\",result=\"waited\"}")
+                + r.metric("pullgate_bucket_requests_total{op=\"read_blob\",result=\"ok\"}")
+        })
         .sum();
-    assert_eq!(waited, 2.0, "two replicas read the leaseholder's copy");
+    assert!(
+        from_bucket >= 2.0,
+        "{from_bucket} reads of the leaseholder's copy"
+    );
     for r in &replicas {
         r.uploaded();
     }
