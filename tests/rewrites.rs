@@ -36,20 +36,21 @@ url = "{url}"
     )
 }
 
-/// The audit lines written so far (the writer flushes every 100 ms).
-async fn audit_lines(dir: &std::path::Path, at_least: usize) -> Vec<serde_json::Value> {
+/// The audit lines written so far, once one of them is a `decision` line
+/// (the writer flushes every 100 ms, so earlier lines can land first).
+async fn audit_lines_with(dir: &std::path::Path, decision: &str) -> Vec<serde_json::Value> {
     for _ in 0..100 {
         let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        if lines.len() >= at_least {
+        if lines.iter().any(|l| l["decision"] == decision) {
             return lines;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    panic!("fewer than {at_least} audit lines");
+    panic!("no {decision} line in the audit log after 2 s");
 }
 
 #[tokio::test]
@@ -118,7 +119,7 @@ match = ["**"]
         msg.contains("registry.internal/mirror/bitnami/blocked, served for docker.io/bitnami/blocked by a rewrite"),
         "{msg}"
     );
-    let lines = audit_lines(dir.path(), 1).await;
+    let lines = audit_lines_with(dir.path(), "deny").await;
     let denied = lines
         .iter()
         .find(|l| l["decision"] == "deny")
