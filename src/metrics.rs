@@ -88,6 +88,8 @@ pub struct Metrics {
     pub bucket_requests: IntCounterVec,
     /// Blob uploads to the shared bucket running or waiting now.
     pub bucket_uploads_pending: IntGauge,
+    /// The shared bucket's blob bytes at the last eviction pass.
+    pub bucket_size: IntGauge,
     /// Every metric name registered, for checks against dashboards.
     pub names: Vec<&'static str>,
     /// `requests` children, resolved once per (kind, status) on first use:
@@ -186,12 +188,17 @@ impl Metrics {
             "pullgate_bucket_uploads_pending",
             "Blobs committed to the local tier and not yet in the shared bucket ([storage.s3]): uploads running or waiting.",
         );
+        let bucket_size = gauge(
+            "pullgate_bucket_size_bytes",
+            "Bytes of blobs in the shared bucket ([storage.s3] with max_size), as the last eviction pass found them (0 before the first).",
+        );
         let m = Metrics {
             bucket_uploads_pending,
+            bucket_size,
             bucket_requests: counter(
                 &registry,
                 "pullgate_bucket_requests_total",
-                "Requests to the shared bucket ([storage.s3]) by operation (read_blob, read_manifest, upload, write_manifest, tag, approval, meta, check) and result (ok, present, absent, error).",
+                "Requests to the shared bucket ([storage.s3]) by operation (read_blob, read_manifest, upload, write_manifest, tag, approval, meta, discard, lease, mark, evict) and result (ok, present, absent, waited, evicting, error).",
                 &["op", "result"],
             ),
             requests: counter(
@@ -369,6 +376,7 @@ impl Metrics {
             names: vec![
                 "pullgate_bucket_requests_total",
                 "pullgate_bucket_uploads_pending",
+                "pullgate_bucket_size_bytes",
                 "pullgate_imports_applied_total",
                 "pullgate_auth_failures_total",
                 "pullgate_auth_reloads_total",
@@ -462,7 +470,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         debug_assert_eq!(
             self.names.len(),
-            34,
+            35,
             "keep `names` in step with the metrics"
         );
         let mut out = Vec::new();

@@ -242,7 +242,8 @@ fn approve(w: &Path, via: &Replica, digest: &str) -> String {
     said
 }
 
-/// Every blob in the bucket, each checked against its name.
+/// Every blob in the bucket, each checked against its name (one removed
+/// between the listing and its read is left out).
 async fn bucket_blobs(engine: &Seaweed) -> Vec<(String, usize)> {
     use futures_util::TryStreamExt;
     use object_store::ObjectStore;
@@ -259,13 +260,12 @@ async fn bucket_blobs(engine: &Seaweed) -> Vec<(String, usize)> {
     let listed: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
     let mut out = Vec::new();
     for meta in listed {
-        let bytes = store
-            .get(&meta.location)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let bytes = match store.get(&meta.location).await {
+            Ok(got) => got.bytes().await.unwrap(),
+            // Evicted since it was listed.
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => panic!("{}: {e}", meta.location),
+        };
         let name = meta.location.filename().unwrap().to_owned();
         assert_eq!(
             real::sha(&bytes),
@@ -440,6 +440,124 @@ async fn concurrent_cold_pulls_through_three_replicas_cost_one_upstream_fetch_in
     }
     let blobs = bucket_blobs(&engine).await;
     assert!(blobs.contains(&(layer.clone(), want.len())), "{blobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_buckets_max_size_the_least_recently_used_blobs_go_and_come_back_from_the_upstream(
+) {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let registry = Registry::start(&w.join("registry"), None, RegistryAuth::None, None);
+    let engine = Seaweed::start(&w.join("engine"));
+    // Three images of one 5 MiB layer each (streamed from the bucket, not
+    // copied whole); the bucket may hold 12 MiB: two of them.
+    let mut layout = Layout::new(&w.join("src"));
+    let images: Vec<_> = (0..3u64)
+        .map(|i| {
+            let image = layout.image("amd64", &[("l", noise(5 << 20, 40 + i))]);
+            layout.tag(&format!("v{i}"), &image);
+            push(
+                w,
+                &layout.dir,
+                &format!("v{i}"),
+                &format!("{}/library/lru:v{i}", registry.addr),
+                &["--dest-tls-verify=false"],
+            );
+            image
+        })
+        .collect();
+    let rest = format!(
+        "max_size = \"12MiB\"\nmin_idle = \"2s\"\n\n{}\n{ALLOW_ALL}",
+        upstream(&registry)
+    );
+    let a = Replica::start(w, "a", &engine, &rest);
+    let b = Replica::start(w, "b", &engine, &rest);
+    let pull_via = |r: &Replica, i: usize| {
+        pull(
+            w,
+            &format!("{}/library/lru:v{i}", r.listen),
+            // (A colon would end the layout's path.)
+            &w.join(format!("pulled-{}-{i}", r.listen.replace(':', "-"))),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", r.log()));
+        r.uploaded();
+    };
+    let layer = |i: usize| images[i].layers[0].clone();
+    let idle = || std::thread::sleep(Duration::from_secs(3));
+
+    // v0 through A, then v1 through B; then B reads v0's layer from the
+    // bucket, so v1's is the least recently used.
+    pull_via(&a, 0);
+    idle();
+    pull_via(&b, 1);
+    idle();
+    let (status, _) = get(&b.listen, &format!("/v2/library/lru/blobs/{}", layer(0))).unwrap();
+    assert_eq!(status, 200);
+    assert!(b.metric("pullgate_bucket_requests_total{op=\"read_blob\",result=\"ok\"}") >= 1.0);
+    idle();
+    // v2 takes the bucket over 12 MiB: a pass (every 2 s here) evicts.
+    pull_via(&a, 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = loop {
+        let held = bucket_blobs(&engine).await;
+        if !held.iter().any(|(d, _)| *d == layer(1)) {
+            break held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "v1's layer still in the bucket:\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let total: usize = held.iter().map(|(_, n)| n).sum();
+    assert!(total <= 12 << 20, "{total} bytes left in the bucket");
+    for d in [layer(0), layer(2)] {
+        assert!(
+            held.iter().any(|(h, _)| *h == d),
+            "{d} was evicted: {held:?}"
+        );
+    }
+    for image in &images {
+        assert!(
+            held.iter().any(|(h, _)| *h == image.digest),
+            "manifest {} was evicted",
+            image.digest
+        );
+    }
+    let evicted = a.metric("pullgate_evictions_total{reason=\"bucket_max_size\"}")
+        + b.metric("pullgate_evictions_total{reason=\"bucket_max_size\"}");
+    assert!(evicted >= 1.0, "no eviction counted");
+    assert!(a.metric("pullgate_bucket_size_bytes") > 0.0);
+    let said = a.log() + &b.log();
+    assert!(
+        said.contains("evicted least recently used blobs from the shared bucket"),
+        "{said}"
+    );
+
+    // Evicted from the bucket is not gone: B still serves it from its
+    // local tier, and A, which never had it, fetches it again.
+    let (status, body) = get(&b.listen, &format!("/v2/library/lru/blobs/{}", layer(1))).unwrap();
+    assert_eq!(status, 200);
+    let want = std::fs::read(layout.dir.join("blobs/sha256").join(&layer(1)[7..])).unwrap();
+    assert!(body == want, "B served other bytes");
+    let fetches = || {
+        real::count_lines(
+            &registry.log(),
+            &format!("\"GET /v2/library/lru/blobs/{}", layer(1)),
+        )
+    };
+    assert_eq!(fetches(), 1);
+    pull_via(&a, 1);
+    assert_eq!(
+        fetches(),
+        2,
+        "A fetched v1's layer from the upstream again:\n{}\n{}",
+        a.log(),
+        registry.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,8 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
             "secret_key_env",
             "secret_key_file",
             "ca",
+            "max_size",
+            "min_idle",
         ],
         "audit" => &["path", "approvals"],
         "upstream" => &[

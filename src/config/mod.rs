@@ -1934,6 +1934,33 @@ mode = "maybe"
     }
 
     #[test]
+    fn the_buckets_eviction_limits_parse_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), "key").unwrap();
+        let text = |limits: &str| {
+            format!(
+                "[storage]\npath = \"/tmp/x\"\n[storage.s3]\nendpoint = \"http://127.0.0.1:8333\"\nbucket = \"pullgate\"\naccess_key_file = \"{k}\"\nsecret_key_file = \"{k}\"\n{limits}\n[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"all\"\nmatch = [\"**\"]\n",
+                k = dir.path().join("k").display()
+            )
+        };
+        let c = parse(&text("")).unwrap();
+        let s3 = c.storage.s3.unwrap();
+        assert_eq!((s3.max_size, s3.min_idle), (None, S3Config::MIN_IDLE));
+        let c = parse(&text("max_size = \"2GiB\"\nmin_idle = \"90s\"")).unwrap();
+        let s3 = c.storage.s3.unwrap();
+        assert_eq!(s3.max_size, Some(2 << 30));
+        assert_eq!(s3.min_idle, Duration::from_secs(90));
+        let err = parse(&text("max_size = \"lots\"\nmin_idle = \"200ms\"")).unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["storage.s3.max_size", "storage.s3.min_idle"],
+            "{err}"
+        );
+        assert!(err.to_string().contains("at least 1s"), "{err}");
+    }
+
+    #[test]
     fn patterns_that_can_never_match_are_refused() {
         let err = parse(
             "[[upstream]]\nname = \"docker.io\"\nurl = \"https://r\"\n[[policy]]\nname = \"p\"\nmatch = [\"library/centos\", \"docker.io/**\", \"*/x\"]\ndeny = true\n",

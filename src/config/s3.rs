@@ -19,6 +19,10 @@ pub struct S3Config {
     pub secret_key: String,
     /// Extra trusted roots (PEM) for an `https` endpoint.
     pub ca_pem: Option<Vec<u8>>,
+    /// Least recently used blobs are removed from the bucket beyond this.
+    pub max_size: Option<u64>,
+    /// A blob some replica read within this long is never removed.
+    pub min_idle: std::time::Duration,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -29,11 +33,16 @@ impl std::fmt::Debug for S3Config {
             .field("bucket", &self.bucket)
             .field("region", &self.region)
             .field("prefix", &self.prefix)
+            .field("max_size", &self.max_size)
+            .field("min_idle", &self.min_idle)
             .finish_non_exhaustive()
     }
 }
 
 impl S3Config {
+    /// `storage.s3.min_idle` when not given.
+    pub const MIN_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
     /// `s3://bucket/prefix at endpoint`, for logs and `/readyz`.
     pub fn describe(&self) -> String {
         let mut at = format!("s3://{}", self.bucket);
@@ -56,6 +65,8 @@ pub(super) struct RawS3 {
     secret_key_env: Option<Spanned<String>>,
     secret_key_file: Option<Spanned<String>>,
     ca: Option<Spanned<String>>,
+    max_size: Option<Spanned<String>>,
+    min_idle: Option<Spanned<String>>,
 }
 
 impl Validator<'_> {
@@ -162,7 +173,28 @@ impl Validator<'_> {
                 }
             },
         };
+        let max_size = match &raw.max_size {
+            None => Some(None),
+            Some(m) => self.size("storage.s3.max_size", m).map(Some),
+        };
+        let min_idle = match &raw.min_idle {
+            None => Some(S3Config::MIN_IDLE),
+            Some(m) => match self.duration("storage.s3.min_idle", m) {
+                // Replicas mark what they read every fifth of it.
+                Some(d) if d < std::time::Duration::from_secs(1) => {
+                    self.problem(
+                        "storage.s3.min_idle",
+                        m,
+                        "must be at least 1s: replicas mark the blobs they stream every fifth of it",
+                    );
+                    None
+                }
+                d => d,
+            },
+        };
         Some(S3Config {
+            max_size: max_size?,
+            min_idle: min_idle?,
             endpoint: endpoint?,
             bucket: bucket?,
             region,

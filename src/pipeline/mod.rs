@@ -135,8 +135,19 @@ impl App {
         let bucket = crate::store::Bucket::s3(&s3).map_err(StartError::Bucket)?;
         bucket.check().await.map_err(StartError::Bucket)?;
         tracing::info!(bucket = %bucket.describe(), "shared bucket ready");
-        let store = SharedStore::new(local, bucket, config.storage.tag_ttl, metrics.clone());
+        let limit = crate::store::BucketLimit {
+            max_size: s3.max_size,
+            min_idle: s3.min_idle,
+        };
+        let store = SharedStore::new(
+            local,
+            bucket,
+            config.storage.tag_ttl,
+            limit,
+            metrics.clone(),
+        );
         store.spawn_retries();
+        store.spawn_eviction();
         let queue = store.clone();
         tokio::spawn(async move {
             match queue.upload_missing().await {

@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -69,6 +69,15 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An object of a listing.
+pub struct Listed {
+    /// Its key, relative to the prefix.
+    pub rel: String,
+    pub size: u64,
+    /// When it was written, by the engine's clock.
+    pub written: SystemTime,
 }
 
 /// The new content of a document given its current one; `None` removes it.
@@ -530,16 +539,51 @@ impl Bucket {
 
     /// Every object under `prefix` (relative keys), with its size.
     pub async fn list(&self, prefix: &str) -> io::Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_dated(prefix)
+            .await?
+            .into_iter()
+            .map(|o| (o.rel, o.size))
+            .collect())
+    }
+
+    /// Every object under `prefix`, with its size and when it was written.
+    pub async fn list_dated(&self, prefix: &str) -> io::Result<Vec<Listed>> {
         self.guard()?;
         let key = self.key(prefix);
         let mut out = Vec::new();
         let mut objects = self.store.list(Some(&key));
         while let Some(meta) = objects.next().await {
             let meta = meta.map_err(|e| self.error(&format!("cannot list {prefix}"), e))?;
-            out.push((self.rel(&meta.location).to_owned(), meta.size));
+            out.push(Listed {
+                rel: self.rel(&meta.location).to_owned(),
+                size: meta.size,
+                written: meta.last_modified.into(),
+            });
         }
-        out.sort();
+        out.sort_by(|a, b| a.rel.cmp(&b.rel));
         Ok(out)
+    }
+
+    /// When the object at `rel` was last written (by the engine's clock),
+    /// `None` when it is absent.
+    pub async fn written(&self, rel: &str) -> io::Result<Option<SystemTime>> {
+        self.guard()?;
+        match self.store.head(&self.key(rel)).await {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(&format!("cannot look up {rel}"), e)),
+        }
+    }
+
+    /// The engine's clock now: what a write made now is stamped with.
+    /// Replicas compare times only by this clock, never by their own.
+    pub async fn now(&self) -> io::Result<SystemTime> {
+        const CLOCK: &str = "_pullgate/clock";
+        self.write_doc(CLOCK, Vec::new()).await?;
+        self.written(CLOCK)
+            .await?
+            .ok_or_else(|| io::Error::other(format!("{}: {CLOCK} vanished", self.describe)))
     }
 }
 
@@ -699,6 +743,8 @@ mod tests {
             access_key: "a".into(),
             secret_key: "s".into(),
             ca_pem: None,
+            max_size: None,
+            min_idle: S3Config::MIN_IDLE,
         };
         let b = Bucket::s3(&config).unwrap();
         let first = b.read_doc("tags/x").await.err().expect("no engine");

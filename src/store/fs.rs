@@ -208,6 +208,11 @@ impl FsStore {
         self.0.index.digests()
     }
 
+    /// Whether the blob `d` is a manifest (kept from eviction).
+    pub fn is_manifest(&self, d: &Digest) -> bool {
+        self.0.index.is_manifest(d)
+    }
+
     pub(super) fn inner(&self) -> &Inner {
         &self.0
     }

@@ -88,6 +88,11 @@ impl Index {
         lock(&self.inner).blobs.contains_key(d)
     }
 
+    /// Whether `d` is indexed as a manifest.
+    pub fn is_manifest(&self, d: &Digest) -> bool {
+        lock(&self.inner).blobs.get(d).is_some_and(|e| e.manifest)
+    }
+
     pub fn total(&self) -> u64 {
         lock(&self.inner).total
     }

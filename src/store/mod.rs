@@ -42,7 +42,7 @@ pub use fs::FsStore;
 pub use index::ReadGuard;
 pub use memory::{Chunks, MemoryStore};
 pub use overlay::Overlay;
-pub use shared::SharedStore;
+pub use shared::{Limit as BucketLimit, SharedStore};
 
 /// A store operation that may wait for a disk.
 pub type StoreFuture<'a, T> = BoxFuture<'a, io::Result<T>>;
@@ -257,6 +257,11 @@ pub fn attach(storage: &crate::config::StorageConfig) -> io::Result<Arc<dyn Stor
             local,
             Bucket::s3(s3)?,
             storage.tag_ttl,
+            // Commands leave eviction to the servers.
+            BucketLimit {
+                max_size: None,
+                min_idle: s3.min_idle,
+            },
             Arc::new(crate::metrics::Metrics::new()),
         )),
     })

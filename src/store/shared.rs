@@ -35,6 +35,9 @@ use crate::metrics::Metrics;
 use crate::oci::names::{Digest, RepoName, Tag};
 use crate::oci::Manifest;
 
+mod evict;
+pub use evict::{Limit, Pass};
+
 /// Blobs up to this size found only in the bucket are copied whole into
 /// the local tier when opened (configs, signature payloads); larger ones
 /// stream through the blob fetch.
@@ -71,9 +74,11 @@ struct Inner {
     /// Blobs whose upload failed (the engine away), tried again later.
     retry: Mutex<HashSet<Digest>>,
     /// Fetch leases this replica holds, with the tasks that renew them.
-    leases: Mutex<std::collections::HashMap<Digest, tokio::task::JoinHandle<()>>>,
+    leases: Mutex<std::collections::HashMap<Digest, evict::Aborts>>,
     /// Names this replica in its leases.
     holder: String,
+    /// Least-recently-used eviction in the bucket.
+    evict: evict::State,
 }
 
 /// A fetch lease as stored: who holds it, until when (unix ms).
@@ -81,6 +86,14 @@ struct Inner {
 struct LeaseDoc {
     holder: String,
     until: u64,
+}
+
+/// What looking for a blob to stream from the bucket found.
+enum Streamed {
+    Blob(SharedBlob),
+    Absent,
+    /// An evictor is removing it (see [`evict`]).
+    Evicting,
 }
 
 fn unix_ms() -> u64 {
@@ -109,8 +122,15 @@ const RETRY_EVERY: Duration = Duration::from_secs(15);
 
 impl SharedStore {
     /// The local tier `local` in front of `bucket`; the bucket's records are
-    /// trusted for `fresh` (the tag TTL).
-    pub fn new(local: FsStore, bucket: Bucket, fresh: Duration, metrics: Arc<Metrics>) -> Self {
+    /// trusted for `fresh` (the tag TTL). With a `limit.max_size`, this
+    /// replica evicts from the bucket too (see [`SharedStore::spawn_eviction`]).
+    pub fn new(
+        local: FsStore,
+        bucket: Bucket,
+        fresh: Duration,
+        limit: Limit,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         SharedStore(Arc::new(Inner {
             local,
             bucket,
@@ -135,6 +155,7 @@ impl SharedStore {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos())
             ),
+            evict: evict::State::new(limit),
         }))
     }
 
@@ -169,6 +190,18 @@ impl SharedStore {
         });
     }
 
+    /// Runs eviction in the bucket (with [`Limit::max_size`]): a pass now, one every
+    /// few minutes and whenever this replica's uploads take the bucket over
+    /// `max_size`, and marks of what the local tier serves.
+    pub fn spawn_eviction(&self) {
+        self.0.spawn_eviction();
+    }
+
+    /// One eviction pass now (`None`: another replica is running one).
+    pub async fn evict_pass(&self) -> io::Result<Option<Pass>> {
+        self.0.pass().await
+    }
+
     pub fn bucket(&self) -> &Bucket {
         &self.0.bucket
     }
@@ -188,11 +221,21 @@ impl SharedStore {
             .into_iter()
             .map(|(d, _)| d)
             .collect();
+        let marked: HashSet<Digest> = self
+            .0
+            .bucket
+            .list("manifests/sha256")
+            .await?
+            .iter()
+            .filter_map(|(rel, _)| Digest::from_hex(rel.rsplit('/').next()?))
+            .collect();
         let mut queued = 0;
         for d in self.0.local.digests() {
             if !held.contains(&d) {
                 self.0.clone().spawn_upload(d);
                 queued += 1;
+            } else if self.0.local.is_manifest(&d) && !marked.contains(&d) {
+                self.0.mark_manifest(&d).await?;
             }
         }
         Ok(queued)
@@ -252,28 +295,14 @@ impl Inner {
 
     /// Notes a lease taken and keeps it renewed until it is released.
     fn hold(self: &Arc<Self>, d: Digest) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        let Some(renew) = self.renewing(Inner::lease_rel(&d)) else {
             return;
         };
-        let weak = Arc::downgrade(self);
-        let renew = rt.spawn(async move {
-            loop {
-                tokio::time::sleep(LEASE_RENEW).await;
-                let Some(inner) = weak.upgrade() else { return };
-                let rel = Inner::lease_rel(&d);
-                if let Err(e) = inner.bucket.write_doc(&rel, inner.lease_doc()).await {
-                    tracing::debug!(digest = %d, "cannot renew a fetch lease: {e}");
-                }
-            }
-        });
-        if let Some(old) = self
-            .leases
+        // The old renewal, if any, stops as it is dropped.
+        self.leases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(d, renew)
-        {
-            old.abort();
-        }
+            .insert(d, renew);
     }
 
     /// Ends a lease this replica holds (none: nothing happens).
@@ -286,7 +315,7 @@ impl Inner {
         else {
             return;
         };
-        renew.abort();
+        drop(renew);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -297,6 +326,60 @@ impl Inner {
                 tracing::debug!(digest = %d, "cannot end a fetch lease (it lapses): {e}");
             }
         });
+    }
+
+    /// Takes over the lease at `rel`, which held `held`, if its holder let
+    /// it lapse: by compare-and-swap, so that of several replicas one does.
+    /// Whether this one did.
+    async fn take_lapsed(&self, rel: &str, held: &[u8]) -> io::Result<bool> {
+        let lapsed = serde_json::from_slice::<LeaseDoc>(held).map_or(true, |l| l.until < unix_ms());
+        if !lapsed {
+            return Ok(false);
+        }
+        let mut took = false;
+        let ours = self.lease_doc();
+        let mut take = |cur: Option<&[u8]>| match cur {
+            Some(c) if c == held => {
+                took = true;
+                Some(ours.clone())
+            }
+            Some(c) => Some(c.to_vec()),
+            None => {
+                took = true;
+                Some(ours.clone())
+            }
+        };
+        self.bucket.update_doc(rel, &mut take).await?;
+        Ok(took)
+    }
+
+    /// Takes the lease at `rel`, free or lapsed; whether this replica holds
+    /// it now.
+    async fn take_lease(&self, rel: &str) -> io::Result<bool> {
+        if self.bucket.create_doc(rel, self.lease_doc()).await? {
+            return Ok(true);
+        }
+        match self.bucket.read_doc(rel).await? {
+            Some(doc) => self.take_lapsed(rel, &doc.bytes).await,
+            // Released in between.
+            None => self.bucket.create_doc(rel, self.lease_doc()).await,
+        }
+    }
+
+    /// Keeps the lease at `rel` renewed until what it returns is dropped.
+    fn renewing(self: &Arc<Self>, rel: String) -> Option<evict::Aborts> {
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let weak = Arc::downgrade(self);
+        let task = rt.spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = inner.bucket.write_doc(&rel, inner.lease_doc()).await {
+                    tracing::debug!("cannot renew the lease {rel}: {e}");
+                }
+            }
+        });
+        Some(evict::Aborts(task.abort_handle()))
     }
 
     /// Takes the lease on fetching `d`, or waits for the replica that holds
@@ -313,41 +396,23 @@ impl Inner {
             // Held by another replica: its blob, or the lease once it lapses.
             loop {
                 if self.bucket.blob_size(d).await?.is_some() {
-                    if let Some((size, body)) = self.bucket.blob_stream(d).await? {
-                        self.count("lease", "waited");
-                        return Ok(Some(SharedBlob {
-                            size,
-                            body,
-                            from: self.bucket.describe().into(),
-                        }));
+                    match self.stream_marked(d).await? {
+                        Streamed::Blob(b) => {
+                            self.count("lease", "waited");
+                            return Ok(Some(b));
+                        }
+                        // Going as it came: fetched here, without the lease.
+                        Streamed::Evicting => return Ok(None),
+                        Streamed::Absent => {}
                     }
                 }
                 let Some(doc) = self.bucket.read_doc(&rel).await? else {
                     break; // released without the blob (its fetch failed): ours to try
                 };
-                let lapsed = serde_json::from_slice::<LeaseDoc>(&doc.bytes)
-                    .map_or(true, |l| l.until < unix_ms());
-                if lapsed {
-                    // Taken over by compare-and-swap: of several waiters, one.
-                    let mut took = false;
-                    let ours = self.lease_doc();
-                    let mut take = |cur: Option<&[u8]>| match cur {
-                        Some(c) if c == &doc.bytes[..] => {
-                            took = true;
-                            Some(ours.clone())
-                        }
-                        Some(c) => Some(c.to_vec()),
-                        None => {
-                            took = true;
-                            Some(ours.clone())
-                        }
-                    };
-                    self.bucket.update_doc(&rel, &mut take).await?;
-                    if took {
-                        self.count("lease", "ok");
-                        self.hold(*d);
-                        return Ok(None);
-                    }
+                if self.take_lapsed(&rel, &doc.bytes).await? {
+                    self.count("lease", "ok");
+                    self.hold(*d);
+                    return Ok(None);
                 }
                 if std::time::Instant::now() > give_up {
                     return Ok(None);
@@ -357,11 +422,35 @@ impl Inner {
         }
     }
 
+    /// `d` streaming from the bucket, marked read while it does (see
+    /// [`evict`]).
+    async fn stream_marked(self: &Arc<Self>, d: &Digest) -> io::Result<Streamed> {
+        if !self.mark_read(d).await? {
+            return Ok(Streamed::Evicting);
+        }
+        Ok(match self.bucket.blob_stream(d).await? {
+            Some((size, body)) => Streamed::Blob(SharedBlob {
+                size,
+                body: self.marked(*d, body),
+                from: self.bucket.describe().into(),
+            }),
+            None => Streamed::Absent,
+        })
+    }
+
+    /// Notes in the bucket that `d` is a manifest (never evicted).
+    async fn mark_manifest(&self, d: &Digest) -> io::Result<()> {
+        self.bucket
+            .write_doc(&evict::manifest_rel(d), Vec::new())
+            .await
+    }
+
     /// Completes a streaming upload of a blob just committed locally; on
     /// failure the blob goes up from the local tier instead.
     fn complete_streaming(
         self: Arc<Self>,
         d: Digest,
+        size: u64,
         s: StreamingUpload,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
@@ -387,6 +476,7 @@ impl Inner {
                     self.count("upload", "ok");
                     self.pending_changed();
                     self.release(&d);
+                    self.note_added(size);
                 }
                 Err(e) => {
                     self.failed("upload", &e);
@@ -426,7 +516,14 @@ impl Inner {
                     self.count("upload", "ok");
                     tracing::debug!(digest = %d, "blob uploaded to the shared bucket");
                 }
-                Ok(Uploaded::Present) => self.count("upload", "present"),
+                Ok(Uploaded::Present) => {
+                    self.count("upload", "present");
+                    // Present, but maybe not for long: again once the
+                    // eviction that sent us elsewhere is over.
+                    if self.evict.was_evicting(&d) {
+                        self.again(d);
+                    }
+                }
                 Err(e) => {
                     self.failed("upload", &e);
                     // A local copy that no longer matches is fsck's, not ours.
@@ -442,7 +539,7 @@ impl Inner {
         });
     }
 
-    async fn upload(&self, d: &Digest) -> io::Result<Uploaded> {
+    async fn upload(self: &Arc<Self>, d: &Digest) -> io::Result<Uploaded> {
         let _permit = self.uploads.acquire().await.map_err(io::Error::other)?;
         // Open: pinned against eviction while it goes up.
         let Some(h) = self.local.open(d).await? else {
@@ -450,10 +547,17 @@ impl Inner {
                 "blob {d} left the local tier before it was uploaded"
             )));
         };
-        match h.source {
-            Source::File(file) => self.bucket.upload_file(d, file, h.size).await,
-            Source::Memory(_) => Err(io::Error::other("the local tier holds files")),
+        let uploaded = match h.source {
+            Source::File(file) => self.bucket.upload_file(d, file, h.size).await?,
+            Source::Memory(_) => return Err(io::Error::other("the local tier holds files")),
+        };
+        if self.local.is_manifest(d) {
+            self.mark_manifest(d).await?;
         }
+        if uploaded == Uploaded::Written {
+            self.note_added(h.size);
+        }
+        Ok(uploaded)
     }
 
     /// A blob the bucket holds, copied whole into the local tier.
@@ -516,11 +620,13 @@ impl Store for SharedStore {
     fn open<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<BlobHandle>> {
         async move {
             if let Some(h) = self.0.local.open(d).await? {
+                self.0.note_used(d);
                 return Ok(Some(h));
             }
             match self.0.fetch_small(d).await {
                 Ok(Some(h)) => {
                     self.0.count("read_blob", "ok");
+                    self.0.note_used(d);
                     Ok(Some(h))
                 }
                 Ok(None) => Ok(None),
@@ -536,19 +642,22 @@ impl Store for SharedStore {
 
     fn shared_blob<'a>(&'a self, d: &'a Digest) -> StoreFuture<'a, Option<SharedBlob>> {
         async move {
-            match self.0.bucket.blob_stream(d).await {
-                Ok(Some((size, body))) => {
+            let found = match self.0.bucket.blob_size(d).await {
+                Ok(Some(_)) => self.0.stream_marked(d).await,
+                Ok(None) => Ok(Streamed::Absent),
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(Streamed::Blob(b)) => {
                     self.0.count("read_blob", "ok");
-                    Ok(Some(SharedBlob {
-                        size,
-                        body,
-                        from: self.0.bucket.describe().into(),
-                    }))
+                    Ok(Some(b))
                 }
-                Ok(None) => {
+                Ok(Streamed::Absent) => {
                     self.0.count("read_blob", "absent");
                     Ok(None)
                 }
+                // Counted where it was found.
+                Ok(Streamed::Evicting) => Ok(None),
                 Err(e) => {
                     self.0.failed("read_blob", &e);
                     Ok(None)
@@ -678,8 +787,19 @@ impl Store for SharedStore {
                 .put_blob_bytes(&m.digest, m.bytes.clone())
                 .await
             {
-                Ok(Uploaded::Written) => self.0.count("write_manifest", "ok"),
-                Ok(Uploaded::Present) => self.0.count("write_manifest", "present"),
+                Ok(written) => {
+                    let result = match written {
+                        Uploaded::Written => "ok",
+                        Uploaded::Present => "present",
+                    };
+                    match self.0.mark_manifest(&m.digest).await {
+                        Ok(()) => self.0.count("write_manifest", result),
+                        Err(e) => {
+                            self.0.failed("write_manifest", &e);
+                            self.0.again(m.digest);
+                        }
+                    }
+                }
                 Err(e) => {
                     self.0.failed("write_manifest", &e);
                     // Goes up with the failed blob uploads.
@@ -1002,7 +1122,7 @@ impl BlobWriter for SharedWriter {
                 }
             };
             match stream {
-                Some(s) => store.complete_streaming(digest, s, permit),
+                Some(s) => store.complete_streaming(digest, size, s, permit),
                 None => store.spawn_upload(digest),
             }
             Ok(size)

@@ -34,12 +34,22 @@ pub(super) fn shared_store(
     dir: &Path,
     bucket: Option<Arc<object_store::memory::InMemory>>,
 ) -> SharedStore {
+    shared_store_limited(dir, bucket, BucketLimit::default())
+}
+
+/// The same, evicting from the bucket beyond `limit`.
+pub(super) fn shared_store_limited(
+    dir: &Path,
+    bucket: Option<Arc<object_store::memory::InMemory>>,
+    limit: BucketLimit,
+) -> SharedStore {
     let metrics = Arc::new(Metrics::new());
     let bucket = bucket.unwrap_or_default();
     SharedStore::new(
         FsStore::open(dir, None, metrics.clone()).unwrap(),
         Bucket::new(bucket, "site", "memory://test".into()),
         Duration::from_secs(60),
+        limit,
         metrics,
     )
 }
