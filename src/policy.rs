@@ -77,7 +77,7 @@ impl Reason {
                 "the blob is not part of an approved manifest of this repository"
             }
             Reason::VerificationUnavailable => {
-                "signatures could not be fetched from the upstream, and no earlier verdict is known"
+                "signatures, approvals or base images could not be read (from the upstream or pullgate's store), and no earlier verdict is known"
             }
         }
     }

@@ -722,6 +722,13 @@ async fn with_the_engine_down_replicas_serve_their_local_tier_and_fail_closed() 
         "served without the approval being readable: {body}"
     );
     assert!(body.contains("verification-unavailable"), "{body}");
+    assert!(
+        body.contains("could not be read from pullgate's store"),
+        "{body}"
+    );
+    // Where the bucket is stays in the log.
+    assert!(!body.contains(&engine.endpoint()), "{body}");
+    assert!(!body.contains("s3://"), "{body}");
     assert!(a.metric("pullgate_bucket_requests_total{op=\"approval\",result=\"error\"}") >= 1.0);
 
     // The engine back: ready, and the approval is honoured.

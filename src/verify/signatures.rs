@@ -67,7 +67,12 @@ impl Sources<'_> {
         trace: Option<&Trace>,
     ) -> Result<Finding, ContentError> {
         let held = self.content.store.approvals(digest).await.map_err(|e| {
-            ContentError::Internal(format!("cannot read approvals of {digest}: {e}"))
+            // Clients get the verdict, not where the store is: the
+            // shared bucket's address stays in the log.
+            tracing::warn!(%digest, "cannot read approvals: {e}");
+            ContentError::Internal(format!(
+                "the approvals of {digest} could not be read from pullgate's store (its log has why)"
+            ))
         })?;
         match approvals::check(&held, digest, &keys.keys) {
             Ok(i) => {
