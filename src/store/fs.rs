@@ -84,6 +84,9 @@ pub struct FsStore(Arc<Inner>);
 pub(super) struct Inner {
     /// Held (flock) for the life of the store; `None` when attached.
     _lock: Option<File>,
+    /// Names this store across restarts (`tier-id` in its root); `None`
+    /// when attached.
+    id: Option<String>,
     pub(super) root: PathBuf,
     /// Attached beside a running server: no index, so blobs are looked up
     /// on disk.
@@ -96,6 +99,30 @@ pub(super) struct Inner {
     /// Serialises read-modify-write updates of tag records.
     tag_updates: Mutex<()>,
     temp_seq: AtomicU64,
+}
+
+/// The store's name, from `tier-id` in its root, made at its first open.
+/// Only its server (holding the lock) writes it.
+fn tier_id(root: &Path) -> io::Result<String> {
+    let path = root.join("tier-id");
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let seed = format!(
+        "{}:{}:{:?}",
+        root.display(),
+        std::process::id(),
+        SystemTime::now()
+    );
+    let id = Digest::of(seed.as_bytes()).hex()[..16].to_owned();
+    let temp = root.join("tmp/tier-id");
+    fs::write(&temp, format!("{id}\n"))?;
+    fs::rename(&temp, &path)?;
+    sync_dir(root);
+    Ok(id)
 }
 
 /// Runs blocking store work off the async worker threads.
@@ -170,7 +197,11 @@ impl FsStore {
             bytes = index.total(),
             "store opened"
         );
-        let store = FsStore::new(root, Some(lock), false, index);
+        let id = tier_id(root)?;
+        let mut store = FsStore::new(root, Some(lock), false, index);
+        if let Some(inner) = Arc::get_mut(&mut store.0) {
+            inner.id = Some(id);
+        }
         store.0.evict();
         Ok(store)
     }
@@ -186,6 +217,7 @@ impl FsStore {
     fn new(root: &Path, lock: Option<File>, attached: bool, index: Index) -> FsStore {
         FsStore(Arc::new(Inner {
             _lock: lock,
+            id: None,
             root: root.to_path_buf(),
             attached,
             index,
@@ -206,6 +238,12 @@ impl FsStore {
     /// The blobs held, from the index.
     pub fn digests(&self) -> Vec<Digest> {
         self.0.index.digests()
+    }
+
+    /// What names this store across restarts of its server (`None` when
+    /// attached): a replica knows the leases its predecessor held by it.
+    pub fn id(&self) -> Option<&str> {
+        self.0.id.as_deref()
     }
 
     /// Whether the blob `d` is a manifest (kept from eviction).

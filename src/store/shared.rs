@@ -75,8 +75,11 @@ struct Inner {
     retry: Mutex<HashSet<Digest>>,
     /// Fetch leases this replica holds, with the tasks that renew them.
     leases: Mutex<std::collections::HashMap<Digest, evict::Aborts>>,
-    /// Names this replica in its leases.
+    /// Names this replica in its leases: `<tier id>/<process>`, so that a
+    /// replica restarted on the same local tier knows its predecessor's.
     holder: String,
+    /// The local tier's id (`None`: attached, for a command).
+    tier: Option<String>,
     /// Least-recently-used eviction in the bucket.
     evict: evict::State,
 }
@@ -131,6 +134,7 @@ impl SharedStore {
         limit: Limit,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let tier = local.id().map(str::to_owned);
         SharedStore(Arc::new(Inner {
             local,
             bucket,
@@ -149,12 +153,14 @@ impl SharedStore {
             retry: Mutex::new(HashSet::new()),
             leases: Mutex::new(std::collections::HashMap::new()),
             holder: format!(
-                "{}-{}",
+                "{}{}-{}",
+                tier.as_deref().map_or(String::new(), |t| format!("{t}/")),
                 std::process::id(),
                 SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos())
             ),
+            tier,
             evict: evict::State::new(limit),
         }))
     }
@@ -332,7 +338,8 @@ impl Inner {
     /// it lapse: by compare-and-swap, so that of several replicas one does.
     /// Whether this one did.
     async fn take_lapsed(&self, rel: &str, held: &[u8]) -> io::Result<bool> {
-        let lapsed = serde_json::from_slice::<LeaseDoc>(held).map_or(true, |l| l.until < unix_ms());
+        let lapsed = serde_json::from_slice::<LeaseDoc>(held)
+            .map_or(true, |l| l.until < unix_ms() || self.predecessor(&l.holder));
         if !lapsed {
             return Ok(false);
         }
@@ -351,6 +358,17 @@ impl Inner {
         };
         self.bucket.update_doc(rel, &mut take).await?;
         Ok(took)
+    }
+
+    /// Whether `holder` is an earlier process on this replica's local tier:
+    /// one that died (the tier's lock allows one server at a time), whose
+    /// leases need not be waited out.
+    fn predecessor(&self, holder: &str) -> bool {
+        let Some(tier) = &self.tier else { return false };
+        holder != self.holder
+            && holder
+                .strip_prefix(tier.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
     }
 
     /// Takes the lease at `rel`, free or lapsed; whether this replica holds
@@ -1409,6 +1427,46 @@ mod tests {
         );
         b.discard_shared(&d).await.unwrap();
         assert_eq!(b.shared_size(&d).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_restarted_on_its_tier_takes_its_predecessors_leases_at_once() {
+        let bucket = Arc::new(InMemory::new());
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let d = Digest::of(b"being fetched when the replica died");
+        let first = shared_store(dirs.0.path(), Some(bucket.clone()));
+        assert!(first.lease_fetch(&d).await.unwrap().is_none(), "taken");
+        let id = first.local().id().unwrap().to_owned();
+        // Killed: its lease stays in the bucket, fresh for 30 s.
+        drop(first);
+        let other = shared_store(dirs.1.path(), Some(bucket.clone()));
+        let waits = tokio::time::timeout(Duration::from_secs(2), other.lease_fetch(&d)).await;
+        assert!(
+            waits.is_err(),
+            "another replica waits for the lease to lapse"
+        );
+        let again = shared_store(dirs.0.path(), Some(bucket.clone()));
+        assert_eq!(
+            again.local().id(),
+            Some(id.as_str()),
+            "the tier keeps its id"
+        );
+        let took = tokio::time::timeout(Duration::from_secs(2), again.lease_fetch(&d))
+            .await
+            .expect("its successor does not wait")
+            .unwrap();
+        assert!(took.is_none(), "and fetches itself");
+        let held: LeaseDoc = serde_json::from_slice(
+            &again
+                .bucket()
+                .read_doc(&Inner::lease_rel(&d))
+                .await
+                .unwrap()
+                .unwrap()
+                .bytes,
+        )
+        .unwrap();
+        assert_eq!(held.holder, again.0.holder);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
