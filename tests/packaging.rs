@@ -194,6 +194,9 @@ fn every_kubernetes_manifest_passes_strict_validation() {
         std::fs::write(&f, kustomize(path)).unwrap();
         files.push(f);
     }
+    let f = dir.path().join("replicas.yaml");
+    std::fs::write(&f, kustomize_replicas()).unwrap();
+    files.push(f);
     // The files as they are, too (kustomization.yaml is kustomize's own).
     for sub in [
         "deploy/kubernetes",
@@ -254,7 +257,9 @@ fn check_locked_down(c: &Value, root_ok: bool) {
 /// The probes hit the config's admin port, which must listen beyond
 /// loopback: the kubelet probes the pod's address (under hostNetwork, the
 /// node's), never 127.0.0.1.
-fn probes(c: &Value, config: &toml::Table) {
+/// The probes ask the admin listener: `ready` for readiness, `/healthz`
+/// for the others.
+fn probes(c: &Value, config: &toml::Table, ready: &str) {
     let admin: SocketAddr = config["admin"]["listen"].as_str().unwrap().parse().unwrap();
     assert!(
         !admin.ip().is_loopback(),
@@ -275,7 +280,7 @@ fn probes(c: &Value, config: &toml::Table) {
         }
     };
     for (probe, path) in [
-        ("readinessProbe", "/readyz"),
+        ("readinessProbe", ready),
         ("livenessProbe", "/healthz"),
         ("startupProbe", "/healthz"),
     ] {
@@ -325,7 +330,7 @@ fn the_node_daemonset_is_locked_down_and_starts_without_itself() {
     let main = &pod["containers"][0];
     assert_eq!(pod["containers"].as_array().unwrap().len(), 1);
     check_locked_down(main, false);
-    probes(main, &config);
+    probes(main, &config, "/readyz");
     let server = config["server"]["listen"].as_str().unwrap();
     assert_eq!(
         server, "127.0.0.1:5000",
@@ -462,7 +467,7 @@ fn the_gateway_serves_tls_and_users_from_secrets_with_its_store_on_a_volume() {
         .unwrap();
     let text = s(&find(&docs, "ConfigMap", cm_name)["data"]["pullgate.toml"]).to_string();
     let config: toml::Table = text.parse().unwrap();
-    probes(main, &config);
+    probes(main, &config, "/readyz");
 
     // Every file the config names is on a volume from a Secret or a ConfigMap.
     let mounts = main["volumeMounts"].as_array().unwrap();
@@ -517,7 +522,22 @@ fn the_gateway_serves_tls_and_users_from_secrets_with_its_store_on_a_volume() {
         dep["spec"]["selector"]["matchLabels"]
     );
 
-    // The config loads with example files where the Secrets are mounted.
+    gateway_config_loads(&text, &[]);
+
+    // The alert rules and the dashboard ship as ConfigMaps.
+    let rules = find(&docs, "ConfigMap", "pullgate-prometheus-rules");
+    assert_eq!(
+        s(&rules["data"]["rules.yml"]),
+        std::fs::read_to_string(repo().join("deploy/prometheus/rules.yml")).unwrap()
+    );
+    let dash = find(&docs, "ConfigMap", "pullgate-grafana-dashboard");
+    assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
+    serde_json::from_str::<Value>(s(&dash["data"]["pullgate.json"])).unwrap();
+}
+
+/// The gateway's config `text` loads (`check-config`) with example files
+/// where the Secrets are mounted, and `env` set.
+fn gateway_config_loads(text: &str, env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let etc = dir.path();
     let ex = repo().join("config/examples-secrets");
@@ -536,18 +556,98 @@ fn the_gateway_serves_tls_and_users_from_secrets_with_its_store_on_a_volume() {
         text.replace("/etc/pullgate/", &format!("{}/", etc.display())),
     )
     .unwrap();
-    let (ok, out) = output(Command::new(BIN).arg("check-config").arg(&file));
+    let mut check = Command::new(BIN);
+    check.arg("check-config").arg(&file);
+    for (k, v) in env {
+        check.env(k, v);
+    }
+    let (ok, out) = output(&mut check);
     assert!(ok, "{out}");
+}
 
-    // The alert rules and the dashboard ship as ConfigMaps.
-    let rules = find(&docs, "ConfigMap", "pullgate-prometheus-rules");
-    assert_eq!(
-        s(&rules["data"]["rules.yml"]),
-        std::fs::read_to_string(repo().join("deploy/prometheus/rules.yml")).unwrap()
+/// `deploy/kubernetes` with the `gateway-replicas` component, as a user
+/// turns it on, as YAML.
+fn kustomize_replicas() -> String {
+    let target = repo().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let dir = tempfile::tempdir_in(&target).unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../deploy/kubernetes\ncomponents:\n  - ../../deploy/kubernetes/gateway-replicas\n",
+    )
+    .unwrap();
+    real::run(
+        Command::new(tool("kubectl"))
+            .arg("kustomize")
+            .arg(dir.path()),
+    )
+}
+
+#[test]
+fn gateway_replicas_share_a_bucket_keep_no_volume_and_roll_one_at_a_time() {
+    let docs = yaml_docs(&kustomize_replicas());
+    let dep = find(&docs, "Deployment", "pullgate-gateway");
+    let pod = &dep["spec"]["template"]["spec"];
+    let main = &pod["containers"][0];
+    check_locked_down(main, false);
+    assert!(dep["spec"]["replicas"].as_u64().unwrap() >= 2);
+    assert_eq!(dep["spec"]["strategy"]["type"], "RollingUpdate");
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "PersistentVolumeClaim"),
+        "the replicas keep no volume claim"
     );
-    let dash = find(&docs, "ConfigMap", "pullgate-grafana-dashboard");
-    assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
-    serde_json::from_str::<Value>(s(&dash["data"]["pullgate.json"])).unwrap();
+    let pdb = find(&docs, "PodDisruptionBudget", "pullgate-gateway");
+    assert_eq!(
+        pdb["spec"]["selector"], dep["spec"]["selector"],
+        "the budget covers the replicas"
+    );
+
+    let cm_name = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| {
+            v["configMap"]["name"]
+                .as_str()
+                .filter(|n| n.starts_with("pullgate-gateway-") && *n != "pullgate-gateway-keys")
+        })
+        .unwrap();
+    let text = s(&find(&docs, "ConfigMap", cm_name)["data"]["pullgate.toml"]).to_string();
+    let config: toml::Table = text.parse().unwrap();
+    // Readiness does not hang on the bucket: all replicas would go at once.
+    probes(main, &config, "/healthz");
+    let s3 = config["storage"]["s3"].as_table().expect("[storage.s3]");
+    // The keys come from the Secret, by the names the config reads.
+    let env = main["env"].as_array().unwrap();
+    for key in ["access_key_env", "secret_key_env"] {
+        let var = s3[key].as_str().unwrap();
+        let e = env
+            .iter()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("{var} is not set in the pod"));
+        assert_eq!(
+            e["valueFrom"]["secretKeyRef"]["name"],
+            "pullgate-gateway-s3"
+        );
+    }
+    // The local tier is an emptyDir larger than its max_size.
+    let store = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "store")
+        .unwrap();
+    assert!(store["persistentVolumeClaim"].is_null(), "{store}");
+    let limit = bytes(s(&store["emptyDir"]["sizeLimit"]));
+    let max = bytes(config["storage"]["max_size"].as_str().unwrap());
+    assert!(max < limit, "storage.max_size must fit the emptyDir");
+    gateway_config_loads(
+        &text,
+        &[
+            ("PULLGATE_S3_ACCESS_KEY", "example"),
+            ("PULLGATE_S3_SECRET_KEY", "example"),
+        ],
+    );
 }
 
 /// The release binary that `cargo build --release --locked` wrote (./test.sh
