@@ -328,10 +328,24 @@ impl Inner {
         let this = self.clone();
         let d = *d;
         rt.spawn(async move {
-            if let Err(e) = this.bucket.delete(&Inner::lease_rel(&d)).await {
+            if let Err(e) = this.end_lease(&Inner::lease_rel(&d)).await {
                 tracing::debug!(digest = %d, "cannot end a fetch lease (it lapses): {e}");
             }
         });
+    }
+
+    /// Removes the lease at `rel` if this replica still holds it: one that
+    /// lapsed (renewals failed) and was taken over is the new holder's.
+    async fn end_lease(&self, rel: &str) -> io::Result<()> {
+        let Some(doc) = self.bucket.read_doc(rel).await? else {
+            return Ok(());
+        };
+        let ours =
+            serde_json::from_slice::<LeaseDoc>(&doc.bytes).is_ok_and(|l| l.holder == self.holder);
+        if ours {
+            self.bucket.delete(rel).await?;
+        }
+        Ok(())
     }
 
     /// Takes over the lease at `rel`, which held `held`, if its holder let
@@ -1427,6 +1441,48 @@ mod tests {
         );
         b.discard_shared(&d).await.unwrap();
         assert_eq!(b.shared_size(&d).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_holder_ends_its_own_lease_not_the_one_that_took_it_over() {
+        let bucket = Arc::new(InMemory::new());
+        let dir = tempfile::tempdir().unwrap();
+        let a = shared_store(dir.path(), Some(bucket.clone()));
+        let (mine, theirs) = (Digest::of(b"mine"), Digest::of(b"theirs"));
+        for d in [&mine, &theirs] {
+            assert!(a.lease_fetch(d).await.unwrap().is_none(), "taken");
+        }
+        // One lapsed (renewals failed) and another replica took it over.
+        let other = serde_json::to_vec(&LeaseDoc {
+            holder: "other".into(),
+            until: unix_ms() + 30_000,
+        })
+        .unwrap();
+        let rel = Inner::lease_rel(&theirs);
+        a.bucket().write_doc(&rel, other.clone()).await.unwrap();
+        a.release_fetch(&mine);
+        a.0.end_lease(&rel).await.unwrap();
+        for _ in 0..100 {
+            if a.bucket()
+                .read_doc(&Inner::lease_rel(&mine))
+                .await
+                .unwrap()
+                .is_none()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            a.bucket()
+                .read_doc(&Inner::lease_rel(&mine))
+                .await
+                .unwrap()
+                .is_none(),
+            "its own lease ended"
+        );
+        let held = a.bucket().read_doc(&rel).await.unwrap().expect("kept");
+        assert_eq!(held.bytes, other, "the new holder's lease stays");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

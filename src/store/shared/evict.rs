@@ -343,7 +343,7 @@ impl Inner {
         }
         let _renew = self.renewing(EVICT_LEASE.to_owned());
         let result = self.pass_held(max_size, self.evict.limit.min_idle).await;
-        if let Err(e) = self.bucket.delete(EVICT_LEASE).await {
+        if let Err(e) = self.end_lease(EVICT_LEASE).await {
             tracing::debug!("cannot end the eviction lease (it lapses): {e}");
         }
         result.map(Some)
