@@ -212,10 +212,13 @@ enum Command {
     /// quarantine/<time>/ in the store, at its relative path, and listed. Safe
     /// beside a running server, which fetches what it then misses again.
     /// Without a server, temp files of the one that stopped are removed.
+    /// With [storage.s3], the shared bucket is checked too: every blob hashed
+    /// (it reads the whole bucket), tag records and approvals parsed, and what
+    /// is wrong moved under quarantine/<time>/ in the bucket.
     /// Exit status: 0 no problems, 1 problems found (and moved aside),
-    /// 64 bad config, 74 the store cannot be read.
+    /// 64 bad config, 74 the store or the bucket cannot be read.
     Fsck {
-        /// Config file whose [storage] path is checked.
+        /// Config file whose [storage] path (and [storage.s3] bucket) is checked.
         #[arg(short, long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: PathBuf,
     },

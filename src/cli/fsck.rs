@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use pullgate::store::fsck::{self, Progress};
 
-use super::load_config;
+use super::{load_config, runtime};
 
 /// Exit status when the store cannot be read (EX_IOERR).
 const EXIT_IO: u8 = 74;
@@ -66,11 +66,8 @@ pub fn fsck(config: &Path) -> ExitCode {
             report.temp_removed
         );
     }
-    match &report.quarantine {
-        None => {
-            println!("no problems found");
-            ExitCode::SUCCESS
-        }
+    let mut clean = match &report.quarantine {
+        None => true,
         Some(q) => {
             let n = report.findings.len();
             println!(
@@ -78,7 +75,72 @@ pub fn fsck(config: &Path) -> ExitCode {
                 if n == 1 { "problem" } else { "problems" },
                 q.display()
             );
-            ExitCode::FAILURE
+            false
+        }
+    };
+    if let Some(s3) = &config.storage.s3 {
+        match bucket(s3, terminal) {
+            Ok(ok) => clean &= ok,
+            Err(code) => return code,
         }
     }
+    if clean {
+        println!("no problems found");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Checks the replicas' shared bucket too; whether it was clean.
+fn bucket(s3: &pullgate::config::S3Config, terminal: bool) -> Result<bool, ExitCode> {
+    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return Err(ExitCode::FAILURE);
+    };
+    let mut progress = |p: Progress| {
+        if terminal {
+            eprint!(
+                "\rfsck: bucket: {} blobs, {} checked",
+                p.blobs,
+                bytesize::ByteSize(p.bytes).to_string_as(true)
+            );
+        }
+    };
+    let result = rt.block_on(async {
+        let bucket = pullgate::store::Bucket::s3(s3)?;
+        bucket.check().await?;
+        let report = pullgate::store::fsck_bucket(&bucket, &mut progress).await?;
+        Ok::<_, std::io::Error>((bucket.describe().to_owned(), report))
+    });
+    if terminal {
+        eprint!("\r\x1b[K");
+    }
+    let (at, report) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pullgate: cannot check the shared bucket: {e}");
+            return Err(ExitCode::from(EXIT_IO));
+        }
+    };
+    for f in &report.findings {
+        println!("{at}: {}: {}; {}", f.path.display(), f.problem, f.action);
+    }
+    println!(
+        "{at}: {} blobs ({}), {} tags, {} approvals checked",
+        report.blobs,
+        bytesize::ByteSize(report.bytes).to_string_as(true),
+        report.tags,
+        report.approvals,
+    );
+    Ok(match &report.quarantine {
+        None => true,
+        Some(q) => {
+            let n = report.findings.len();
+            println!(
+                "{n} {} found in the bucket; what was wrong is under {q}/ there (a replica fetches what it misses again)",
+                if n == 1 { "problem" } else { "problems" },
+            );
+            false
+        }
+    })
 }

@@ -42,6 +42,7 @@ pub use fs::FsStore;
 pub use index::ReadGuard;
 pub use memory::{Chunks, MemoryStore};
 pub use overlay::Overlay;
+pub use shared::fsck::{fsck_bucket, BucketReport};
 pub use shared::{Limit as BucketLimit, SharedStore};
 
 /// A store operation that may wait for a disk.

@@ -36,6 +36,7 @@ use crate::oci::names::{Digest, RepoName, Tag};
 use crate::oci::Manifest;
 
 mod evict;
+pub mod fsck;
 pub use evict::{Limit, Pass};
 
 /// Blobs up to this size found only in the bucket are copied whole into
