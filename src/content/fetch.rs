@@ -240,7 +240,36 @@ impl BlobFetches {
             }
             s => return Err(not_cached(status_error(upstream, s, &resp.headers))),
         }
-        let total = resp.content_length;
+        match self
+            .commit(upstream, resp.body, resp.content_length, digest, tx)
+            .await?
+        {
+            Ok(size) => Ok(size),
+            Err(got) => {
+                self.metrics
+                    .digest_mismatches
+                    .with_label_values(&[upstream])
+                    .inc();
+                Err(ContentError::Mismatch {
+                    upstream: upstream.clone(),
+                    what: format!("blob {digest}"),
+                    got,
+                })
+            }
+        }
+    }
+
+    /// Writes `body` from `from` into the store under `digest`, for the
+    /// followers to read as it arrives; the size committed, or (inside)
+    /// the digest the bytes had instead.
+    async fn commit(
+        &self,
+        from: &Arc<str>,
+        body: crate::remote::BodyStream,
+        total: Option<u64>,
+        digest: Digest,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<Result<u64, Digest>, ContentError> {
         let mut writer = self
             .store
             .writer(digest)
@@ -252,25 +281,15 @@ impl BlobFetches {
             p.state = FlightState::Streaming;
         });
         if let Err(e) = self
-            .stream(&mut *writer, upstream, resp.body, total, digest, tx)
+            .stream(&mut *writer, from, body, total, digest, tx)
             .await
         {
             writer.abort().await;
             return Err(e);
         }
         match writer.finish().await {
-            Ok(size) => Ok(size),
-            Err(WriteError::Mismatch { got }) => {
-                self.metrics
-                    .digest_mismatches
-                    .with_label_values(&[upstream])
-                    .inc();
-                Err(ContentError::Mismatch {
-                    upstream: upstream.clone(),
-                    what: format!("blob {digest}"),
-                    got,
-                })
-            }
+            Ok(size) => Ok(Ok(size)),
+            Err(WriteError::Mismatch { got }) => Ok(Err(got)),
             Err(WriteError::Io(e)) => Err(store_write_error(
                 &self.metrics,
                 e,
@@ -288,30 +307,16 @@ impl BlobFetches {
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, ContentError> {
         let from = shared.from;
-        let mut writer = self
-            .store
-            .writer(digest)
-            .await
-            .map_err(|e| store_write_error(&self.metrics, e, format!("blob {digest}")))?;
-        tx.send_modify(|p| {
-            p.source = Some(writer.source());
-            p.total = Some(shared.size);
-            p.state = FlightState::Streaming;
-        });
         let body = shared
             .body
             .map(|r| r.map_err(|e| BodyError::Broken(e.to_string())))
             .boxed();
-        if let Err(e) = self
-            .stream(&mut *writer, &from, body, Some(shared.size), digest, tx)
-            .await
+        match self
+            .commit(&from, body, Some(shared.size), digest, tx)
+            .await?
         {
-            writer.abort().await;
-            return Err(e);
-        }
-        match writer.finish().await {
             Ok(size) => Ok(size),
-            Err(WriteError::Mismatch { got }) => {
+            Err(got) => {
                 // Not served again: the next fetch goes to the upstream.
                 tracing::error!(%digest, %got, %from, "a shared copy of a blob does not match its digest; removing it");
                 if let Err(e) = self.store.discard_shared(&digest).await {
@@ -323,11 +328,6 @@ impl BlobFetches {
                     got,
                 })
             }
-            Err(WriteError::Io(e)) => Err(store_write_error(
-                &self.metrics,
-                e,
-                format!("blob {digest}"),
-            )),
         }
     }
 
