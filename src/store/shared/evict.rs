@@ -322,7 +322,14 @@ impl Inner {
                 .into_iter()
                 .collect();
         for d in used {
-            match self.bucket.write_doc(&access_rel(&d), Vec::new()).await {
+            // A blob the bucket no longer holds (evicted; the local tier
+            // keeps its copy) gets no mark: it would never be cleared.
+            let marked = match self.bucket.blob_size(&d).await {
+                Ok(Some(_)) => self.bucket.write_doc(&access_rel(&d), Vec::new()).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match marked {
                 Ok(()) => self.evict.marked.insert(d, ()),
                 Err(e) => {
                     self.failed("mark", &e);
@@ -377,14 +384,20 @@ impl Inner {
             .iter()
             .filter_map(|(rel, _)| hex_digest(rel))
             .collect();
-        let used: HashMap<Digest, SystemTime> = self
-            .bucket
-            .list_dated("access/sha256")
-            .await?
-            .into_iter()
-            .filter_map(|a| Some((hex_digest(&a.rel)?, a.written)))
-            .collect();
         let idle_since = now.checked_sub(min_idle).unwrap_or(now);
+        let held: HashSet<Digest> = blobs.iter().filter_map(|b| hex_digest(&b.rel)).collect();
+        let mut used: HashMap<Digest, SystemTime> = HashMap::new();
+        for a in self.bucket.list_dated("access/sha256").await? {
+            match hex_digest(&a.rel) {
+                Some(d) if held.contains(&d) => {
+                    used.insert(d, a.written);
+                }
+                // The mark of a blob gone (one a reader marked as a pass
+                // removed it), once it is old: nobody reads it from here.
+                _ if a.written < idle_since => self.bucket.delete(&a.rel).await?,
+                _ => {}
+            }
+        }
         let mut candidates: Vec<(Digest, u64, SystemTime)> = blobs
             .iter()
             .filter_map(|b| {
@@ -546,17 +559,27 @@ mod tests {
         let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let a = limited(dirs.0.path(), &bucket, Some(250_000));
         let b = limited(dirs.1.path(), &bucket, None);
-        let b1 = blob(&a, 1, 100_000).await;
-        let b2 = blob(&a, 2, 100_000).await;
-        let b3 = blob(&a, 3, 100_000).await;
+        // Uploaded one after the other: b1 is the least recently used.
+        let mut put = Vec::new();
+        for seed in 1..=3 {
+            put.push(blob(&a, seed, 100_000).await);
+            uploaded(&a).await;
+        }
+        let (b1, b2, b3) = (put[0], put[1], put[2]);
         let text = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
         let m =
             Arc::new(Manifest::parse(Digest::of(text), None, Bytes::from_static(text)).unwrap());
         a.put_manifest(m.clone()).await.unwrap();
         uploaded(&a).await;
-        // Written one after the other: b1 is the least recently used.
+        // The mark of a blob the bucket no longer holds.
+        let orphan = access_rel(&Digest::of(b"evicted long ago"));
+        a.bucket().write_doc(&orphan, Vec::new()).await.unwrap();
         idle().await;
         let first = pass(&a).await;
+        assert!(
+            a.bucket().read_doc(&orphan).await.unwrap().is_none(),
+            "cleared"
+        );
         assert!(first.size >= 300_000, "{first:?}");
         assert_eq!(
             (first.removed, first.removed_bytes),
