@@ -134,6 +134,10 @@ impl App {
             })?;
         let bucket = crate::store::Bucket::s3(&s3).map_err(StartError::Bucket)?;
         bucket.check().await.map_err(StartError::Bucket)?;
+        bucket
+            .check_conditional_writes()
+            .await
+            .map_err(StartError::Bucket)?;
         tracing::info!(bucket = %bucket.describe(), "shared bucket ready");
         let limit = crate::store::BucketLimit {
             max_size: s3.max_size,

@@ -245,6 +245,60 @@ impl Bucket {
         Ok(())
     }
 
+    /// Start-up: the engine honours conditional writes, as the replicas'
+    /// leases and compare-and-swap need. Some engines accept
+    /// `If-None-Match` and `If-Match` and ignore them (Garage 2.5), which
+    /// would let replicas lose each other's writes without a word.
+    pub async fn check_conditional_writes(&self) -> io::Result<()> {
+        // A key of this check alone: replicas start at the same time.
+        let rel = format!("_pullgate/conditional-{}-{}", std::process::id(), now_ms());
+        let key = self.key(&rel);
+        let put = |mode: PutMode, body: &'static [u8]| {
+            let opts = PutOptions {
+                mode,
+                ..Default::default()
+            };
+            self.store
+                .put_opts(&key, PutPayload::from_static(body), opts)
+        };
+        // Whether the engine refused a write it had to refuse.
+        let refused = |r: object_store::Result<object_store::PutResult>| match r {
+            Ok(_) => Ok(false),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(true),
+            Err(e) => Err(self.error("cannot be checked for conditional writes", e)),
+        };
+        let ignores = |what: &str| {
+            io::Error::other(format!(
+                "{} ignores conditional writes ({what}): replicas need them so as not to lose each other's leases and tag records; use an engine that honours them (SeaweedFS does; AWS S3 has since 2024)",
+                self.describe
+            ))
+        };
+        let stale = UpdateVersion {
+            e_tag: Some("\"00000000000000000000000000000000\"".into()),
+            version: None,
+        };
+        let result = async {
+            put(PutMode::Create, b"1")
+                .await
+                .map_err(|e| self.error("does not take writes", e))?;
+            if !refused(put(PutMode::Create, b"2").await)? {
+                return Err(ignores("a PUT with If-None-Match: * replaced an object"));
+            }
+            if !refused(put(PutMode::Update(stale), b"3").await)? {
+                return Err(ignores(
+                    "a PUT with If-Match of another version went through",
+                ));
+            }
+            Ok(())
+        }
+        .await;
+        let _ = self.store.delete(&key).await;
+        result
+    }
+
     // ---- blobs ---------------------------------------------------------------
 
     /// A blob's size in the bucket, `None` when it is not there.
@@ -726,6 +780,86 @@ fn check_digest(d: &Digest, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use object_store::memory::InMemory;
+    use object_store::{
+        GetResult, ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions, PutResult,
+    };
+
+    /// An engine that takes `If-None-Match` and `If-Match` and ignores them.
+    #[derive(Debug, Default)]
+    struct Unconditional(InMemory);
+
+    impl std::fmt::Display for Unconditional {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Unconditional")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Unconditional {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            _: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.0.put(location, payload).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.0.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.0.get_opts(location, options).await
+        }
+        async fn delete(&self, location: &Path) -> object_store::Result<()> {
+            self.0.delete(location).await
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.0.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+        async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.0.copy(from, to).await
+        }
+        async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.0.copy_if_not_exists(from, to).await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_ignores_conditional_writes_is_refused_at_start_up() {
+        let honest = Bucket::new(Arc::new(InMemory::new()), "site", "memory://a".into());
+        honest.check_conditional_writes().await.unwrap();
+        assert!(
+            honest.list("_pullgate").await.unwrap().is_empty(),
+            "cleaned up"
+        );
+        let lax = Bucket::new(Arc::new(Unconditional::default()), "", "memory://b".into());
+        let e = lax.check_conditional_writes().await.unwrap_err();
+        let said = e.to_string();
+        assert!(
+            said.contains("memory://b ignores conditional writes"),
+            "{said}"
+        );
+        assert!(said.contains("If-None-Match"), "{said}");
+    }
 
     #[tokio::test]
     async fn an_engine_that_does_not_answer_is_skipped_for_a_while_then_asked_again() {
