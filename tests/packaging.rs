@@ -455,18 +455,7 @@ fn the_gateway_serves_tls_and_users_from_secrets_with_its_store_on_a_volume() {
         "RuntimeDefault"
     );
     assert_eq!(dep["spec"]["strategy"]["type"], "Recreate");
-    let cm_name = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|v| {
-            v["configMap"]["name"]
-                .as_str()
-                .filter(|n| n.starts_with("pullgate-gateway-") && *n != "pullgate-gateway-keys")
-        })
-        .unwrap();
-    let text = s(&find(&docs, "ConfigMap", cm_name)["data"]["pullgate.toml"]).to_string();
-    let config: toml::Table = text.parse().unwrap();
+    let (text, config) = gateway_config(&docs, pod);
     probes(main, &config, "/readyz");
 
     // Every file the config names is on a volume from a Secret or a ConfigMap.
@@ -533,6 +522,23 @@ fn the_gateway_serves_tls_and_users_from_secrets_with_its_store_on_a_volume() {
     let dash = find(&docs, "ConfigMap", "pullgate-grafana-dashboard");
     assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
     serde_json::from_str::<Value>(s(&dash["data"]["pullgate.json"])).unwrap();
+}
+
+/// The gateway's config as its pod mounts it, as text and parsed.
+fn gateway_config(docs: &[Value], pod: &Value) -> (String, toml::Table) {
+    let cm_name = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| {
+            v["configMap"]["name"]
+                .as_str()
+                .filter(|n| n.starts_with("pullgate-gateway-") && *n != "pullgate-gateway-keys")
+        })
+        .unwrap();
+    let text = s(&find(docs, "ConfigMap", cm_name)["data"]["pullgate.toml"]).to_string();
+    let config = text.parse().unwrap();
+    (text, config)
 }
 
 /// The gateway's config `text` loads (`check-config`) with example files
@@ -602,18 +608,7 @@ fn gateway_replicas_share_a_bucket_keep_no_volume_and_roll_one_at_a_time() {
         "the budget covers the replicas"
     );
 
-    let cm_name = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|v| {
-            v["configMap"]["name"]
-                .as_str()
-                .filter(|n| n.starts_with("pullgate-gateway-") && *n != "pullgate-gateway-keys")
-        })
-        .unwrap();
-    let text = s(&find(&docs, "ConfigMap", cm_name)["data"]["pullgate.toml"]).to_string();
-    let config: toml::Table = text.parse().unwrap();
+    let (text, config) = gateway_config(&docs, pod);
     // Readiness does not hang on the bucket: all replicas would go at once.
     probes(main, &config, "/healthz");
     let s3 = config["storage"]["s3"].as_table().expect("[storage.s3]");

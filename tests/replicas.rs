@@ -226,20 +226,31 @@ fn held_by_approver(w: &Path, seed: u8, registry: &Registry) -> String {
 /// `pullgate approve` of `library/held@digest` with the approver key,
 /// through `via`'s config; what it printed (it must succeed).
 fn approve(w: &Path, via: &Replica, digest: &str) -> String {
+    let key = w.join("approver.key");
+    let image = format!("docker.io/library/held@{digest}");
+    let (ok, said) = command(
+        via,
+        "approve",
+        &["--key".as_ref(), key.as_ref(), image.as_ref()],
+    );
+    assert!(ok, "{said}");
+    said
+}
+
+/// `pullgate <cmd> --config <via's> <args>` with the bucket's keys: whether
+/// it succeeded, and what it said.
+fn command(via: &Replica, cmd: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
     let out = Command::new(BIN)
-        .args(["approve", "--config"])
+        .args([cmd, "--config"])
         .arg(&via.config)
-        .arg("--key")
-        .arg(w.join("approver.key"))
-        .arg(format!("docker.io/library/held@{digest}"))
+        .args(args)
         .env("PG_S3_ACCESS", real::S3_ACCESS_KEY)
         .env("PG_S3_SECRET", real::S3_SECRET_KEY)
         .output()
         .unwrap();
     let said =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
-    said
+    (out.status.success(), said)
 }
 
 /// The test bucket, straight (not through pullgate).
@@ -682,16 +693,7 @@ async fn a_replica_killed_mid_upload_leaves_only_whole_blobs_in_the_bucket() {
 /// `pullgate fsck` with `via`'s config: whether it found nothing, and what
 /// it said.
 fn fsck(via: &Replica) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(["fsck", "--config"])
-        .arg(&via.config)
-        .env("PG_S3_ACCESS", real::S3_ACCESS_KEY)
-        .env("PG_S3_SECRET", real::S3_SECRET_KEY)
-        .output()
-        .unwrap();
-    let said =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), said)
+    command(via, "fsck", &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

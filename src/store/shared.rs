@@ -1188,7 +1188,7 @@ mod tests {
     use super::*;
 
     /// Waits until a replica's background uploads are done.
-    async fn uploaded(s: &SharedStore) {
+    pub(super) async fn uploaded(s: &SharedStore) {
         for _ in 0..500 {
             if s.0.metrics.bucket_uploads_pending.get() == 0 {
                 return;

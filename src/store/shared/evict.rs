@@ -496,6 +496,7 @@ mod tests {
     use object_store::memory::InMemory;
 
     use super::super::super::tests::{shared_store, shared_store_limited};
+    use super::super::tests::uploaded;
     use super::super::SharedStore;
     use super::*;
     use crate::oci::Manifest;
@@ -513,17 +514,6 @@ mod tests {
             min_idle: IDLE,
         };
         shared_store_limited(dir, Some(bucket.clone()), limit)
-    }
-
-    /// Waits until a replica's uploads are in the bucket.
-    async fn uploaded(s: &SharedStore) {
-        for _ in 0..500 {
-            if s.0.metrics.bucket_uploads_pending.get() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("uploads still pending after 5 s");
     }
 
     /// A pass of `s`, once a pass its uploads started is over.
