@@ -343,7 +343,16 @@ impl Bucket {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.error(&format!("cannot look up blob {d}"), e)),
         }
+        self.read_blob(d, max).await
+    }
+
+    /// A blob's bytes, read whole without looking first; `None` when it is
+    /// absent or larger than `max` (then not read).
+    pub async fn read_blob(&self, d: &Digest, max: u64) -> io::Result<Option<Bytes>> {
+        self.guard()?;
+        let key = self.key(&Self::blob_rel(d));
         match self.store.get(&key).await {
+            Ok(r) if r.meta.size > max => Ok(None),
             Ok(r) => r
                 .bytes()
                 .await

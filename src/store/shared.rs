@@ -595,7 +595,16 @@ impl Inner {
 
     /// A blob the bucket holds, copied whole into the local tier.
     async fn fetch_small(&self, d: &Digest) -> io::Result<Option<BlobHandle>> {
-        let Some(bytes) = self.bucket.blob_bytes(d, SMALL_BLOB).await? else {
+        match self.bucket.blob_size(d).await? {
+            Some(size) if size <= SMALL_BLOB => {}
+            _ => return Ok(None),
+        }
+        // Marked read first, as a stream is, so that no pass removes it
+        // under this read (see [`evict`]).
+        if !self.mark_read(d).await? {
+            return Ok(None);
+        }
+        let Some(bytes) = self.bucket.read_blob(d, SMALL_BLOB).await? else {
             return Ok(None);
         };
         let mut w = self.local.writer(*d).await?;
@@ -659,7 +668,6 @@ impl Store for SharedStore {
             match self.0.fetch_small(d).await {
                 Ok(Some(h)) => {
                     self.0.count("read_blob", "ok");
-                    self.0.note_used(d);
                     Ok(Some(h))
                 }
                 Ok(None) => Ok(None),

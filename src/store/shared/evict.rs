@@ -654,12 +654,14 @@ mod tests {
             .await
             .unwrap();
         assert!(b.shared_blob(&x).await.unwrap().is_none());
+        // Nor is it copied whole.
+        assert!(b.open(&x).await.unwrap().is_none());
         assert_eq!(
             b.0.metrics
                 .bucket_requests
                 .with_label_values(&["read_blob", "evicting"])
                 .get(),
-            1
+            2
         );
         // b fetches it elsewhere; its upload finds x still there, and is
         // tried again later rather than counted as shared.
