@@ -1,6 +1,7 @@
 //! The blob step: policy on the name, the approved-blob gate, then the
-//! store (with `Range`, and `sendfile` on plain HTTP/1.1 connections) or the
-//! shared fetch every waiting client follows.
+//! store (with `Range`, and sent beside hyper on plain HTTP/1.1
+//! connections, see `zerocopy`) or the shared fetch every waiting client
+//! follows.
 
 use std::sync::Arc;
 
@@ -20,8 +21,8 @@ use crate::policy::{Policies, Reason, Verdict};
 use crate::store::{ReadGuard, Source};
 use crate::zerocopy;
 
-/// Answers a blob request. `zero_copy` is the connection's `sendfile`
-/// queue, when it has one.
+/// Answers a blob request. `zero_copy` is the connection's queue of file
+/// ranges (`zerocopy`), when it has one.
 pub async fn get(
     app: &Arc<App>,
     ctx: &Ctx,

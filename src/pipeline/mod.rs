@@ -374,8 +374,8 @@ impl App {
         self.serve(req, Client::anonymous(peer), None).await
     }
 
-    /// [`App::handle`] on a connection whose cached blobs can go out with
-    /// `sendfile` through `zero_copy`.
+    /// [`App::handle`] on a connection whose cached blobs can go out beside
+    /// hyper (`sendfile`, or a copy to a loopback peer) through `zero_copy`.
     pub async fn serve<B>(
         self: Arc<Self>,
         req: Request<B>,

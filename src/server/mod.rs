@@ -7,7 +7,8 @@
 //! bounded (`server.max_connections`, `header_timeout`, `send_timeout`;
 //! see [`conn`]). A plain listener speaks HTTP/1.1, and HTTP/2 to a client
 //! that opens with its preface (h2c with prior knowledge); its HTTP/1.1
-//! connections send cached blobs with `sendfile` (see `zerocopy`). With
+//! connections send cached blobs beside hyper, with `sendfile` or, to a
+//! loopback peer, through a small copy buffer (see `zerocopy`). With
 //! `server.tls` every connection is TLS 1.2/1.3 (rustls), HTTP/2 or
 //! HTTP/1.1 as ALPN agrees, with the client certificate's names passed on
 //! to the pipeline; each handshake uses the TLS setup of the config in
@@ -157,8 +158,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Shutdown, gra
     });
     let handler = move |req: Request<Incoming>, client: Client, queue: Option<Queue>| {
         let app = app.clone();
-        // Cached blobs go out with sendfile through an HTTP/1.1
-        // connection's queue; HTTP/2 frames its bodies itself.
+        // Cached blobs go out beside hyper (sendfile, or a copy to a
+        // loopback peer) through an HTTP/1.1 connection's queue; HTTP/2
+        // frames its bodies itself.
         let queue = queue.filter(|_| req.version() != http::Version::HTTP_2);
         app.serve(req, client, queue)
     };
@@ -272,7 +274,8 @@ async fn accept_loop<H, F>(
                             return;
                         }
                     };
-                    let (stream, queue) = zerocopy::Stream::new(stream);
+                    let send = zerocopy::Send::for_peer(peer.ip());
+                    let (stream, queue) = zerocopy::Stream::new(stream, send);
                     let io =
                         conn::Guarded::new(stream, limits.send_timeout, limits.metrics.clone());
                     connection(io, h2, client, Some(queue), handler, &limits, watcher).await;

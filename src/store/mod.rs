@@ -87,7 +87,8 @@ pub struct SharedBlob {
 #[derive(Clone)]
 pub enum Source {
     /// An open file (committed, or a temp file being written): read with
-    /// positioned reads on the blocking pool, or sent with `sendfile`.
+    /// positioned reads on the blocking pool, or sent by the connection
+    /// (`zerocopy`: `sendfile`, or a copy to a loopback peer).
     File(Arc<File>),
     /// Bytes in memory.
     Memory(Arc<Chunks>),
