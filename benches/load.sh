@@ -391,6 +391,9 @@ done
 read -r N_BLOB N_CPU N_MCPU < <(printf '%s' "${blobs[N]}" | median)
 read -r P_BLOB P_CPU P_MCPU < <(printf '%s' "${blobs[P]}" | median)
 read -r D_BLOB D_CPU D_MCPU < <(printf '%s' "${blobs[D]}" | median)
+blob_rounds() { # the rounds of one server: "MB/s/machine s per GiB ..."
+  printf '%s' "$1" | awk '{printf "%s%.0f/%.2f", (NR > 1 ? " " : ""), $1 / 1e6, $3}'
+}
 
 echo "load.sh: $COLD_CLIENTS concurrent cold pulls of one ${COLD_MIB} MiB blob through pullgate"
 # One curl process runs all clients at once (--parallel-immediate opens
@@ -514,6 +517,7 @@ cached blob, 1 client ($BLOB_MIB MiB, median of $ROUNDS x 3)   MB/s    CPU s/GiB
   nginx (sendfile)  $(python3 -c "print(round($N_BLOB/1e6))")   $N_CPU   $N_MCPU
   pullgate          $(python3 -c "print(round($P_BLOB/1e6))")   $P_CPU   $P_MCPU
   distribution      $(python3 -c "print(round($D_BLOB/1e6))")   $D_CPU   $D_MCPU
+  rounds (MB/s/machine CPU s per GiB): nginx $(blob_rounds "${blobs[N]}"); pullgate $(blob_rounds "${blobs[P]}"); distribution $(blob_rounds "${blobs[D]}")
 cold blob, $COLD_CLIENTS clients ($COLD_MIB MiB): upstream fetches $COLD_FETCHES, complete transfers $COLD_OK/$COLD_CLIENTS,
   first byte: earliest client ${COLD_FIRST} ms after its start, the last one ${COLD_SPREAD} ms after the earliest
 pullgate peak RSS (VmHWM) after all runs: $((PG_RSS / 1024)) MiB
