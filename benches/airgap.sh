@@ -18,31 +18,12 @@ LAYERS=${LAYERS:-4}
 LAYER_MIB=${LAYER_MIB:-256}
 ROUNDS=${ROUNDS:-3}
 
-need=()
-for tool in docker-registry:docker-registry skopeo:skopeo curl:curl python3:python3 /usr/bin/time:time; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
-done
-if ((${#need[@]})); then
-  echo "airgap.sh: installing ${need[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. benches/lib.sh
+bench_install airgap.sh docker-registry:docker-registry skopeo:skopeo curl:curl python3:python3 /usr/bin/time:time
 
-echo "airgap.sh: building pullgate (release)"
-cargo build --release --quiet
-PULLGATE=$PWD/target/release/pullgate
+bench_build airgap.sh
 
-WORK=$(mktemp -d /tmp/pullgate-airgap.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_work airgap.sh
 RP=$(port)
 mkdir -p "$WORK/registry"
 cat > "$WORK/registry/config.yml" <<YML

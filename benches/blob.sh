@@ -20,35 +20,13 @@ BLOB_MIB=${BLOB_MIB:-1024}
 ROUNDS=${ROUNDS:-5}
 DOWNLOADS=${DOWNLOADS:-3}
 
-need=()
-for tool in docker-registry:docker-registry nginx:nginx-light curl:curl python3:python3; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
-done
-if ((${#need[@]})); then
-  echo "blob.sh: installing ${need[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. benches/lib.sh
+bench_install blob.sh docker-registry:docker-registry nginx:nginx-light curl:curl python3:python3
 
-echo "blob.sh: building pullgate (release)"
-cargo build --release --quiet
-PULLGATE=$PWD/target/release/pullgate
+bench_build blob.sh
 
-WORK=$(mktemp -d /tmp/pullgate-blob.XXXXXX)
+bench_work blob.sh
 chmod 755 "$WORK" # nginx workers run as an unprivileged user
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-machine_busy() { # everything but idle and iowait, in clock ticks
-  read -r _ user nice system _idle _iowait irq softirq steal _ < /proc/stat
-  echo $((user + nice + system + irq + softirq + steal))
-}
 
 echo "blob.sh: writing a ${BLOB_MIB} MiB blob"
 head -c $((BLOB_MIB << 20)) /dev/urandom > "$WORK/blob"

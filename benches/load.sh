@@ -26,33 +26,14 @@ COLD_CLIENTS=${COLD_CLIENTS:-32}
 PG_WORKERS=${PG_WORKERS:-1}
 TLS=${TLS:-1}
 
-need=()
-for tool in docker-registry:docker-registry skopeo:skopeo nginx:nginx-light wrk:wrk curl:curl python3:python3 \
-            h2load:nghttp2-client htpasswd:apache2-utils openssl:openssl; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
-done
-if ((${#need[@]})); then
-  echo "load.sh: installing ${need[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. benches/lib.sh
+bench_install load.sh docker-registry:docker-registry skopeo:skopeo nginx:nginx-light wrk:wrk curl:curl python3:python3 \
+            h2load:nghttp2-client htpasswd:apache2-utils openssl:openssl
 
-echo "load.sh: building pullgate (release)"
-cargo build --release --quiet
-PULLGATE=$PWD/target/release/pullgate
+bench_build load.sh
 
-WORK=$(mktemp -d /tmp/pullgate-load.XXXXXX)
+bench_work load.sh
 chmod 755 "$WORK"   # nginx workers run as an unprivileged user
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 start_registry() { # name port [remoteurl]
   local name=$1 p=$2 remote=${3:-}
@@ -75,12 +56,6 @@ YML
   PIDS+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/v2/" >/dev/null && return; sleep 0.1; done
   echo "registry $name did not start"; cat "$WORK/$name/log"; exit 1
-}
-
-machine_busy() { # -> busy clock ticks of the whole machine (all CPUs, /proc/stat)
-  # user nice system idle iowait irq softirq steal: everything but idle and iowait.
-  read -r _ user nice system _idle _iowait irq softirq steal _ < /proc/stat
-  echo $((user + nice + system + irq + softirq + steal))
 }
 
 cpu_ticks() { # pid... -> utime+stime of the processes, in clock ticks

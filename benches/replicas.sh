@@ -20,16 +20,8 @@ cd "$(dirname "$0")/.."
 BLOB_MIB=${BLOB_MIB:-512}
 ROUNDS=${ROUNDS:-3}
 
-need=()
-for tool in docker-registry:docker-registry skopeo:skopeo curl:curl python3:python3; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
-done
-if ((${#need[@]})); then
-  echo "replicas.sh: installing ${need[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+. benches/lib.sh
+bench_install replicas.sh docker-registry:docker-registry skopeo:skopeo curl:curl python3:python3
 tools="${PULLGATE_TEST_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/pullgate/test-tools}"
 WEED=$(command -v "$tools/bin/weed" || command -v weed || true)
 if [ -z "$WEED" ]; then
@@ -37,19 +29,9 @@ if [ -z "$WEED" ]; then
   exit 1
 fi
 
-echo "replicas.sh: building pullgate (release)"
-cargo build --release --quiet
-PULLGATE=$PWD/target/release/pullgate
+bench_build replicas.sh
 
-WORK=$(mktemp -d /tmp/pullgate-replicas.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_work replicas.sh
 
 # The upstream.
 RP=$(port)
