@@ -8,6 +8,7 @@
 #   BLOB_MIB=256 DURATION=5 benches/load.sh
 #   PG_WORKERS=2 benches/load.sh    # pullgate with two worker threads (default 1, as nginx)
 #   TLS=0 benches/load.sh           # leave out the TLS part (the site gateway's)
+#   PACE_MS=2 benches/load.sh       # the think time of the same-load manifest runs (default 1)
 #
 # Prints a table and the ratios that BENCHMARKS.md records. Needs the Debian
 # packages docker-registry, skopeo, nginx-light, wrk, curl, nghttp2-client
@@ -298,11 +299,12 @@ for u in "$N_URL/manifests/small" "$P_URL/manifests/small" "$D_URL/manifests/sma
   case "$code" in 200|206) ;; *) echo "load.sh: $u answered $code, not 200"; exit 1 ;; esac
 done
 
-wrk_run() { # url -> "req/s p99"; fails when any answer was not a 2xx
-  local out
-  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "$ACCEPT" "$1")
+wrk_run() { # url [wrk options] -> "req/s p99"; fails when any answer was not a 2xx
+  local url=$1 out
+  shift
+  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$@" -H "$ACCEPT" "$url")
   if grep -q "Non-2xx or 3xx responses" <<<"$out"; then
-    echo "load.sh: $1 gave non-2xx answers:" >&2; echo "$out" >&2; exit 1
+    echo "load.sh: $url gave non-2xx answers:" >&2; echo "$out" >&2; exit 1
   fi
   local rps p99
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -310,18 +312,17 @@ wrk_run() { # url -> "req/s p99"; fails when any answer was not a 2xx
   echo "$rps $p99"
 }
 
-echo "load.sh: manifests (wrk, $CONNS connections, ${DURATION}s each; pullgates ${ROUNDS:-3} rounds, median)"
-read -r N_TAG N_TAG99 < <(wrk_run "$N_URL/manifests/small")
-# The four pullgates take turns, ROUNDS times, so that the machine's drift
-# over the run falls on all of them; the median of each is reported. Each
-# round starts one further along the list, so no instance always runs
-# first or last.
+echo "load.sh: manifests (wrk, $CONNS connections, ${DURATION}s each; ${ROUNDS:-3} rounds, median)"
+# nginx and the four pullgates take turns, ROUNDS times, so that the
+# machine's drift over the run falls on all of them; the median of each is
+# reported. Each round starts one further along the list, so no server
+# always runs first or last.
 ROUNDS=${ROUNDS:-3}
 declare -A runs
-order=(P S A R)
+order=(N P S A R)
 for round in $(seq "$ROUNDS"); do
-  for k in 0 1 2 3; do
-    who=${order[$(( (round + k) % 4 ))]}
+  for k in 0 1 2 3 4; do
+    who=${order[$(( (round + k) % 5 ))]}
     u="${who}_URL"
     runs[$who]+="$(wrk_run "${!u}/manifests/small")"$'\n'
   done
@@ -329,10 +330,28 @@ done
 median() { # "rps p99" lines -> the line with the median rps
   sort -n | awk '{l[NR]=$0} END {print l[int((NR+1)/2)]}'
 }
+read -r N_TAG N_TAG99 < <(printf '%s' "${runs[N]}" | median)
 read -r P_TAG P_TAG99 < <(printf '%s' "${runs[P]}" | median)
 read -r S_TAG S_TAG99 < <(printf '%s' "${runs[S]}" | median)
 read -r A_TAG A_TAG99 < <(printf '%s' "${runs[A]}" | median)
 read -r R_TAG R_TAG99 < <(printf '%s' "${runs[R]}" | median)
+# The same offered load for nginx and pullgate: each connection waits
+# PACE_MS before each request (wrk's delay()), which keeps both below what
+# they can serve, so the p99 is the server's own rather than the queue of a
+# machine whose two cores are saturated by wrk and the server together.
+PACE_MS=${PACE_MS:-1}
+printf 'function delay() return %s end\n' "$PACE_MS" > "$WORK/pace.lua"
+echo "load.sh: manifests at the same load (each connection waits ${PACE_MS} ms between requests; $ROUNDS rounds)"
+declare -A paced
+for round in $(seq "$ROUNDS"); do
+  for who in $( ((round % 2)) && echo N P || echo P N); do
+    u="${who}_URL"
+    paced[$who]+="$(wrk_run "${!u}/manifests/small" -s "$WORK/pace.lua")"$'\n'
+  done
+done
+paced_rounds() { # "rps p99" lines -> "rps/p99 ..."
+  awk 'NF {printf "%s%d/%s", (n++ ? " " : ""), $1, $2}' <<<"$1"
+}
 read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
 read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
 read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
@@ -485,6 +504,10 @@ manifest by tag     req/s   p99
   pullgate audited  $A_TAG  $A_TAG99   (audit log with approvals: a line per request)
   pullgate rewrites $R_TAG  $R_TAG99   (100 rewrites + 1000 pins configured, none for this image)
   distribution      $D_TAG  $D_TAG99
+  rounds (req/s/p99): nginx $(paced_rounds "${runs[N]}"); pullgate $(paced_rounds "${runs[P]}")
+manifest by tag at the same load (each connection waits ${PACE_MS} ms between requests), rounds (req/s/p99)
+  nginx (static)    $(paced_rounds "${paced[N]}")
+  pullgate          $(paced_rounds "${paced[P]}")
 manifest by digest
   pullgate          $P_DIG  $P_DIG99
   distribution      $D_DIG  $D_DIG99
