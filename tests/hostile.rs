@@ -327,18 +327,12 @@ async fn many_headers_are_read_and_too_many_get_a_registry_error() {
     // Later on a kept-alive connection, hyper's own bare 431 (see
     // server/conn.rs for why); counted all the same.
     assert_eq!(with_headers(kept, 400).send().await.unwrap().status(), 431);
-    // These answers are counted when their connection ends, which can be
-    // just after the client has read them.
-    assert!(
-        eventually(Duration::from_secs(10), || s
-            .proxy
-            .metric("pullgate_requests_total{kind=\"other\",status=\"431\"}")
-            == 4.0)
-        .await,
-        "431s counted: {}",
-        s.proxy
-            .metric("pullgate_requests_total{kind=\"other\",status=\"431\"}")
-    );
+    counted(
+        &s.proxy,
+        "pullgate_requests_total{kind=\"other\",status=\"431\"}",
+        4.0,
+    )
+    .await;
     // A request line that is not HTTP gets a registry error too.
     let mut c = TcpStream::connect(s.proxy.addr).await.unwrap();
     c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
@@ -348,16 +342,12 @@ async fn many_headers_are_read_and_too_many_get_a_registry_error() {
     c.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(answer.contains("\"code\":\"UNSUPPORTED\""), "{answer}");
-    assert!(
-        eventually(Duration::from_secs(10), || s
-            .proxy
-            .metric("pullgate_requests_total{kind=\"other\",status=\"400\"}")
-            == 1.0)
-        .await,
-        "400s counted: {}",
-        s.proxy
-            .metric("pullgate_requests_total{kind=\"other\",status=\"400\"}")
-    );
+    counted(
+        &s.proxy,
+        "pullgate_requests_total{kind=\"other\",status=\"400\"}",
+        1.0,
+    )
+    .await;
     // A blob whose bytes look like hyper's bare answer is served as it is,
     // on a fresh connection and on a kept-alive one alike.
     let lookalike =
@@ -372,6 +362,13 @@ async fn many_headers_are_read_and_too_many_get_a_registry_error() {
         assert_eq!(r.bytes().await.unwrap(), lookalike);
     }
     s.real_pull_works("1", &s.images[0]);
+}
+
+/// Waits (up to 10 s) for a count made when a connection ends, which can
+/// be just after its client has read the answer.
+async fn counted(proxy: &Proxy, line: &str, want: f64) {
+    let done = eventually(Duration::from_secs(10), || proxy.metric(line) == want).await;
+    assert!(done, "{line}: {} instead of {want}", proxy.metric(line));
 }
 
 /// Polls `check` every 50 ms for up to `limit`.
