@@ -330,6 +330,9 @@ done
 median() { # "rps p99" lines -> the line with the median rps
   sort -n | awk '{l[NR]=$0} END {print l[int((NR+1)/2)]}'
 }
+rounds_of() { # "rps p99" lines -> "rps/p99 ...", each round
+  awk 'NF {printf "%s%d/%s", (n++ ? " " : ""), $1, $2}' <<<"$1"
+}
 read -r N_TAG N_TAG99 < <(printf '%s' "${runs[N]}" | median)
 read -r P_TAG P_TAG99 < <(printf '%s' "${runs[P]}" | median)
 read -r S_TAG S_TAG99 < <(printf '%s' "${runs[S]}" | median)
@@ -349,9 +352,6 @@ for round in $(seq "$ROUNDS"); do
     paced[$who]+="$(wrk_run "${!u}/manifests/small" -s "$WORK/pace.lua")"$'\n'
   done
 done
-paced_rounds() { # "rps p99" lines -> "rps/p99 ..."
-  awk 'NF {printf "%s%d/%s", (n++ ? " " : ""), $1, $2}' <<<"$1"
-}
 read -r D_TAG D_TAG99 < <(wrk_run "$D_URL/manifests/small")
 read -r P_DIG P_DIG99 < <(wrk_run "$P_URL/manifests/$SMALL_M")
 read -r D_DIG D_DIG99 < <(wrk_run "$D_URL/manifests/$SMALL_M")
@@ -504,10 +504,10 @@ manifest by tag     req/s   p99
   pullgate audited  $A_TAG  $A_TAG99   (audit log with approvals: a line per request)
   pullgate rewrites $R_TAG  $R_TAG99   (100 rewrites + 1000 pins configured, none for this image)
   distribution      $D_TAG  $D_TAG99
-  rounds (req/s/p99): nginx $(paced_rounds "${runs[N]}"); pullgate $(paced_rounds "${runs[P]}")
+  rounds (req/s/p99): nginx $(rounds_of "${runs[N]}"); pullgate $(rounds_of "${runs[P]}")
 manifest by tag at the same load (each connection waits ${PACE_MS} ms between requests), rounds (req/s/p99)
-  nginx (static)    $(paced_rounds "${paced[N]}")
-  pullgate          $(paced_rounds "${paced[P]}")
+  nginx (static)    $(rounds_of "${paced[N]}")
+  pullgate          $(rounds_of "${paced[P]}")
 manifest by digest
   pullgate          $P_DIG  $P_DIG99
   distribution      $D_DIG  $D_DIG99
