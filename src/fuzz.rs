@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("response_head", response_head),
     ("upstream", upstream),
     ("bundle", bundle),
+    ("bucket", bucket),
 ];
 
 fn text(data: &[u8]) -> Option<&str> {
@@ -200,10 +201,11 @@ pub fn response_head(data: &[u8]) {
 }
 
 /// A remote that answers from a script: one answer per request, in order
-/// (then 404s).
+/// (then 404s); or, `down`, one that cannot be reached.
 struct Scripted {
     name: std::sync::Arc<str>,
     answers: std::sync::Mutex<std::collections::VecDeque<Answer>>,
+    down: bool,
 }
 
 struct Answer {
@@ -229,6 +231,13 @@ impl crate::remote::Remote for Scripted {
         Result<crate::remote::Response, crate::remote::RemoteError>,
     > {
         use futures_util::FutureExt;
+        if self.down {
+            let e = crate::remote::RemoteError::Unreachable {
+                upstream: self.name.to_string(),
+                message: "fuzzed".into(),
+            };
+            return futures_util::future::ready(Err(e)).boxed();
+        }
         let next = self
             .answers
             .lock()
@@ -319,7 +328,7 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 /// referrers. Whatever it sends, what the store then holds under a digest
 /// hashes to that digest.
 pub fn upstream(data: &[u8]) {
-    use crate::content::{Accept, BlobAnswer, Content, Lookup};
+    use crate::content::{Accept, Content, Lookup};
     use crate::store::{MemoryStore, Store, TagKey};
     use std::sync::Arc;
     use std::time::Duration;
@@ -333,6 +342,7 @@ pub fn upstream(data: &[u8]) {
     let remote: Arc<dyn crate::remote::Remote> = Arc::new(Scripted {
         name: Arc::from("fuzz.io"),
         answers: std::sync::Mutex::new(script(data)),
+        down: false,
     });
     let repo: RepoName = "acme/app".parse().expect("a valid name");
     let key = TagKey {
@@ -356,25 +366,7 @@ pub fn upstream(data: &[u8]) {
             assert_eq!(m.digest, wanted);
         }
         if let Ok(answer) = content.blob(&remote, &repo, wanted).await {
-            let whole = match answer {
-                BlobAnswer::Stored(h) => crate::content::read_whole(&h).await.ok(),
-                BlobAnswer::Following {
-                    progress, guard, ..
-                } => {
-                    let reader = crate::content::fetch::BlobReader::following(
-                        progress,
-                        0,
-                        None,
-                        guard,
-                        METRICS.clone(),
-                    );
-                    http_body_util::BodyExt::collect(reader.into_body())
-                        .await
-                        .ok()
-                        .map(|c| c.to_bytes())
-                }
-            };
-            if let Some(bytes) = whole {
+            if let Some(bytes) = whole_answer(answer, &METRICS).await {
                 assert_eq!(
                     Digest::of(&bytes),
                     wanted,
@@ -393,6 +385,199 @@ pub fn upstream(data: &[u8]) {
             .await;
         let _ = content.referrers(&*remote, &repo, wanted, None).await;
     });
+}
+
+/// A blob answer of the content layer read to its end, as a client would;
+/// `None` when the transfer broke.
+async fn whole_answer(
+    answer: crate::content::BlobAnswer,
+    metrics: &std::sync::Arc<crate::metrics::Metrics>,
+) -> Option<Bytes> {
+    match answer {
+        crate::content::BlobAnswer::Stored(h) => crate::content::read_whole(&h).await.ok(),
+        crate::content::BlobAnswer::Following {
+            progress, guard, ..
+        } => {
+            let reader = crate::content::fetch::BlobReader::following(
+                progress,
+                0,
+                None,
+                guard,
+                metrics.clone(),
+            );
+            http_body_util::BodyExt::collect(reader.into_body())
+                .await
+                .ok()
+                .map(|c| c.to_bytes())
+        }
+    }
+}
+
+/// What a shared bucket (`[storage.s3]`) holds, as another replica or
+/// whoever else can write to it left it: objects put under the bucket's own
+/// layout, then read by a replica through the content layer (an upstream
+/// that has nothing), its tag records, approvals and base history, `fsck`
+/// and an eviction pass. Whatever the bucket holds, what a replica serves
+/// under a digest hashes to it, and after `fsck` every blob left in the
+/// bucket hashes to its name.
+///
+/// Fetch leases are left out: a lease another replica holds is waited on
+/// (up to ten minutes) by design, which is no parser of its bytes.
+pub fn bucket(data: &[u8]) {
+    use crate::content::{Accept, Content, Lookup};
+    use crate::store::{Bucket, BucketLimit, FsStore, SharedStore, Store, TagKey};
+    use crate::verify::bases::{History, HISTORY_FILE};
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("pullgate-fuzz-bucket-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    // One registry of metrics for every input, as for `upstream`.
+    static METRICS: LazyLock<Arc<crate::metrics::Metrics>> =
+        LazyLock::new(|| Arc::new(crate::metrics::Metrics::new()));
+    let metrics = METRICS.clone();
+    let local = FsStore::open(&dir, None, metrics.clone()).expect("a local tier");
+    let shared = SharedStore::new(
+        local,
+        Bucket::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            "site",
+            "memory://fuzz".into(),
+        ),
+        Duration::from_secs(3600),
+        BucketLimit {
+            max_size: Some(1),
+            ..BucketLimit::default()
+        },
+        metrics.clone(),
+    );
+    let bucket = shared.bucket();
+    let repo: RepoName = "acme/app".parse().expect("a valid name");
+    let key = TagKey {
+        upstream: Arc::from("fuzz.io"),
+        repo: repo.clone(),
+        tag: "1".parse().expect("a valid tag"),
+    };
+    // The digest the lying objects are put under.
+    let named = Digest::of(b"bucket");
+    rt.block_on(async {
+        // Objects, separated by 0xff: a first byte choosing where, then the
+        // bytes (a raw key first, up to a newline).
+        let mut digests = BTreeSet::from([named]);
+        for part in data.split(|&b| b == 0xff).take(24) {
+            let Some((&first, value)) = part.split_first() else {
+                continue;
+            };
+            let (rel, value) = match first & 7 {
+                0 => {
+                    let d = Digest::of(value);
+                    digests.insert(d);
+                    (Bucket::blob_rel(&d), value)
+                }
+                1 => (Bucket::blob_rel(&named), value),
+                2 => (format!("tags/fuzz.io/{}/_tags/1", repo.as_str()), value),
+                3 => (
+                    format!("approvals/sha256/{}/{first}.json", named.hex()),
+                    value,
+                ),
+                4 => (format!("manifests/sha256/{}", named.hex()), value),
+                5 => (format!("evicting/sha256/{}", named.hex()), value),
+                6 => (HISTORY_FILE.to_owned(), value),
+                _ => {
+                    let (k, v) = match value.iter().position(|&b| b == b'\n') {
+                        Some(i) => (&value[..i], &value[i + 1..]),
+                        None => (value, &b""[..]),
+                    };
+                    match std::str::from_utf8(k) {
+                        Ok(k) if !k.contains("lease") => (k.to_owned(), v),
+                        _ => continue,
+                    }
+                }
+            };
+            let _ = bucket.write_doc(&rel, value.to_vec()).await;
+        }
+        let store: Arc<dyn Store> = Arc::new(shared.clone());
+        let content = Content::new(store.clone(), metrics.clone());
+        // First an upstream that is down (what the bucket holds is served
+        // as it is), then one that has nothing (the tag record goes).
+        let [down, empty]: [Arc<dyn crate::remote::Remote>; 2] = [true, false].map(|down| {
+            Arc::new(Scripted {
+                name: key.upstream.clone(),
+                answers: std::sync::Mutex::new(Default::default()),
+                down,
+            }) as Arc<dyn crate::remote::Remote>
+        });
+        let max = 1 << 20;
+        if let Ok(Some(rec)) = store.tag(&key).await {
+            digests.insert(rec.digest);
+        }
+        for remote in [&down, &empty] {
+            if let Ok(m) = content
+                .resolve_tag(remote, &key, Accept::Any, max, Duration::from_secs(3600))
+                .await
+            {
+                assert_eq!(Digest::of(&m.bytes), m.digest);
+            }
+        }
+        let remote = down;
+        for d in &digests {
+            if let Ok(m) = content
+                .manifest(&remote, &repo, *d, Accept::Any, max, Lookup::Client)
+                .await
+            {
+                assert_eq!(Digest::of(&m.bytes), *d, "a manifest under another digest");
+            }
+            if let Ok(answer) = content.blob(&remote, &repo, *d).await {
+                if let Some(bytes) = whole_answer(answer, &metrics).await {
+                    assert_eq!(Digest::of(&bytes), *d, "a blob under another digest");
+                }
+            }
+            if let Ok(Some(h)) = store.open(d).await {
+                if let Ok(bytes) = crate::content::read_whole(&h).await {
+                    assert_eq!(Digest::of(&bytes), *d, "opened under another digest");
+                }
+            }
+            if let Ok(held) = store.approvals(d).await {
+                let keys: Vec<&PublicKey> = KEYS.iter().collect();
+                let _ = crate::verify::approvals::check(&held, d, &keys);
+            }
+        }
+        let _ = store.list_tags("fuzz.io", &repo).await;
+        if let Ok(Some(bytes)) = store.read_meta(HISTORY_FILE).await {
+            if let Ok(h) = History::from_json(&bytes) {
+                let again = History::from_json(&h.to_json()).expect("our own JSON");
+                assert_eq!(again, h, "base history changed in a round trip");
+                History::default().merge(&h, Some(2));
+            }
+        }
+        let _ = shared.evict_pass().await;
+        if crate::store::fsck_bucket(bucket, &mut |_| {}).await.is_ok() {
+            // What fsck leaves under blobs/ hashes to its name.
+            for (rel, _) in bucket.list("blobs/sha256").await.unwrap_or_default() {
+                let d = rel
+                    .rsplit('/')
+                    .next()
+                    .and_then(Digest::from_hex)
+                    .filter(|d| rel == Bucket::blob_rel(d));
+                let Some(d) = d else {
+                    panic!("fsck left {rel}, which is not named by a digest");
+                };
+                if let Ok(Some(bytes)) = bucket.read_blob(&d, max).await {
+                    assert_eq!(Digest::of(&bytes), d, "fsck left {rel}");
+                }
+            }
+        }
+    });
+    drop(shared);
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A bundle as `pullgate import` reads it: the tar, its entries, the bundle
