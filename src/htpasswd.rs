@@ -128,10 +128,13 @@ pub fn parse(text: &str) -> Result<HashMap<String, String>, Vec<String>> {
             problems.push(format!("line {n}: no user name before ':'"));
             continue;
         }
+        // Bytes, not text: the file may hold any character where the
+        // cost's digits go.
+        let h = hash.as_bytes();
         let bcrypt = ["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p))
-            && hash.len() == 60
-            && hash[4..6].bytes().all(|b| b.is_ascii_digit())
-            && hash.as_bytes()[6] == b'$';
+            && h.len() == 60
+            && h[4..6].iter().all(u8::is_ascii_digit)
+            && h[6] == b'$';
         if !bcrypt {
             problems.push(format!(
                 "line {n}: user {user:?} does not have a bcrypt hash (only bcrypt entries are accepted: htpasswd -B)"
@@ -278,6 +281,16 @@ mod tests {
         assert!(problems[3].contains("twice"));
         let users = parse(&format!("alice:{hash}\r\n")).unwrap();
         assert!(bcrypt::verify("s3cret", &users["alice"]).unwrap());
+    }
+
+    #[test]
+    fn a_hash_with_a_wide_character_where_the_cost_goes_is_refused() {
+        // 60 bytes, with a three-byte character across bytes 4..7, where
+        // the two digits of the cost go: once a panic slicing the text.
+        let hash = format!("$2b$\u{20ac}{}", "a".repeat(53));
+        assert_eq!(hash.len(), 60);
+        let problems = parse(&format!("alice:{hash}\n")).unwrap_err();
+        assert!(problems[0].contains("bcrypt hash"), "{problems:?}");
     }
 
     #[test]
