@@ -98,7 +98,9 @@ pub fn names(data: &[u8]) {
 }
 
 /// The request headers pullgate reads: `Range` (against a size taken from
-/// the first eight bytes) and `Accept`.
+/// the first eight bytes), `Accept` and `Authorization` (each line a
+/// value), and the htpasswd file Basic credentials are checked against
+/// (the whole text).
 pub fn request_headers(data: &[u8]) {
     let (size, rest) = match data.split_first_chunk::<8>() {
         Some((n, rest)) => (u64::from_le_bytes(*n), rest),
@@ -116,6 +118,22 @@ pub fn request_headers(data: &[u8]) {
         }
     }
     let _ = crate::content::Accept::Client(&headers).value();
+    for line in s.split('\n') {
+        let Ok(v) = HeaderValue::from_str(line) else {
+            continue;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, v);
+        if let Ok(basic) = crate::auth::basic_credentials(&headers) {
+            assert!(!basic.username().is_empty());
+        }
+    }
+    if let Ok(users) = crate::htpasswd::parse(s) {
+        for (user, hash) in users {
+            assert!(!user.is_empty() && !user.contains(':'), "{user:?}");
+            assert_eq!(hash.len(), 60, "{hash:?}");
+        }
+    }
 }
 
 /// A manifest, index or config from an upstream (the first line is its

@@ -144,15 +144,7 @@ impl Gate {
                 Ok(Identity::Anonymous)
             };
         };
-        if !headers.contains_key(http::header::AUTHORIZATION) {
-            return Err(AuthFailure::Missing);
-        }
-        let Some(Authorization(basic)) = headers.typed_get::<Authorization<Basic>>() else {
-            return Err(AuthFailure::Malformed);
-        };
-        if basic.username().is_empty() {
-            return Err(AuthFailure::Malformed);
-        }
+        let basic = basic_credentials(headers)?;
         if htpasswd.verify(basic.username(), basic.password()).await {
             Ok(Identity::User(basic.username().into()))
         } else {
@@ -187,6 +179,21 @@ impl Gate {
     pub fn tenant_names(&self) -> impl Iterator<Item = &str> {
         self.tenants.iter().map(|t| &*t.name)
     }
+}
+
+/// The HTTP Basic credentials a request carries: `Missing` without an
+/// `Authorization` header, `Malformed` when it is not Basic with a user.
+pub fn basic_credentials(headers: &HeaderMap) -> Result<Basic, AuthFailure> {
+    if !headers.contains_key(http::header::AUTHORIZATION) {
+        return Err(AuthFailure::Missing);
+    }
+    let Some(Authorization(basic)) = headers.typed_get::<Authorization<Basic>>() else {
+        return Err(AuthFailure::Malformed);
+    };
+    if basic.username().is_empty() {
+        return Err(AuthFailure::Malformed);
+    }
+    Ok(basic)
 }
 
 /// Slows clients that keep failing to authenticate: each failure from an
