@@ -173,14 +173,38 @@ static KEYS: LazyLock<Vec<PublicKey>> = LazyLock::new(|| {
 });
 
 /// Cosign's formats: signature manifests and their payloads, sigstore
-/// bundles, referrers indexes.
+/// bundles, referrers indexes, and a keyless signature's legacy
+/// annotations (from a signature manifest, or the input split at 0xff into
+/// certificate, chain, log bundle and signature) turned into a bundle.
 pub fn cosign_formats(data: &[u8]) {
     let keys: Vec<&PublicKey> = KEYS.iter().collect();
     let image = Digest::of(b"image");
     if let Ok(layers) = cosign::parse_signature_manifest(data) {
         for layer in &layers {
             let _ = cosign::check(layer, data, &image, &keys);
+            if let Some(k) = &layer.keyless {
+                legacy_bundle(crate::keyless::LegacySignature {
+                    payload: data,
+                    signature: &layer.signature,
+                    certificate: &k.certificate,
+                    chain: k.chain.as_deref(),
+                    rekor_bundle: k.rekor_bundle.as_deref().unwrap_or(""),
+                });
+            }
         }
+    }
+    let fields: Vec<&str> = data
+        .split(|&b| b == 0xff)
+        .filter_map(|f| std::str::from_utf8(f).ok())
+        .collect();
+    if let [certificate, chain, rekor_bundle, signature, ..] = fields[..] {
+        legacy_bundle(crate::keyless::LegacySignature {
+            payload: data,
+            signature,
+            certificate,
+            chain: Some(chain).filter(|c| !c.is_empty()),
+            rekor_bundle,
+        });
     }
     let _ = cosign::signed_digest(data);
     let _ = cosign::check_bundle(data, &image, &keys);
@@ -190,6 +214,14 @@ pub fn cosign_formats(data: &[u8]) {
     let _ = cosign::bundle_referrers(data);
     for k in &keys {
         let _ = k.verify(b"payload", data);
+    }
+}
+
+/// A bundle made from legacy annotations is JSON that names its format.
+fn legacy_bundle(sig: crate::keyless::LegacySignature) {
+    if let Ok(json) = crate::keyless::bundle_from_legacy(&sig) {
+        let v: serde_json::Value = serde_json::from_str(&json).expect("our own JSON");
+        assert!(v["mediaType"].is_string(), "{json}");
     }
 }
 
